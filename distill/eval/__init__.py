@@ -1,0 +1,1 @@
+"""Evaluation: exact metrics for analytic teachers, plots; FID/KID sweeps land here too."""

@@ -1,0 +1,59 @@
+"""Conversions between network parameterizations, in one place.
+
+With x_t = alpha x0 + sigma eps, a network may predict
+  * ``epsilon``: eps,
+  * ``sample``: x0 (data prediction),
+  * ``v_prediction``: v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4),
+  * ``flow``: the rectified-flow velocity u = eps - x0 (Liu et al. 2022; diffusers' flow matching).
+Solvers and objectives only ever see x0 (``to_x0``); students and losses go back with ``from_x0``.
+``alpha`` and ``sigma`` are tensors broadcastable against ``x`` after ``append_dims``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
+
+
+def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dims so a per-sample [B] tensor broadcasts against a [B, ...] one."""
+    v = torch.as_tensor(v)
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _check(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+
+
+def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """The data prediction x0 implied by a network output ``pred`` at state ``x``."""
+    _check(prediction_type)
+    a, s = append_dims(alpha, x.ndim).to(x.dtype), append_dims(sigma, x.ndim).to(x.dtype)
+    if prediction_type == "sample":
+        return pred
+    if prediction_type == "epsilon":
+        return (x - s * pred) / a
+    if prediction_type == "v_prediction":  # a x - s v = (a^2 + s^2) x0; the divisor is 1 for VP
+        return (a * x - s * pred) / (a * a + s * s)
+    return (x - s * pred) / (a + s)  # flow: x = a x0 + s (u + x0)
+
+
+def from_x0(x0: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """The network output of type ``prediction_type`` that corresponds to data prediction ``x0``."""
+    _check(prediction_type)
+    a, s = append_dims(alpha, x.ndim).to(x.dtype), append_dims(sigma, x.ndim).to(x.dtype)
+    if prediction_type == "sample":
+        return x0
+    eps = (x - a * x0) / s
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return a * eps - s * x0
+    return eps - x0
+
+
+def eps_from_x0(x0: torch.Tensor, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """eps = (x - alpha x0) / sigma: the noise prediction implied by a data prediction."""
+    return from_x0(x0, "epsilon", x, alpha, sigma)

@@ -1,0 +1,53 @@
+"""The solver registry: name -> SolverSpec (function, NFE accounting, order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+SOLVERS: dict[str, "SolverSpec"] = {}
+
+
+def _one_per_step(steps: int, clean_final: bool) -> int:
+    return steps
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    fn: Callable  # fn(denoiser, x_T, ts, *, schedule, cond=None, callback=None, **options) -> x_0
+    order: int  # global order of accuracy of the deterministic method
+    nfe: Callable[[int, bool], int] = _one_per_step  # NFE of a `steps`-step solve (clean_final: last step denoises)
+    stochastic: bool = False
+
+    def steps_for_nfe(self, nfe: int, clean_final: bool) -> int:
+        """The number of steps that spends exactly ``nfe`` evaluations, or a clear error."""
+        if nfe < 1:
+            raise ValueError(f"nfe must be at least 1, got {nfe}")
+        for steps in range(1, nfe + 1):
+            if self.nfe(steps, clean_final) == nfe:
+                return steps
+        possible = sorted({self.nfe(s, clean_final) for s in range(1, nfe + 2)})
+        near = [n for n in possible if abs(n - nfe) <= 2] or possible[:3]
+        final = "clean" if clean_final else "t_min"
+        raise ValueError(
+            f"solver {self.name!r} cannot spend exactly {nfe} NFE with final={final!r}; nearest possible: {near}"
+        )
+
+
+def register(name: str, *, order: int, nfe: Callable[[int, bool], int] = _one_per_step, stochastic: bool = False):
+    """Decorator adding a solver function to ``SOLVERS`` under ``name``."""
+
+    def deco(fn):
+        if name in SOLVERS:
+            raise ValueError(f"solver {name!r} is already registered")
+        SOLVERS[name] = SolverSpec(name, fn, order, nfe, stochastic)
+        return fn
+
+    return deco
+
+
+def get_solver(name: str) -> SolverSpec:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
