@@ -48,11 +48,10 @@ class Schedule:
     def log_alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         t = _t64(t)
         clean = t <= self.t_clean
-        safe_t = torch.where(clean, torch.full_like(t, self.t_min), t)
-        log_a, log_s = self._log_alpha_sigma(safe_t)
-        log_a = torch.where(clean, torch.zeros_like(log_a), log_a)
-        log_s = torch.where(clean, torch.full_like(log_s, -math.inf), log_s)
-        return log_a, log_s
+        if not bool(clean.any()):  # the common case: no masking needed
+            return self._log_alpha_sigma(t)
+        log_a, log_s = self._log_alpha_sigma(t.masked_fill(clean, self.t_min))
+        return log_a.masked_fill(clean, 0.0), log_s.masked_fill(clean, -math.inf)
 
     def alpha(self, t) -> torch.Tensor:
         return self.log_alpha_sigma(t)[0].exp()
@@ -150,19 +149,16 @@ class DiscreteVP(Schedule):
         self._lam = self._log_alpha - self._log_sigma  # decreasing in t
         self.t_min, self.t_max, self.t_clean = 0.0, float(num_train_timesteps - 1), -1.0
 
-    def _interp(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = t.clamp(self.t_min, self.t_max)
-        i0 = t.floor().long().clamp(max=self.num_train_timesteps - 2)
-        w = t - i0
-        return i0, w
-
     def _log_alpha_sigma(self, t):
-        i0, w = self._interp(t)
-        lam = (1 - w) * self._lam[i0] + w * self._lam[i0 + 1]
-        integer = w == 0  # exact table values at integer timesteps
-        log_a = torch.where(integer, self._log_alpha[i0], -0.5 * torch.nn.functional.softplus(-2 * lam))
-        log_s = torch.where(integer, self._log_sigma[i0], -0.5 * torch.nn.functional.softplus(2 * lam))
-        return log_a, log_s
+        t = t.clamp(self.t_min, self.t_max)
+        i0 = t.long()  # floor, t >= 0
+        w = t - i0
+        if not bool(w.any()):  # integer timesteps: the table itself
+            return self._log_alpha[i0], self._log_sigma[i0]
+        i0 = i0.clamp(max=self.num_train_timesteps - 2)
+        w = t - i0
+        lam = torch.lerp(self._lam[i0], self._lam[i0 + 1], w)
+        return -0.5 * torch.nn.functional.softplus(-2 * lam), -0.5 * torch.nn.functional.softplus(2 * lam)
 
     def _t_of_lam(self, lam):
         table = self._lam

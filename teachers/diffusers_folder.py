@@ -118,8 +118,8 @@ class DiffusersTeacher(Teacher):
             labels = torch.where(labels < 0, torch.full_like(labels, self.null_class_label or 0), labels).to(x.device)
         dtype = next(self.unet.parameters()).dtype
         out = self.unet(x.to(dtype), (t * self.time_scale).to(dtype), class_labels=labels).sample.to(x.dtype)
-        alpha, sigma = self.schedule.alpha(t.cpu()).to(x.device), self.schedule.sigma(t.cpu()).to(x.device)
-        return to_x0(out, self.prediction_type, x, alpha, sigma)
+        log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
+        return to_x0(out, self.prediction_type, x, log_a.exp().to(x.device), log_s.exp().to(x.device))
 
     def to(self, *args, **kwargs) -> "DiffusersTeacher":
         self.unet.to(*args, **kwargs)
