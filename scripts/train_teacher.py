@@ -1,0 +1,51 @@
+"""Train a teacher: a diffusers UNet2DModel on images or a ToyMLP on 2-D toys.
+
+    python scripts/train_teacher.py --config configs/teachers/mnist16.yaml
+    accelerate launch scripts/train_teacher.py --config configs/teachers/ring8_mlp.yaml --set max_steps=2000
+
+Resumes from the latest complete checkpoint in <output_dir>/checkpoints unless --no-resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from teachers.training import load_config, train
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        overrides = parse_set(args.set)
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
+        if args.max_steps:
+            overrides["max_steps"] = args.max_steps
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    train(cfg, resume=not args.no_resume, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
