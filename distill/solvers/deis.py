@@ -9,6 +9,7 @@ from distill.solvers.common import ddim_step, grid_points, lagrange_weights, mul
 from distill.solvers.registry import register
 
 
+# order=2: the default order (diffusers' default solver_order).
 @register("deis", order=2)
 def deis(denoiser, x, ts, *, schedule, cond=None, callback=None, order=2, lower_order_final=True):
     """Multistep DEIS as diffusers' ``DEISMultistepScheduler`` (algorithm "deis", solver "logrho").

@@ -64,6 +64,7 @@ def _check(order, variant, predict, pts):
         raise ValueError("unipc predict='noise' needs alpha > 0 at every grid time (rectified flow's t = 1 has none); use 'data'")
 
 
+# order=3: the default UniPC-2, whose corrector adds one order (measured 3.00 / 2.94 on gauss2d / aniso2d).
 @register("unipc", order=3)
 def unipc(denoiser, x, ts, *, schedule, cond=None, callback=None, order=2, variant="bh2", use_corrector=True,
           lower_order_final=True, predict="data"):
