@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distill.schedules import Schedule
@@ -53,3 +54,30 @@ def chart_scale(schedule: Schedule, p: Point) -> float:
     (tau = t), finite at t = 1 where alpha = 0.
     """
     return p.alpha + p.sigma if schedule.kind == "rectified_flow" else p.alpha
+
+
+def multistep_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
+    """Order of step ``i`` (0-based) of a ``steps``-step multistep solve: warm-up min(order, i + 1), and with
+    ``lower_order_final`` also at most ``steps - i`` (the last step first order, as diffusers' UniPC/DEIS)."""
+    return min(order, i + 1, steps - i) if lower_order_final else min(order, i + 1)
+
+
+def lagrange_weights(nodes, lo: float, hi: float, *, exp_weight: bool = False) -> list[float]:
+    """w_j = int_lo^hi L_j(s) ds, or int_lo^hi e^-s L_j(s) ds with ``exp_weight``, where L_j is the Lagrange
+    basis polynomial of node j: the weights of an Adams-Bashforth step (of an exponential-integrator one).
+
+    Closed forms, exact up to rounding: int e^-s P(s) ds = -e^-s (P + P' + P'' + ...); computed in s - lo.
+    """
+    poly = np.polynomial.Polynomial
+    v, span = [float(s) - lo for s in nodes], hi - lo
+    weights = []
+    for j, vj in enumerate(v):
+        others = v[:j] + v[j + 1:]
+        basis = poly.fromroots(others) / math.prod(vj - vk for vk in others) if others else poly([1.0])
+        if exp_weight:
+            q = sum((basis.deriv(k) for k in range(1, basis.degree() + 1)), basis)
+            weights.append(math.exp(-lo) * float(q(0.0) - math.exp(-span) * q(span)))
+        else:
+            antideriv = basis.integ()
+            weights.append(float(antideriv(span) - antideriv(0.0)))
+    return weights
