@@ -1,0 +1,142 @@
+"""FID / KID through torch-fidelity, with a domain feature extractor for mnist16.
+
+The mnist16 extractor is a small CNN classifier trained by the project (``scripts/train_classifier.py``)
+whose 128-d penultimate activations replace Inception features: Inception features of 16x16 grey digits
+say little. It is registered with torch-fidelity as ``mnist16-classifier`` so that
+``torch_fidelity.calculate_metrics(..., feature_extractor="mnist16-classifier")`` computes FID and KID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXTRACTOR = "mnist16-classifier"
+FEATURE = "penultimate"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "teachers" / "zoo" / "mnist16_classifier.safetensors"
+
+
+class Mnist16Classifier(nn.Module):
+    """Three conv layers (16 -> 8 -> 4 pixels), a 128-d feature layer, a 10-way head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.SiLU(),
+        )
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.SiLU())
+        self.head = nn.Linear(128, 10)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x in [-1, 1], [B, 1, 16, 16] -> [B, 128]."""
+        return self.features(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def load_classifier(path: str | Path | None = None) -> Mnist16Classifier:
+    from safetensors.torch import load_file
+
+    path = Path(path or os.environ.get("MNIST16_CLASSIFIER", DEFAULT_WEIGHTS))
+    if not path.is_file():
+        raise FileNotFoundError(f"no mnist16 classifier weights at {path}; train them with scripts/train_classifier.py")
+    model = Mnist16Classifier()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)
+
+
+def uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1], [B, C, H, W] -> uint8 [B, 3, H, W], the input torch-fidelity expects."""
+    u8 = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return u8.expand(-1, 3, -1, -1).contiguous() if u8.shape[1] == 1 else u8
+
+
+def _make_extractor_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class Mnist16FeatureExtractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            self.net = load_classifier(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list():
+            return (FEATURE, "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"fid": FEATURE, "kid": FEATURE, "prc": FEATURE, "isc": "logits"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+        def forward(self, x):
+            x = x[:, :1].float() / 127.5 - 1  # uint8 grey (repeated in 3 channels) -> [-1, 1]
+            if x.shape[-2:] != (16, 16):
+                x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+            feats = self.net.embed(x)
+            out = {FEATURE: feats, "logits": self.net.head(feats)}
+            return tuple(out[name] for name in self.features_list)
+
+    return Mnist16FeatureExtractor
+
+
+def register_mnist16_extractor() -> str:
+    """Register the extractor with torch-fidelity (once per process) and return its name."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(EXTRACTOR, _make_extractor_class())
+    return EXTRACTOR
+
+
+class ImageTensorDataset(torch.utils.data.Dataset):
+    """A tensor of samples in [-1, 1] seen as the uint8 3xHxW images torch-fidelity reads."""
+
+    def __init__(self, x: torch.Tensor):
+        self.images = uint8_images(x)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def content_hash(x: torch.Tensor) -> str:
+    """A short hash of a sample set (after the uint8 conversion torch-fidelity sees), for cache names."""
+    return hashlib.sha256(uint8_images(x).numpy().tobytes()).hexdigest()[:16]
+
+
+def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = EXTRACTOR, reference_name: str | None = None,
+            kid_subset_size: int = 1000, weights_path: str | None = None, cache_root: str | None = None) -> dict:
+    """FID and KID between two sample sets (values in [-1, 1]) with torch-fidelity.
+
+    The reference statistics are cached under a name that includes the reference set's content hash.
+    """
+    import torch_fidelity
+
+    if extractor == EXTRACTOR:
+        register_mnist16_extractor()
+    ref_name = reference_name or f"ref-{content_hash(reference)}"
+    kwargs = {"feature_extractor_weights_path": weights_path} if weights_path else {}
+    metrics = torch_fidelity.calculate_metrics(
+        input1=ImageTensorDataset(samples), input2=ImageTensorDataset(reference), fid=True, kid=True,
+        feature_extractor=extractor, cuda=torch.cuda.is_available(), verbose=False, save_cpu_ram=True,
+        kid_subset_size=min(kid_subset_size, len(samples), len(reference)), cache=cache_root is not None,
+        cache_root=cache_root, input2_cache_name=f"{extractor}-{ref_name}" if cache_root else None, **kwargs,
+    )
+    return {"fid": float(metrics["frechet_inception_distance"]), "kid": float(metrics["kernel_inception_distance_mean"])}
