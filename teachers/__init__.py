@@ -3,6 +3,7 @@
 ``load_teacher(spec)`` accepts
   * ``gmm:<preset>`` or ``gmm:<preset>@<schedule>``: an analytic Gaussian mixture (presets in
     ``teachers.gmm.PRESETS``; schedules in ``distill.schedules.SCHEDULES``, default ``vp_linear``);
+  * a zoo name (``mnist16``): a teacher trained by this project and committed under ``teachers/zoo/``;
   * a path to a local diffusers folder (see ``teachers.diffusers_folder``).
 """
 
@@ -16,6 +17,9 @@ from teachers.diffusers_folder import DiffusersTeacher, load_diffusers_teacher
 from teachers.gmm import PRESETS as GMM_PRESETS
 from teachers.gmm import GaussianMixtureTeacher, load_gmm
 
+ZOO = Path(__file__).resolve().parent / "zoo"
+ZOO_TEACHERS = {"mnist16": ZOO / "mnist16"}
+
 __all__ = ["Teacher", "GaussianMixtureTeacher", "DiffusersTeacher", "load_teacher", "classifier_free_guidance",
            "GMM_PRESETS"]
 
@@ -26,9 +30,17 @@ def load_teacher(spec: str | Path, schedule=None) -> Teacher:
     if spec_str.startswith("gmm:"):
         preset, _, sched = spec_str[len("gmm:"):].partition("@")
         return load_gmm(preset, schedule or sched or None)
+    if spec_str in ZOO_TEACHERS:
+        folder = ZOO_TEACHERS[spec_str]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"zoo teacher {spec_str!r} is not in {folder}; train it with "
+                                    f"scripts/train_teacher.py --config configs/teachers/{spec_str}.yaml")
+        teacher = load_diffusers_teacher(folder)
+        teacher.name = spec_str
+        return teacher
     if Path(spec_str).exists():
         return load_diffusers_teacher(spec_str)
     raise FileNotFoundError(
-        f"teacher {spec_str!r} is neither gmm:<preset> (presets: {', '.join(GMM_PRESETS)}) nor an existing "
-        "diffusers folder"
+        f"teacher {spec_str!r} is neither gmm:<preset> (presets: {', '.join(GMM_PRESETS)}), a zoo name "
+        f"({', '.join(ZOO_TEACHERS)}), nor an existing diffusers folder"
     )
