@@ -114,3 +114,12 @@ def test_mid_ts_are_checked():
         sample(teacher, _x_T(8), solver="dpm_solver_2", timesteps=[1.0], mid_ts=[[0.5]])
     with pytest.raises(ValueError, match="unknown predict"):
         sample(teacher, _x_T(8), solver="dpm_solver_2", nfe=5, predict="velocity")
+
+
+def test_single_step_refuses_to_start_at_zero_alpha():
+    """Rectified flow at t = 1 has lam = -inf: no lam fraction exists there (and the noise form divides by alpha)."""
+    teacher = load_teacher("gmm:ring8@rectified_flow")
+    with pytest.raises(ValueError, match="finite log-SNR"):
+        sample(teacher, _x_T(8), solver="dpm_solver_2", nfe=5)
+    x0 = sample(teacher, _x_T(8), solver="dpm_solver_3", timesteps=[0.99, 0.5, 0.1], final="t_min")
+    assert torch.isfinite(x0).all()

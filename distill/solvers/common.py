@@ -73,7 +73,7 @@ def exp_step(x: torch.Tensor, cur: Point, nxt: Point, terms: list[torch.Tensor],
              midpoint: bool = False) -> torch.Tensor:
     """x_n = (k_n / k) x - m_n [phi_1(h) T_0 + phi_2(h) T_1 + phi_3(h) T_2] (see ``exp_chart``): the exponential
     integrator with the model's Taylor terms in ell, T_0 = M, T_1 ~ h M', T_2 ~ h^2 M'', and
-    phi_1 = e^h - 1, phi_2 = phi_1 / h - 1, phi_3 = phi_2 / h - 1/2 (Lu et al. 2022, Eq. 3.6 and App. B; as in
+    phi_1 = e^h - 1, phi_2 = phi_1 / h - 1, phi_3 = phi_2 / h - 1/2 (Lu et al. 2022, Sec. 3, unnormalized as in
     their code). ``midpoint`` weights T_1 by phi_1(h) / 2 instead: the rule of DPM-Solver-2 (Alg. 1) and 2M."""
     k, _, ell = exp_chart(cur, predict)
     k_n, m_n, ell_n = exp_chart(nxt, predict)

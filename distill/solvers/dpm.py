@@ -79,10 +79,10 @@ def _singlestep(denoiser, x, ts, *, schedule, cond, callback, order, rs, predict
     if stage2 not in STAGE2:
         raise ValueError(f"unknown stage2 {stage2!r}; allowed: {', '.join(STAGE2)}")
     pts = grid_points(schedule, ts)
+    if pts[0].lam == float("-inf"):
+        raise ValueError(f"single-step DPM-Solver needs a finite log-SNR where it starts; t = {pts[0].t} has alpha = 0 "
+                         "(rectified flow at t = 1): start the grid below it (timesteps=...)")
     if mid_ts is None:
-        if any(p.lam == float("-inf") for p in pts[:-1]):
-            raise ValueError("single-step DPM-Solver places points in lam; the grid starts where lam = -inf (t_max of "
-                             "rectified flow): start below it or give mid_ts")
         inner = _lam_fraction_points(schedule, pts, rs)
     else:
         inner = _explicit_points(schedule, pts, mid_ts, order)
