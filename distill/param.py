@@ -6,7 +6,7 @@ With x_t = alpha x0 + sigma eps, a network may predict
   * ``v_prediction``: v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4),
   * ``flow``: the rectified-flow velocity u = eps - x0 (Liu et al. 2022; diffusers' flow matching).
 Solvers and objectives only ever see x0 (``to_x0``); students and losses go back with ``from_x0``.
-``alpha`` and ``sigma`` are tensors broadcastable against ``x`` after ``append_dims``.
+``alpha`` and ``sigma`` are tensors broadcastable against ``x`` after ``append_dims``, or Python floats.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 
 
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Append trailing singleton dims so a per-sample [B] tensor broadcasts against a [B, ...] one."""
-    v = torch.as_tensor(v)
+    """Append trailing singleton dims so a per-sample [B] tensor broadcasts against a [B, ...] one. A Python
+    number becomes a float64 tensor (``torch.as_tensor`` would round it to float32)."""
+    v = v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 

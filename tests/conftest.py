@@ -123,3 +123,14 @@ def diffusers_loop(scheduler, net, noise, num_inference_steps, *, class_labels=N
     if timesteps_out is not None:
         timesteps_out.extend(scheduler.timesteps.tolist())
     return x
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's many small tensor ops on one intra-op thread. On the shared 2-core test machines, torch's
+    default 2 threads made a 10k-sample GMM sampling run 25x slower (13.5 s against 0.5 s) while other jobs held
+    the cores: every parallel op waits for a thread that is not scheduled."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

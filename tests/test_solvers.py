@@ -80,8 +80,9 @@ def test_heun_nfe_that_does_not_fit_fails_clearly():
 
 
 def test_unknown_solver_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown solver 'ddim'; valid solvers: .*dpmpp_2m, euler, heun"):
+    with pytest.raises(ValueError, match="unknown solver 'ddim'; valid solvers: ") as err:
         sample(load_teacher("gmm:ring8"), _noise(2, 2), solver="ddim", nfe=4)
+    assert str(err.value).endswith(", ".join(sorted(SOLVERS)))
 
 
 def test_exactly_one_of_nfe_and_timesteps():

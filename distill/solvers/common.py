@@ -81,3 +81,63 @@ def lagrange_weights(nodes, lo: float, hi: float, *, exp_weight: bool = False) -
             antideriv = basis.integ()
             weights.append(float(antideriv(span) - antideriv(0.0)))
     return weights
+
+
+def exp_chart(p: Point, predict: str) -> tuple[float, float, float]:
+    """(k, m, ell) of the exponential integrator x_n = (k_n / k) x - m_n sum_j w_j(h) T_j with h = ell_n - ell.
+
+    predict="noise": k, m, ell = alpha, sigma, lam and M = eps (DPM-Solver, Lu et al. 2022, Eq. 3.4);
+    predict="data": k, m, ell = sigma, alpha, -lam and M = x0 (DPM-Solver++, Lu et al. 2022b). The two
+    parameterizations are the same formulas with alpha <-> sigma and lam -> -lam.
+    """
+    if predict == "noise":
+        return p.alpha, p.sigma, p.lam
+    if predict == "data":
+        return p.sigma, p.alpha, -p.lam
+    raise ValueError(f"unknown predict {predict!r}; allowed: noise, data")
+
+
+def exp_step(x: torch.Tensor, cur: Point, nxt: Point, terms: list[torch.Tensor], predict: str = "data", *,
+             midpoint: bool = False) -> torch.Tensor:
+    """x_n = (k_n / k) x - m_n [phi_1(h) T_0 + phi_2(h) T_1 + phi_3(h) T_2] (see ``exp_chart``): the exponential
+    integrator with the model's Taylor terms in ell, T_0 = M, T_1 ~ h M', T_2 ~ h^2 M'', and
+    phi_1 = e^h - 1, phi_2 = phi_1 / h - 1, phi_3 = phi_2 / h - 1/2 (Lu et al. 2022, Sec. 3, unnormalized as in
+    their code). ``midpoint`` weights T_1 by phi_1(h) / 2 instead: the rule of DPM-Solver-2 (Alg. 1) and 2M."""
+    k, _, ell = exp_chart(cur, predict)
+    k_n, m_n, ell_n = exp_chart(nxt, predict)
+    h = ell_n - ell
+    phi_1 = math.expm1(h)
+    phi_2 = phi_1 / 2 if midpoint else phi_1 / h - 1
+    phi_3 = (phi_1 / h - 1) / h - 0.5
+    out = (k_n / k) * x
+    for w, term in zip((phi_1, phi_2, phi_3), terms):
+        out = out - (m_n * w) * term
+    return out
+
+
+def multistep_terms(ds: list[torch.Tensor], lams: list[float], h: float, *, halve_d2: bool = False) -> list[torch.Tensor]:
+    """Taylor terms [T_0, T_1, T_2] ~ [M, h M', h^2 M''] (see ``exp_step``) from the model values ``ds`` at the
+    previous grid points ``lams`` (newest first, up to three) by backward differences, for a step of size h:
+    DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) and (3M). ``halve_d2`` returns h^2 M'' / 2 for T_2, as diffusers'
+    ``multistep_dpm_solver_third_order_update`` (and the DPM-Solver code) do, which costs the third order."""
+    if len(ds) == 1:
+        return [ds[0]]
+    r0 = (lams[0] - lams[1]) / h
+    d1_0 = (ds[0] - ds[1]) / r0  # h M' - r0 h^2 M'' / 2
+    if len(ds) == 2:
+        return [ds[0], d1_0]
+    r1 = (lams[1] - lams[2]) / h
+    d1_1 = (ds[1] - ds[2]) / r1  # h M' - (2 r0 + r1) h^2 M'' / 2
+    d2 = (d1_0 - d1_1) / (r0 + r1)  # h^2 M'' / 2
+    return [ds[0], d1_0 + r0 * d2, d2 if halve_d2 else 2 * d2]
+
+
+def sde_step(x: torch.Tensor, x0: torch.Tensor, cur: Point, nxt: Point, noise: torch.Tensor | None) -> torch.Tensor:
+    """x_n = (sigma_n / sigma) e^{-h} x + alpha_n (1 - e^{-2h}) x0 + sigma_n sqrt(1 - e^{-2h}) z, h = lam_n - lam:
+    SDE-DPM-Solver++(1) (Lu et al. 2022b, the first-order step of diffusers' ``sde-dpmsolver++``), which is the
+    DDPM ancestral step: a draw from the posterior q(x_n | x, x0) (Ho et al. 2020, Eq. 6-7, for any alpha, sigma)."""
+    if nxt.clean:
+        return x0
+    h = nxt.lam - cur.lam
+    e = -math.expm1(-2 * h)  # 1 - e^{-2h}
+    return (nxt.sigma / cur.sigma * math.exp(-h)) * x + (nxt.alpha * e) * x0 + (nxt.sigma * math.sqrt(e)) * noise
