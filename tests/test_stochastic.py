@@ -8,8 +8,6 @@ from distill.eval.exact import sliced_wasserstein
 from distill.solvers import get_solver, sample
 from teachers import load_teacher
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 N_SAMPLES = 10_000
 STOCHASTIC = ["ddpm", "dpmpp_2m_sde"]
 

@@ -27,15 +27,6 @@ def _max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: one intra-op thread runs ~7x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------
 # Convergence order
 # ------------------------------------------------------------------------------------------------
