@@ -31,7 +31,7 @@ def _check(prediction_type: str) -> None:
 def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """The data prediction x0 implied by a network output ``pred`` at state ``x``."""
     _check(prediction_type)
-    a, s = append_dims(alpha, x.ndim).to(x.dtype), append_dims(sigma, x.ndim).to(x.dtype)
+    a, s = append_dims(alpha, x.ndim).to(x.device, x.dtype), append_dims(sigma, x.ndim).to(x.device, x.dtype)
     if prediction_type == "sample":
         return pred
     if prediction_type == "epsilon":
@@ -44,7 +44,7 @@ def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigm
 def from_x0(x0: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """The network output of type ``prediction_type`` that corresponds to data prediction ``x0``."""
     _check(prediction_type)
-    a, s = append_dims(alpha, x.ndim).to(x.dtype), append_dims(sigma, x.ndim).to(x.dtype)
+    a, s = append_dims(alpha, x.ndim).to(x.device, x.dtype), append_dims(sigma, x.ndim).to(x.device, x.dtype)
     if prediction_type == "sample":
         return x0
     eps = (x - a * x0) / s

@@ -1,4 +1,4 @@
-"""Time per sampling step spent outside the network: our solvers vs the matching diffusers scheduler.
+"""Time per network evaluation spent outside the network: our solvers vs the matching diffusers scheduler.
 
     python scripts/solver_overhead.py --out results/solver_overhead.csv
 
@@ -22,10 +22,44 @@ import torch
 from distill.solvers import SOLVERS, sample
 from teachers.diffusers_folder import DiffusersTeacher, schedule_from_scheduler_config
 
-# (our solver, our options, diffusers scheduler class name, scheduler config overrides)
+
+def _explicit(**options):
+    """Our arguments for a diffusers multistep scheduler: its own timesteps, then the clean point."""
+    return lambda sched: {"timesteps": sched.timesteps.tolist(), **options}
+
+
+def _deis(sched):  # DEIS ends at t = 0 (sigma > 0), not on clean data
+    return {"timesteps": [*sched.timesteps.tolist(), 0], "final": "t_min", "order": 2}
+
+
+def _singlestep(sched):
+    """DPMSolverSinglestep groups its timesteps by ``order_list``: group starts form our grid, inner ones mid_ts."""
+    ts, orders, starts, mids = sched.timesteps.tolist(), sched.order_list, [], []
+    for t, order in zip(ts, orders):
+        if order == 1:
+            starts.append(t)
+            mids.append([])
+        else:
+            mids[-1].append(t)
+    return {"timesteps": starts, "mid_ts": mids}
+
+
+def _seeded(**options):
+    return lambda sched: {"timesteps": sched.timesteps.tolist(), "generator": torch.Generator().manual_seed(0), **options}
+
+
+# (our solver, how our arguments follow from the scheduler, diffusers scheduler, its config, its step() kwargs)
 PAIRS = [
-    ("euler", {}, "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing"}),
-    ("dpmpp_2m", {}, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    ("euler", _explicit(), "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing"}, {}),
+    ("dpmpp_2m", _explicit(), "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
+    ("dpmpp_3m", _explicit(halve_d2=True), "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3},
+     {}),
+    ("dpmpp_2s", _singlestep, "DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}),
+    ("dpmpp_2m_sde", _seeded(), "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+     {"generator": True}),
+    ("unipc", _explicit(order=2, variant="bh2"), "UniPCMultistepScheduler", {"solver_type": "bh2", "solver_order": 2}, {}),
+    ("deis", _deis, "DEISMultistepScheduler", {"solver_order": 2}, {}),
+    ("ddpm", _seeded(), "DDPMScheduler", {"clip_sample": False}, {"generator": True}),
 ]
 
 
@@ -33,13 +67,14 @@ class TimedForward:
     """Wraps a module's forward and adds up the seconds spent inside it."""
 
     def __init__(self, module):
-        self.seconds, self._forward = 0.0, module.forward
+        self.seconds, self.calls, self._forward = 0.0, 0, module.forward
         module.forward = self
 
     def __call__(self, *args, **kwargs):
         t0 = time.perf_counter()
         out = self._forward(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
         return out
 
 
@@ -51,20 +86,22 @@ def make_unet(channels: int, size: int):
 
 
 def time_diffusers(scheduler, unet, timer, noise, steps, step_kwargs):
-    scheduler.set_timesteps(steps)
-    timer.seconds = 0.0
+    """Seconds per network evaluation spent outside the network in diffusers' loop."""
+    kwargs = {k: torch.Generator().manual_seed(0) if k == "generator" else v for k, v in step_kwargs.items()}
+    timer.seconds, timer.calls = 0.0, 0
     t0 = time.perf_counter()
+    scheduler.set_timesteps(steps)  # timed, as our grid construction is
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x, **step_kwargs).prev_sample
-    return (time.perf_counter() - t0 - timer.seconds) / steps, [int(t) for t in scheduler.timesteps]
+        x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x, **kwargs).prev_sample
+    return (time.perf_counter() - t0 - timer.seconds) / timer.calls, timer.calls
 
 
-def time_ours(teacher, timer, noise, solver, timesteps, options):
-    timer.seconds = 0.0
+def time_ours(teacher, timer, noise, solver, arguments):
+    timer.seconds, timer.calls = 0.0, 0
     t0 = time.perf_counter()
-    sample(teacher, noise, solver=solver, timesteps=timesteps, **options)
-    return (time.perf_counter() - t0 - timer.seconds) / len(timesteps)
+    sample(teacher, noise, solver=solver, **arguments)
+    return (time.perf_counter() - t0 - timer.seconds) / timer.calls, timer.calls
 
 
 def main(argv=None) -> int:
@@ -72,9 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--shapes", default="16x3x32x32,1x4x64x64", help="comma-separated BxCxHxW")
+    p.add_argument("--solvers", default="", help="comma-separated subset (default: every pair)")
     p.add_argument("--out", type=Path, default=Path("results/solver_overhead.csv"))
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     rows = []
     with torch.inference_mode():
         for shape in args.shapes.split(","):
@@ -82,24 +119,28 @@ def main(argv=None) -> int:
             unet = make_unet(c, h)
             timer = TimedForward(unet)
             noise = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(0))
-            for solver, options, sched_name, overrides in PAIRS:
-                if solver not in SOLVERS:
+            for solver, our_args, sched_name, overrides, step_kwargs in PAIRS:
+                if solver not in SOLVERS or (args.solvers and solver not in args.solvers.split(",")):
                     continue
                 scheduler = getattr(diffusers, sched_name)(**overrides)
                 schedule, prediction, scale = schedule_from_scheduler_config(dict(scheduler.config))
                 teacher = DiffusersTeacher(unet, schedule, prediction, time_scale=scale, content_hash="bench")
                 theirs, ours = [], []
                 for _ in range(args.repeats):
-                    sec, timesteps = time_diffusers(scheduler, unet, timer, noise, args.steps, {})
+                    sec, nfe = time_diffusers(scheduler, unet, timer, noise, args.steps, step_kwargs)
                     theirs.append(sec)
-                    ours.append(time_ours(teacher, timer, noise, solver, timesteps, options))
+                    sec, our_nfe = time_ours(teacher, timer, noise, solver, our_args(scheduler))
+                    ours.append(sec)
+                    if our_nfe != nfe:
+                        raise RuntimeError(f"{solver}: {our_nfe} network calls against diffusers' {nfe}")
                 t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
-                rows.append({"solver": solver, "diffusers_scheduler": sched_name, "steps": args.steps, "shape": shape,
-                             "ours_us_per_step": f"{t_ours * 1e6:.1f}", "diffusers_us_per_step": f"{t_theirs * 1e6:.1f}",
+                rows.append({"solver": solver, "diffusers_scheduler": sched_name, "nfe": nfe, "shape": shape,
+                             "ours_us_per_nfe": f"{t_ours * 1e6:.1f}", "diffusers_us_per_nfe": f"{t_theirs * 1e6:.1f}",
                              "ratio_ours_over_diffusers": f"{t_ours / t_theirs:.3f}", "repeats": args.repeats,
-                             "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
                              "torch": torch.__version__, "diffusers": diffusers.__version__})
-                print(rows[-1])
+                print({k: rows[-1][k] for k in ("solver", "shape", "ours_us_per_nfe", "diffusers_us_per_nfe",
+                                                "ratio_ours_over_diffusers")}, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

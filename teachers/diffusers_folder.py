@@ -100,6 +100,7 @@ class DiffusersTeacher(Teacher):
     def __init__(self, unet, schedule, prediction_type: str, *, time_scale: float = 1.0, num_classes: int | None = None,
                  null_class_label: int | None = None, name: str = "unet", content_hash: str | None = None):
         self.unet = unet.eval().requires_grad_(False)
+        self._dtype = next(unet.parameters()).dtype
         self.schedule, self.prediction_type, self.time_scale = schedule, prediction_type, time_scale
         cfg = unet.config
         if "dim" in cfg:  # ToyMLP: vectors
@@ -119,13 +120,15 @@ class DiffusersTeacher(Teacher):
         if self.num_classes:
             labels = torch.full((x.shape[0],), -1, dtype=torch.long) if cond is None else cond
             labels = torch.where(labels < 0, torch.full_like(labels, self.null_class_label or 0), labels).to(x.device)
-        dtype = next(self.unet.parameters()).dtype
-        out = self.unet(x.to(dtype), (t * self.time_scale).to(dtype), class_labels=labels).sample.to(x.dtype)
+        dtype = self._dtype
+        t_net = t if self.time_scale == 1.0 else t * self.time_scale
+        out = self.unet(x.to(dtype), t_net.to(dtype), class_labels=labels).sample.to(x.dtype)
         log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
-        return to_x0(out, self.prediction_type, x, log_a.exp().to(x.device), log_s.exp().to(x.device))
+        return to_x0(out, self.prediction_type, x, log_a.exp(), log_s.exp())
 
     def to(self, *args, **kwargs) -> "DiffusersTeacher":
         self.unet.to(*args, **kwargs)
+        self._dtype = next(self.unet.parameters()).dtype
         return self
 
 

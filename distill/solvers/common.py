@@ -28,8 +28,8 @@ class Point:
 def grid_points(schedule: Schedule, ts: torch.Tensor) -> list[Point]:
     log_a, log_s = schedule.log_alpha_sigma(ts)
     return [
-        Point(float(t), float(a), float(s), float(la - ls))
-        for t, a, s, la, ls in zip(ts.tolist(), log_a.exp(), log_s.exp(), log_a, log_s)
+        Point(t, math.exp(la), math.exp(ls), la - ls)
+        for t, la, ls in zip(ts.tolist(), log_a.tolist(), log_s.tolist())
     ]
 
 
@@ -109,9 +109,9 @@ def exp_step(x: torch.Tensor, cur: Point, nxt: Point, terms: list[torch.Tensor],
     phi_1 = math.expm1(h)
     phi_2 = phi_1 / 2 if midpoint else phi_1 / h - 1
     phi_3 = (phi_1 / h - 1) / h - 0.5
-    out = (k_n / k) * x
+    out = x * (k_n / k)
     for w, term in zip((phi_1, phi_2, phi_3), terms):
-        out = out - (m_n * w) * term
+        out = out.add_(term, alpha=-(m_n * w))  # one fused op; ``out`` is a fresh tensor
     return out
 
 
