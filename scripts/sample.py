@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from distill.eval.plots import save_image_grid, save_scatter_2d
 from distill.grids import GRIDS
-from distill.solvers import SOLVERS, sample
+from distill.solvers import SOLVERS, per_sample_noise, sample
 from teachers import load_teacher
 
 
@@ -32,11 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     return p.parse_args(argv)
-
-
-def per_sample_noise(shape, seeds, dtype=torch.float32) -> torch.Tensor:
-    """Noise of sample i drawn from its own generator seeded with seeds[i] (EDM's StackedRandomGenerator)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 EXTRACTOR = "mnist16-classifier"
 FEATURE = "penultimate"
+INCEPTION = "inception-v3-compat"  # torch-fidelity's Inception (the usual FID features), for RGB images
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "teachers" / "zoo" / "mnist16_classifier.safetensors"
 
 
@@ -121,22 +122,63 @@ def content_hash(x: torch.Tensor) -> str:
     return hashlib.sha256(uint8_images(x).numpy().tobytes()).hexdigest()[:16]
 
 
+def reference_cache_name(reference: torch.Tensor, extractor: str = EXTRACTOR) -> str:
+    """The name under which ``fid_kid`` caches the statistics of ``reference``: extractor + content hash."""
+    return f"{extractor}-ref-{content_hash(reference)}"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6; Dowson & Landau 1982):
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr (sigma1 sigma2)^(1/2), in float64. The eigenvalues of
+    sigma1 sigma2 are those of the PSD matrix sigma1^(1/2) sigma2 sigma1^(1/2), so the trace term is a sum of
+    square roots of (clamped) symmetric eigenvalues."""
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2))
+    lam1, u1 = torch.linalg.eigh(sigma1)
+    root1 = (u1 * lam1.clamp(min=0).sqrt()) @ u1.T
+    tr_covmean = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of features [N, D], in float64."""
+    f = features.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def compute_features(samples: torch.Tensor, *, extractor: str = EXTRACTOR, weights_path: str | None = None,
+                     batch_size: int = 256) -> torch.Tensor:
+    """The FID features [N, D] of samples in [-1, 1] through a torch-fidelity extractor (the same code path
+    ``fid_kid`` uses)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    if extractor == EXTRACTOR:
+        register_mnist16_extractor()
+    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    kwargs = {"feature_extractor_weights_path": weights_path} if weights_path else {}
+    net = create_feature_extractor(extractor, [layer], cuda=False, verbose=False, **kwargs)
+    feats = get_featuresdict_from_dataset(ImageTensorDataset(samples), net, batch_size, False, True, False)
+    return feats[layer]
+
+
 def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = EXTRACTOR, reference_name: str | None = None,
             kid_subset_size: int = 1000, weights_path: str | None = None, cache_root: str | None = None) -> dict:
     """FID and KID between two sample sets (values in [-1, 1]) with torch-fidelity.
 
-    The reference statistics are cached under a name that includes the reference set's content hash.
+    The reference statistics are cached under a name that includes the reference set's content hash
+    (``reference_cache_name``).
     """
     import torch_fidelity
 
     if extractor == EXTRACTOR:
         register_mnist16_extractor()
-    ref_name = reference_name or f"ref-{content_hash(reference)}"
+    cache_name = f"{extractor}-{reference_name}" if reference_name else reference_cache_name(reference, extractor)
     kwargs = {"feature_extractor_weights_path": weights_path} if weights_path else {}
     metrics = torch_fidelity.calculate_metrics(
         input1=ImageTensorDataset(samples), input2=ImageTensorDataset(reference), fid=True, kid=True,
         feature_extractor=extractor, cuda=torch.cuda.is_available(), verbose=False, save_cpu_ram=True,
         kid_subset_size=min(kid_subset_size, len(samples), len(reference)), cache=cache_root is not None,
-        cache_root=cache_root, input2_cache_name=f"{extractor}-{ref_name}" if cache_root else None, **kwargs,
+        cache_root=cache_root, input2_cache_name=cache_name if cache_root else None, **kwargs,
     )
     return {"fid": float(metrics["frechet_inception_distance"]), "kid": float(metrics["kernel_inception_distance_mean"])}

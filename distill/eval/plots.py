@@ -26,8 +26,9 @@ def image_grid(x: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     return canvas.permute(1, 2, 0)
 
 
-def save_image_grid(x: torch.Tensor, path: str | Path, title: str | None = None) -> None:
-    grid = image_grid(x)
+def save_image_grid(x: torch.Tensor, path: str | Path, title: str | None = None, nrow: int | None = None) -> None:
+    """An image grid of ``x`` ([B, C, H, W] in [-1, 1]), ``nrow`` images per row (default: a square)."""
+    grid = image_grid(x, nrow)
     fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1]))
     ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")

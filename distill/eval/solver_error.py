@@ -17,8 +17,9 @@ from typing import Iterable
 
 import torch
 
+from distill.denoisers import classifier_free_guidance
 from distill.eval.exact import ode_reference, rmse, sliced_wasserstein
-from distill.solvers import get_solver, sample
+from distill.solvers import get_solver, per_sample_noise, sample
 
 FIELDS = ["teacher", "schedule", "solver", "grid", "nfe", "steps", "ode_rmse", "swd", "swd_floor", "nll", "nll_floor",
           "num_samples", "seed", "seconds"]
@@ -26,7 +27,7 @@ FIELDS = ["teacher", "schedule", "solver", "grid", "nfe", "steps", "ode_rmse", "
 
 @dataclass
 class Problem:
-    """Everything a cell needs that does not depend on the solver: noise, reference, data."""
+    """Everything a cell needs that does not depend on the solver: noise, labels, reference, data."""
 
     teacher: object
     noise: torch.Tensor
@@ -35,30 +36,42 @@ class Problem:
     swd_floor: float
     nll_floor: float
     seed: int
+    cond: torch.Tensor | None = None  # class labels (component k; -1: the whole mixture), None: unconditional
+    guidance_scale: float | None = None
 
 
-def make_problem(teacher, num_samples: int, seed: int = 0, reference_steps: int = 500) -> Problem:
+def make_problem(teacher, num_samples: int, seed: int = 0, reference_steps: int = 500, *, cond: torch.Tensor | None = None,
+                 guidance_scale: float | None = None) -> Problem:
+    """Sample i starts from noise seed (seed + i); the reference solves the same (guided) ODE in float64;
+    the data (and the floors: exact samples against exact samples) follow the same labels."""
     s = teacher.schedule
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
-    noise = torch.stack([torch.randn(teacher.data_shape, generator=g, dtype=torch.float64) for g in gens])
+    noise = per_sample_noise(teacher.data_shape, range(seed, seed + num_samples), torch.float64)
+    denoiser = teacher.denoise if guidance_scale is None else classifier_free_guidance(teacher.denoise, guidance_scale)
     x_T = noise * float(s.init_noise_scale(s.t_max))
-    x_min = ode_reference(teacher.denoise, x_T, s.t_max, s.t_min, s, steps=reference_steps)
-    reference = teacher.denoise(x_min, s.t_min)
+    x_min = ode_reference(denoiser, x_T, s.t_max, s.t_min, s, cond=cond, steps=reference_steps)
+    reference = denoiser(x_min, torch.full((num_samples,), float(s.t_min), dtype=torch.float64), cond)
     g = torch.Generator().manual_seed(10_000 + seed)
-    data, data2 = teacher.sample_data(num_samples, generator=g), teacher.sample_data(num_samples, generator=g)
-    return Problem(teacher, noise, reference, data, sliced_wasserstein(data2, data), float(-teacher.log_prob(data2).mean()), seed)
+    data = teacher.sample_data(num_samples, generator=g, cond=cond)
+    data2 = teacher.sample_data(num_samples, generator=g, cond=cond)
+    return Problem(teacher, noise, reference, data, sliced_wasserstein(data2, data), float(-teacher.log_prob(data2, cond=cond).mean()),
+                   seed, cond, guidance_scale)
+
+
+def exact_metrics(problem: Problem, x: torch.Tensor) -> dict:
+    """RMSE against the exact ODE solution, sliced W2 to exact data, NLL under the exact (class) density."""
+    return {"ode_rmse": rmse(x, problem.reference), "swd": sliced_wasserstein(x, problem.data),
+            "nll": float(-problem.teacher.log_prob(x, cond=problem.cond).mean())}
 
 
 def run_cell(problem: Problem, solver: str, nfe: int, grid: str = "logsnr") -> dict:
     t0 = time.perf_counter()
-    x, info = sample(problem.teacher, problem.noise, solver=solver, nfe=nfe, grid=grid, return_info=True)
+    x, info = sample(problem.teacher, problem.noise, solver=solver, nfe=nfe, grid=grid, cond=problem.cond,
+                     guidance_scale=problem.guidance_scale, return_info=True)
     seconds = time.perf_counter() - t0
     return {
         "teacher": problem.teacher.name, "schedule": problem.teacher.schedule.kind, "solver": solver, "grid": grid,
-        "nfe": info["nfe"], "steps": len(info["ts"]) - 1, "ode_rmse": rmse(x, problem.reference),
-        "swd": sliced_wasserstein(x, problem.data), "swd_floor": problem.swd_floor,
-        "nll": float(-problem.teacher.log_prob(x).mean()), "nll_floor": problem.nll_floor,
-        "num_samples": len(x), "seed": problem.seed, "seconds": seconds,
+        "nfe": info["nfe"], "steps": len(info["ts"]) - 1, **exact_metrics(problem, x), "swd_floor": problem.swd_floor,
+        "nll_floor": problem.nll_floor, "num_samples": len(x), "seed": problem.seed, "seconds": seconds,
     }
 
 
@@ -77,11 +90,11 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_rows(path: Path, rows: Iterable[dict]) -> None:
+def write_rows(path: Path, rows: Iterable[dict], fields: list[str] = FIELDS) -> None:
     """Write the CSV atomically (temp file + rename), so an interrupted run never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -6,6 +6,6 @@
 
 from distill.solvers import basic, deis, dpm, ipndm, stochastic, unipc  # noqa: F401  (registers the solvers)
 from distill.solvers.registry import SOLVERS, SolverSpec, get_solver, register
-from distill.solvers.sampling import sample
+from distill.solvers.sampling import per_sample_noise, sample
 
-__all__ = ["SOLVERS", "SolverSpec", "get_solver", "register", "sample"]
+__all__ = ["SOLVERS", "SolverSpec", "get_solver", "register", "per_sample_noise", "sample"]

@@ -12,6 +12,12 @@ from distill.schedules import Schedule
 from distill.solvers.registry import get_solver
 
 
+def per_sample_noise(shape, seeds, dtype=torch.float32) -> torch.Tensor:
+    """Noise of sample i drawn from its own generator seeded with seeds[i] (EDM's StackedRandomGenerator), so a
+    sample's noise does not depend on the batch it is drawn in."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
+
+
 def _model_parts(model, schedule):
     """(denoiser, schedule) from a teacher-like object or a bare denoiser plus ``schedule=``."""
     if hasattr(model, "denoise") and hasattr(model, "schedule"):

@@ -1,0 +1,202 @@
+"""FID vs NFE (scripts/bench.py, distill/eval/bench.py): end to end on a tiny UNet, resume, FID against
+torch-fidelity, identical noise in every cell, exact metrics for analytic teachers, bad input."""
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_teacher_folder, tiny_unet
+
+from distill.eval.bench import BenchConfig, plan_cells, run_bench
+from distill.eval.fid import compute_features, feature_statistics, fid_kid, frechet_distance
+from distill.eval.solver_error import make_problem, run_cell
+from distill.solvers import per_sample_noise, sample
+from teachers import load_teacher
+from teachers.diffusers_folder import DiffusersTeacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_cli", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "fid_vs_nfe.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def digit_teacher(tmp_path):
+    """A tiny random class-conditional UNet on 16x16 grey images, the input of the mnist16 feature extractor."""
+    from diffusers import DDPMScheduler
+
+    return save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=10, sample_size=16), DDPMScheduler())
+
+
+def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_path, digit_teacher, monkeypatch, capsys):
+    calls = []
+    denoise = DiffusersTeacher._denoise
+    monkeypatch.setattr(DiffusersTeacher, "_denoise", lambda self, x, t, c: calls.append(len(x)) or denoise(self, x, t, c))
+    out = tmp_path / "out"
+    argv = ["--teacher", str(digit_teacher), "--solvers", "euler,heun", "--nfe", "2,3", "--num-samples", "20", "--batch-size", "8",
+            "--fid-cache", str(tmp_path / "cache"), "--save-images", "--out", str(out)]
+    _bench().main(argv)
+    assert "'heun' cannot spend exactly 2 NFE" in capsys.readouterr().out
+    rows = _rows(out)
+    cells = [r for r in rows if r["kind"] != "floor"]
+    assert [(r["method"], r["kind"], r["nfe"]) for r in cells] == [("euler", "solver", "2"), ("euler", "solver", "3"),
+                                                                   ("heun", "solver", "3")]
+    assert len(calls) == (2 + 3 + 3) * 3 and sum(calls) == (2 + 3 + 3) * 20  # 3 batches of 8, 8, 4 per cell
+    teacher_hash = load_teacher(digit_teacher).hash
+    for r in cells:
+        assert float(r["fid"]) > 0 and float(r["kid"]) == float(r["kid"]) and float(r["seconds_per_sample"]) > 0
+        assert (r["num_samples"], r["seed"], r["labels"], r["teacher_hash"]) == ("20", "0", "cycle", teacher_hash)
+        assert r["reference_id"].startswith("mnist16-classifier-ref-") and r["ode_rmse"] == ""
+    (floor,) = [r for r in rows if r["kind"] == "floor"]
+    assert floor["method"] == "data floor (heldout vs train)" and floor["num_samples"] == "20"
+    assert 0 < float(floor["fid"]) < min(float(r["fid"]) for r in cells)  # real digits beat a random UNet
+    assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and (out / "samples" / "solver-euler.png").is_file()
+    pngs = sorted((out / "images" / "solver-heun_nfe3").glob("*.png"))
+    assert len(pngs) == 20 and pngs[0].name == "000000.png"
+
+    before, calls[:] = (out / "fid_vs_nfe.csv").read_bytes(), []
+    _bench().main(argv)  # every cell done: no teacher call, the CSV (timings included) untouched
+    assert calls == [] and (out / "fid_vs_nfe.csv").read_bytes() == before
+    assert "3 of 3 cells already in" in capsys.readouterr().out
+
+    (out / "fid_vs_nfe.png").unlink()
+    _bench().main(["--plot-only", "--out", str(out)])  # the picture comes back from the files alone
+    assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and calls == []
+
+
+def test_frechet_distance_equals_torch_fidelity():
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64) * 0.3
+    f2 = torch.randn(250, 64, generator=g, dtype=torch.float64) + 0.5
+    s1, s2 = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+    theirs = fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"]
+    ours = frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+    assert abs(ours - theirs) <= 1e-6 * theirs
+    assert abs(frechet_distance(*feature_statistics(f1), *feature_statistics(f1))) < 1e-8 * theirs
+
+    # on images: features through torch-fidelity's extractor, then our statistics and distance = fid_kid's FID
+    from distill.data import load_dataset
+
+    a, b = load_dataset("mnist16", "heldout").x[:200], load_dataset("mnist16", "train").x[:300]
+    ours = frechet_distance(*feature_statistics(compute_features(a)), *feature_statistics(compute_features(b)))
+    theirs = fid_kid(a, b, kid_subset_size=100)["fid"]
+    assert theirs > 1 and abs(ours - theirs) <= 1e-6 * theirs
+
+
+class _Recording:
+    """A teacher whose denoiser calls are recorded (x, t, cond)."""
+
+    def __init__(self, teacher):
+        self.teacher, self.calls = teacher, []
+
+    def denoise(self, x, t, cond=None):
+        self.calls.append((x.clone(), torch.as_tensor(t).clone(), None if cond is None else cond.clone()))
+        return self.teacher.denoise(x, t, cond)
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)
+
+    def first_inputs(self):
+        """x and labels of the first call of every solve: every solve starts at the largest time, once."""
+        t_max = max(float(t.max()) for _, t, _ in self.calls)
+        return [(x, cond) for x, t, cond in self.calls if float(t.max()) == t_max]
+
+
+class _EulerStudent:
+    """A stand-in for students.load_student(path): k steps of the teacher's Euler solver."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def sample(self, noise, steps, cond=None):
+        return sample(self.teacher, noise, solver="euler", nfe=steps, cond=cond)
+
+
+class _MeanMetric:
+    reference_id = "stub"
+
+    def __call__(self, x):
+        return {"fid": float(x.abs().mean())}
+
+    def floor_size(self, n):
+        return 0
+
+
+def test_every_cell_starts_from_the_same_noise_and_labels(tmp_path, digit_teacher):
+    teacher = _Recording(load_teacher(digit_teacher))
+    cells = plan_cells(["euler", "dpmpp_2m", "heun"], [1, 3], ["euler-student"], [2])
+    assert len(cells) == 7
+    cfg = BenchConfig(num_samples=12, seed=7, batch_size=5)
+    rows = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path / "a", students={"euler-student": _EulerStudent(teacher)})
+    assert {(r["method"], r["kind"], r["nfe"]) for r in rows} >= {("euler-student", "student", "2"), ("heun", "solver", "3")}
+    firsts = teacher.first_inputs()
+    assert len(firsts) == len(cells) * 3  # batches of 5, 5, 2
+    per_cell = [(torch.cat([x for x, _ in firsts[i:i + 3]]), torch.cat([c for _, c in firsts[i:i + 3]]))
+                for i in range(0, len(firsts), 3)]
+    x_T = per_sample_noise(teacher.data_shape, range(7, 19))  # the discrete VP teacher starts at scale 1
+    for x, cond in per_cell:
+        assert torch.equal(x, x_T) and torch.equal(cond, torch.arange(12) % 10)
+
+    teacher.calls.clear()  # another batch size: the same noise
+    run_bench(teacher, cells[:1], BenchConfig(num_samples=12, seed=7, batch_size=12), _MeanMetric(), tmp_path / "b")
+    (x, cond), = teacher.first_inputs()
+    assert torch.equal(x, x_T)
+
+
+def test_analytic_teacher_gets_exact_metrics(tmp_path):
+    out = tmp_path / "gmm"
+    _bench().main(["--teacher", "gmm:aniso2d", "--solvers", "euler,dpmpp_2m", "--nfe", "2,6", "--num-samples", "64",
+                   "--reference-steps", "40", "--seed", "3", "--out", str(out)])
+    rows = _rows(out)
+    cell = {(r["method"], int(r["nfe"])): r for r in rows if r["kind"] == "solver"}
+    assert set(cell) == {("euler", 2), ("euler", 6), ("dpmpp_2m", 2), ("dpmpp_2m", 6)}
+    for r in cell.values():
+        assert r["fid"] == "" and r["labels"] == "cycle" and r["reference_id"] == "exact-ode-rk4-40"
+        assert float(r["ode_rmse"]) > 0 and float(r["swd"]) > 0 and float(r["nll"]) == float(r["nll"])
+    assert float(cell["dpmpp_2m", 6]["ode_rmse"]) < 0.5 * float(cell["dpmpp_2m", 2]["ode_rmse"])
+    # the same numbers as the exact solver benchmark on the same problem (labels 0, 1, 2 in turn)
+    teacher = load_teacher("gmm:aniso2d")
+    problem = make_problem(teacher, 64, 3, 40, cond=torch.arange(64) % 3)
+    want = run_cell(problem, "dpmpp_2m", 6)
+    for key in ("ode_rmse", "swd", "nll"):
+        assert float(cell["dpmpp_2m", 6][key]) == pytest.approx(want[key], rel=1e-5)
+    (floor,) = [r for r in rows if r["kind"] == "floor"]
+    assert float(floor["swd"]) == pytest.approx(want["swd_floor"], rel=1e-5) and floor["nll"] != ""
+    assert (out / "fid_vs_nfe.png").stat().st_size > 10_000
+
+
+@pytest.fixture
+def rgb_teacher(tmp_path):
+    from diffusers import DDPMScheduler
+
+    return save_teacher_folder(tmp_path / "rgb", tiny_unet(channels=3), DDPMScheduler())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--solvers", "euler,ddim"], r"unknown solver 'ddim'; valid solvers: .*dpmpp_2m, euler"),
+    (["--nfe", "1,two"], r"cannot parse --nfe '1,two': expected comma-separated positive integers"),
+    (["--nfe", "0,2"], r"cannot parse --nfe '0,2'"),
+    (["--teacher", "RGB", "--reference-dataset", "hf:cifar10"], r"needs --inception-weights PATH"),
+    (["--teacher", "RGB", "--reference-dataset", "hf:cifar10", "--inception-weights", "nope.pth"], r"no Inception weights file"),
+    (["--teacher", "RGB"], r"3-channel images: measure it with torch-fidelity's Inception"),
+])
+def test_bench_bad_input_exits_with_a_sentence(tmp_path, rgb_teacher, args, message):
+    base = {"--teacher": "gmm:ring8", "--nfe": "2", "--num-samples": "8", "--out": str(tmp_path / "x")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = str(rgb_teacher) if v == "RGB" else v
+    with pytest.raises(SystemExit, match=message):
+        _bench().main([a for kv in base.items() for a in kv])
+    assert not (tmp_path / "x").exists()
