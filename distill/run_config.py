@@ -69,7 +69,11 @@ class RunConfig:
 
 def load_run_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """YAML + overrides -> a validated RunConfig whose ``objective`` dict has every option filled in."""
-    raw = merge(read_yaml(path), overrides or {})
+    base, overrides = read_yaml(path), overrides or {}
+    new_name = (overrides.get("objective") or {}).get("name")
+    if new_name is not None and new_name != (base.get("objective") or {}).get("name"):
+        base = {**base, "objective": {}}  # another objective: the file's options do not apply
+    raw = merge(base, overrides)
     cfg = from_dict(RunConfig, raw)
     cfg.objective = objective_options_dict(cfg.objective)
     if not cfg.teacher:
