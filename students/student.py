@@ -40,8 +40,7 @@ class Student(nn.Module):
         self.sigma_data, self.time_scale, self.null_class_label = sigma_data, time_scale, null_class_label
         self.sampling_grid = sampling_grid
         self.info = dict(info or {})  # teacher hash, data shape, ... (strings in the saved metadata)
-        a_min, s_min = schedule.alpha(schedule.t_min), schedule.sigma(schedule.t_min)
-        self._sigma_tilde_min = float(s_min / a_min)
+        self._sigma_tilde_min = float(self._sigma_tilde(torch.tensor([schedule.t_min]))[0])
 
     # -- the map (x_t, t) -> sample ------------------------------------------------------------------
     def _labels(self, cond, x):
@@ -58,10 +57,13 @@ class Student(nn.Module):
         log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
         return to_x0(out, self.prediction_type, x, log_a.exp().to(x.device), log_s.exp().to(x.device))
 
+    def _sigma_tilde(self, t: torch.Tensor) -> torch.Tensor:
+        log_a, log_s = self.schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu())
+        return (log_s - log_a).exp()
+
     def boundary(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) at process times ``t`` [B], float64."""
-        log_a, log_s = self.schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu())
-        s = (log_s - log_a).exp() - self._sigma_tilde_min
+        s = self._sigma_tilde(t) - self._sigma_tilde_min
         sd2 = self.sigma_data**2
         return sd2 / (s**2 + sd2), s / (s**2 + sd2).sqrt()
 
