@@ -32,14 +32,21 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], manifest: dict, keep: int = 2,
-                    is_main: bool = True) -> Path:
-    """``write(tmp_dir)`` fills the folder (on every rank); the main rank then commits it atomically."""
+                    is_main: bool = True, barrier: Callable[[], None] | None = None) -> Path:
+    """``write(tmp_dir)`` fills the folder (on every rank); the main rank then commits it atomically.
+
+    With several processes pass ``barrier`` (e.g. ``accelerator.wait_for_everyone``): it runs after the
+    main rank has made the empty folder and after every rank has written, before the manifest."""
     root = Path(root)
     tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    if barrier is not None:
+        barrier()
     write(tmp)
+    if barrier is not None:
+        barrier()
     if is_main:
         (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest}, indent=1))
         shutil.rmtree(final, ignore_errors=True)

@@ -145,3 +145,12 @@ def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int 
     if name == "mnist16":
         return mnist16(split)
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
+
+
+def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples [N, ...] and labels [N] of a dataset in memory (the small datasets trainers index by
+    ``distill.checkpoint.batch_indices``)."""
+    if isinstance(data, TensorDataset):
+        return data.x, data.labels
+    pairs = [data[i] for i in range(len(data))]
+    return torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()

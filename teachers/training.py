@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -20,9 +19,10 @@ import torch
 import yaml
 
 from distill.checkpoint import batch_indices, latest_checkpoint, read_manifest, save_checkpoint, step_generator
-from distill.data import load_dataset
+from distill.data import dataset_tensors, load_dataset
 from distill.param import PREDICTION_TYPES, from_x0
 from distill.schedules import BETA_SCHEDULES, DiscreteVP
+from distill.train import check_world_size, lr_lambda
 
 ARCHS = ("unet", "mlp")
 
@@ -101,10 +101,6 @@ def diffusion_loss(model, x0, labels, schedule: DiscreteVP, prediction_type: str
     return ((pred - target) ** 2).flatten(1).mean(1)
 
 
-def _lr_lambda(cfg: TeacherConfig):
-    return lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(step / cfg.max_steps, 1)))
-
-
 def save_teacher_folder(model, cfg: TeacherConfig, num_classes: int, out: Path, info: dict) -> None:
     """Write a diffusers pipeline folder atomically: unet/, scheduler/, model_index.json, teacher.json."""
     from diffusers import DDPMScheduler
@@ -132,20 +128,17 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     from diffusers.training_utils import EMAModel
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if accelerator.num_processes != world:
-        raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but {world} were launched")
+    check_world_size(accelerator.num_processes)
     out = Path(cfg.output_dir)
     data = load_dataset(cfg.dataset, "train")
-    x_all = torch.stack([data[i][0] for i in range(len(data))]) if not hasattr(data, "x") else data.x
-    y_all = data.labels if hasattr(data, "labels") else torch.stack([data[i][1] for i in range(len(data))])
+    x_all, y_all = dataset_tensors(data)
     num_classes = data.num_classes if cfg.class_conditional else 0
     schedule = DiscreteVP(cfg.beta_schedule, cfg.num_train_timesteps)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tuple(x_all.shape[1:]), num_classes)
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps, "cosine"))
     model, opt, sched = accelerator.prepare(model, opt, sched)
     accelerator.register_for_checkpointing(ema)
 
@@ -187,12 +180,13 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
             losses, t0 = [], time.time()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(out / "checkpoints", step, lambda d: accelerator.save_state(str(d)), {"kind": "teacher"},
-                            keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process)
+                            keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
             accelerator.wait_for_everyone()
         if stop_at is not None and step >= stop_at:
             if step % cfg.checkpoint_every:
                 save_checkpoint(out / "checkpoints", step, lambda d: accelerator.save_state(str(d)), {"kind": "teacher"},
-                                keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process)
+                                keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process,
+                                barrier=accelerator.wait_for_everyone)
             return None
 
     final = out / "teacher"

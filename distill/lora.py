@@ -1,0 +1,41 @@
+"""LoRA adapters on a student network through PEFT, and merging them back for export.
+
+diffusers' ``UNet2DModel`` has no ``add_adapter``; ``peft.inject_adapter_in_model`` works on any module,
+replaces the target layers by LoRA layers and freezes every base weight (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+def inject_lora(net: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
+    """Add a trainable LoRA adapter (adapter name ``default``) to ``net`` in place; base weights frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
+    try:
+        net = inject_adapter_in_model(config, net)
+    except ValueError as e:  # peft names the modules it could not find
+        raise ValueError(f"lora.target_modules {list(target_modules)} do not fit the student network: {e}") from None
+    return net
+
+
+def has_lora(net: nn.Module) -> bool:
+    return any("lora_" in name for name, _ in net.named_parameters())
+
+
+def merged_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every LoRA layer merged into its base layer and replaced by it."""
+    from peft.tuners.lora import LoraLayer
+
+    net = copy.deepcopy(net)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, child, module.get_base_layer())
+    return net.requires_grad_(True)

@@ -1,0 +1,43 @@
+"""Export a trained student to one safetensors file (LoRA merged), optionally also as a diffusers folder.
+
+    python scripts/export.py RUN_DIR_or_CHECKPOINT --out student.safetensors [--ema] [--diffusers DIR] [--keep-lora]
+
+A run folder gives its final student (or, mid-run, its latest complete checkpoint's); --ema takes the
+EMA weights. Load the result with ``students.load_student(path)`` and sample with ``.sample(noise, steps)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distill.export import read_student_file, resolve_student_file, save_diffusers, save_student
+from students import load_student
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="a run folder, a checkpoint folder or a student file")
+    p.add_argument("--out", required=True, help="the student.safetensors to write")
+    p.add_argument("--ema", action="store_true", help="export the EMA of the student")
+    p.add_argument("--diffusers", default=None, metavar="DIR", help="also save a UNet student as a diffusers folder")
+    p.add_argument("--keep-lora", action="store_true", help="keep a LoRA adapter separate instead of merging it")
+    args = p.parse_args(argv)
+    try:
+        src = resolve_student_file(args.source, ema=args.ema)
+        student = load_student(src)
+        _, meta = read_student_file(src)
+        config = json.loads(meta.get("training_config", "{}"))
+        save_student(student, args.out, merge_lora=not args.keep_lora, training_config=config)
+        if args.diffusers:
+            save_diffusers(student, args.diffusers)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {src} -> {args.out}" + (f" and {args.diffusers}" if args.diffusers else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Build a student for a teacher from the run config, and load one from a student file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from distill.export import read_student_file
+from distill.lora import inject_lora
+from distill.run_config import LoraSettings, StudentConfig
+from students.networks import NETWORKS, network_from_config
+from students.student import Student, student_from_metadata
+
+
+def _teacher_network(teacher):
+    net = getattr(teacher, "unet", None)
+    if net is None:
+        raise ValueError(f"student.arch 'teacher' copies the teacher's network, but teacher {teacher.name!r} has none "
+                         f"(an analytic teacher); use student.arch 'mlp' or 'unet'")
+    return copy.deepcopy(net).float().train().requires_grad_(True)
+
+
+def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None) -> Student:
+    """A student for ``teacher``: a copy of its network (``arch: teacher``) or a fresh mlp / unet."""
+    num_classes = teacher.num_classes if cfg.class_conditional else 0
+    info = {"teacher_hash": teacher.hash, "teacher": str(teacher.name), "data_shape": list(teacher.data_shape),
+            "num_classes": num_classes}
+    if cfg.arch == "teacher":
+        net, prediction, time_scale = _teacher_network(teacher), teacher.prediction_type, teacher.time_scale
+        null_label = getattr(teacher, "null_class_label", None)
+    else:
+        embeds = num_classes + 1 if num_classes else None  # + a null class for unconditional sampling
+        net = NETWORKS[cfg.arch](tuple(teacher.data_shape), embeds, **cfg.model)
+        prediction, time_scale, null_label = cfg.prediction_type, 1.0, (num_classes if num_classes else None)
+    if lora is not None:
+        net.requires_grad_(False)
+        inject_lora(net, lora.rank, lora.alpha, lora.target_modules)
+        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+    return Student(net, schedule=teacher.schedule, prediction_type=prediction, parameterization=cfg.parameterization,
+                   sigma_data=cfg.sigma_data, time_scale=time_scale, null_class_label=null_label,
+                   sampling_grid=cfg.sampling_grid, info=info)
+
+
+def load_student(path: str | Path) -> Student:
+    """A student from a file written by ``distill.export.save_student`` (LoRA re-injected if not merged)."""
+    state, meta = read_student_file(path)
+    net = network_from_config(meta["network_class"], json.loads(meta["network_config"]))
+    lora = json.loads(meta.get("lora", "null"))
+    if lora:
+        inject_lora(net, lora["rank"], lora["alpha"], lora["target_modules"])
+    net.load_state_dict(state, strict=True)
+    student = student_from_metadata(net.eval(), meta)
+    if lora:
+        student.info["lora"] = lora
+    return student

@@ -1,0 +1,68 @@
+"""Run config validation, config.yaml round trip, the DeepSpeed accelerate config."""
+
+import dataclasses
+import importlib.util
+import sys
+
+import pytest
+import yaml
+from distill_helpers import RING8, ROOT, run, tiny_cfg
+
+from distill.config import ConfigError
+from distill.run_config import load_run_config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"learning_rate": 1e-3}, r"unknown config key\(s\) learning_rate; allowed under the top level: .*batch_size"),
+    ({"student": {"archh": "mlp"}}, r"unknown config key\(s\) student.archh; allowed under student: arch, "),
+    ({"student": {"arch": "transformer"}}, "config key 'student.arch' is 'transformer'; allowed: teacher, mlp, unet"),
+    ({"batch_size": "big"}, "config key 'batch_size' must be of type int, got 'big'"),
+    ({"max_steps": 0}, "config key 'max_steps' must be at least 1, got 0"),
+    ({"ema_decay": 1.5}, "config key 'ema_decay' must be at most 1.0, got 1.5"),
+    ({"mixed_precision": "fp8"}, "config key 'mixed_precision' is 'fp8'; allowed: no, fp16, bf16"),
+    ({"objective": {"name": "dmd"}}, "config key 'objective.name' is 'dmd'; allowed: consistency"),
+    ({"objective": {"name": "consistency", "num_scale": 4}}, r"unknown config key\(s\) objective.num_scale; allowed under objective"),
+    ({"objective": {"name": "consistency", "solver": "rk45"}}, "config key 'objective.solver' is 'rk45'; allowed: .*heun"),
+    ({"objective": {"name": "consistency", "distance": "lpips"}}, "allowed: l2, pseudo_huber"),
+    ({"lora": {"rank": 0}}, "config key 'lora.rank' must be at least 1"),
+    ({"teacher": ""}, "config key 'teacher' is required"),
+])
+def test_bad_configs_name_the_key_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(RING8, overrides)
+
+
+def test_defaults_are_filled_in_and_config_yaml_round_trips(tmp_path):
+    cfg = tiny_cfg(tmp_path / "r", "max_steps=2")
+    assert cfg.objective["solver"] == "heun" and cfg.objective["huber_c"] is None and cfg.student.arch == "mlp"
+    run(cfg)
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert load_run_config(tmp_path / "r" / "config.yaml") == cfg and saved["objective"]["num_scales"] == 6
+
+
+def test_tensorboard_requested_but_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match="'tensorboard' is true but the tensorboard package is not installed"):
+        run(tiny_cfg(tmp_path / "tb", "tensorboard=true"))
+    assert not (tmp_path / "tb").exists()  # failed before any work
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    spec = importlib.util.spec_from_file_location("distill_cli", ROOT / "scripts" / "distill.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--config", str(RING8), "--set", "student.arch=gan"]) == 1
+    assert capsys.readouterr().err.strip() == "error: config key 'student.arch' is 'gan'; allowed: teacher, mlp, unet"
+
+
+def test_deepspeed_zero2_accelerate_config_is_valid():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= {f.name for f in dataclasses.fields(ClusterConfig)}
+    assert set(raw["deepspeed_config"]) <= set(DeepSpeedPlugin.__dataclass_fields__)
+    assert raw["distributed_type"] == "DEEPSPEED" and raw["deepspeed_config"]["zero_stage"] == 2
+    cfg = ClusterConfig.from_yaml_file(str(path))
+    assert cfg.deepspeed_config["gradient_clipping"] == 1.0 and cfg.mixed_precision == "bf16"
