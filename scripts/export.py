@@ -8,6 +8,13 @@ EMA weights. Load the result with ``students.load_student(path)`` and sample wit
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
 import argparse
 import json
 import sys

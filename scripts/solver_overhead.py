@@ -9,6 +9,13 @@ the teacher's parameterization conversion) per step. Median over --repeats runs.
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
 import argparse
 import csv
 import platform
