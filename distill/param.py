@@ -29,16 +29,20 @@ def _check(prediction_type: str) -> None:
 
 
 def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """The data prediction x0 implied by a network output ``pred`` at state ``x``."""
+    """The data prediction x0 implied by a network output ``pred`` at state ``x``: x0 = c_x x + c_p pred."""
     _check(prediction_type)
-    a, s = append_dims(alpha, x.ndim).to(x.device, x.dtype), append_dims(sigma, x.ndim).to(x.device, x.dtype)
     if prediction_type == "sample":
         return pred
-    if prediction_type == "epsilon":
-        return (x - s * pred) / a
-    if prediction_type == "v_prediction":  # a x - s v = (a^2 + s^2) x0; the divisor is 1 for VP
-        return (a * x - s * pred) / (a * a + s * s)
-    return (x - s * pred) / (a + s)  # flow: x = a x0 + s (u + x0)
+    a, s = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
+    if prediction_type == "epsilon":  # x = a x0 + s eps
+        c_x, c_p = 1 / a, -s / a
+    elif prediction_type == "v_prediction":  # a x - s v = (a^2 + s^2) x0; the divisor is 1 for VP
+        norm = a * a + s * s
+        c_x, c_p = a / norm, -s / norm
+    else:  # flow: x = a x0 + s (u + x0)
+        c_x, c_p = 1 / (a + s), -s / (a + s)
+    # coefficients are computed on [B, 1, ...] float64 tensors; one fused pass over the samples
+    return torch.addcmul(x * c_x.to(x.device, x.dtype), pred, c_p.to(x.device, x.dtype))
 
 
 def from_x0(x0: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:

@@ -44,7 +44,7 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, cur: Point, nxt: Point) -> torc
     if nxt.clean:
         return x0
     h = nxt.lam - cur.lam
-    return (nxt.sigma / cur.sigma) * x - (nxt.alpha * math.expm1(-h)) * x0
+    return torch.add(x * (nxt.sigma / cur.sigma), x0, alpha=-(nxt.alpha * math.expm1(-h)))
 
 
 def chart_scale(schedule: Schedule, p: Point) -> float:
