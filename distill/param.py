@@ -28,21 +28,30 @@ def _check(prediction_type: str) -> None:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; allowed: {', '.join(PREDICTION_TYPES)}")
 
 
-def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """The data prediction x0 implied by a network output ``pred`` at state ``x``: x0 = c_x x + c_p pred."""
+def x0_coefficients(prediction_type: str, alpha, sigma, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_x, c_p) with x0 = c_x x + c_p pred for a network output ``pred`` at state x; [B, 1, ...] float64."""
     _check(prediction_type)
+    a, s = append_dims(alpha, ndim), append_dims(sigma, ndim)
+    if prediction_type == "sample":
+        return torch.zeros_like(a), torch.ones_like(a)
+    if prediction_type == "epsilon":  # x = a x0 + s eps
+        return 1 / a, -s / a
+    if prediction_type == "v_prediction":  # a x - s v = (a^2 + s^2) x0; the divisor is 1 for VP
+        norm = a * a + s * s
+        return a / norm, -s / norm
+    return 1 / (a + s), -s / (a + s)  # flow: x = a x0 + s (u + x0)
+
+
+def combine_x0(pred: torch.Tensor, x: torch.Tensor, c_x: torch.Tensor, c_p: torch.Tensor) -> torch.Tensor:
+    """x0 = c_x x + c_p pred in one fused pass over the samples."""
+    return torch.addcmul(x * c_x.to(x.device, x.dtype), pred, c_p.to(x.device, x.dtype))
+
+
+def to_x0(pred: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """The data prediction x0 implied by a network output ``pred`` at state ``x``."""
     if prediction_type == "sample":
         return pred
-    a, s = append_dims(alpha, x.ndim), append_dims(sigma, x.ndim)
-    if prediction_type == "epsilon":  # x = a x0 + s eps
-        c_x, c_p = 1 / a, -s / a
-    elif prediction_type == "v_prediction":  # a x - s v = (a^2 + s^2) x0; the divisor is 1 for VP
-        norm = a * a + s * s
-        c_x, c_p = a / norm, -s / norm
-    else:  # flow: x = a x0 + s (u + x0)
-        c_x, c_p = 1 / (a + s), -s / (a + s)
-    # coefficients are computed on [B, 1, ...] float64 tensors; one fused pass over the samples
-    return torch.addcmul(x * c_x.to(x.device, x.dtype), pred, c_p.to(x.device, x.dtype))
+    return combine_x0(pred, x, *x0_coefficients(prediction_type, alpha, sigma, x.ndim))
 
 
 def from_x0(x0: torch.Tensor, prediction_type: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:

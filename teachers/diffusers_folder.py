@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.param import to_x0
+from distill.param import combine_x0, x0_coefficients
 from distill.schedules import DiscreteVP, RectifiedFlow
 from teachers.base import Teacher
 
@@ -101,6 +101,7 @@ class DiffusersTeacher(Teacher):
                  null_class_label: int | None = None, name: str = "unet", content_hash: str | None = None):
         self.unet = unet.eval().requires_grad_(False)
         self._dtype = next(unet.parameters()).dtype
+        self._coefficient_cache: dict = {}
         self.schedule, self.prediction_type, self.time_scale = schedule, prediction_type, time_scale
         cfg = unet.config
         if "dim" in cfg:  # ToyMLP: vectors
@@ -123,8 +124,24 @@ class DiffusersTeacher(Teacher):
         dtype = self._dtype
         t_net = t if self.time_scale == 1.0 else t * self.time_scale
         out = self.unet(x.to(dtype), t_net.to(dtype), class_labels=labels).sample.to(x.dtype)
-        log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
-        return to_x0(out, self.prediction_type, x, log_a.exp(), log_s.exp())
+        if self.prediction_type == "sample":
+            return out
+        return combine_x0(out, x, *self._x0_coefficients(t, x.ndim))
+
+    def _x0_coefficients(self, t: torch.Tensor, ndim: int):
+        """Conversion coefficients at times ``t``; computed once per distinct time when the whole batch shares
+        one (a stride-0 tensor, as solvers pass), which saves a dozen small tensor ops per network call."""
+        shared = t.ndim == 1 and len(t) > 0 and t.stride(0) == 0
+        key = (float(t[0]), ndim) if shared else None
+        if key is not None and key in self._coefficient_cache:
+            return self._coefficient_cache[key]
+        log_a, log_s = self.schedule.log_alpha_sigma(t[:1].cpu() if shared else t.cpu())
+        coefficients = x0_coefficients(self.prediction_type, log_a.exp(), log_s.exp(), ndim)
+        if key is not None:
+            if len(self._coefficient_cache) > 4096:
+                self._coefficient_cache.clear()
+            self._coefficient_cache[key] = coefficients
+        return coefficients
 
     def to(self, *args, **kwargs) -> "DiffusersTeacher":
         self.unet.to(*args, **kwargs)

@@ -111,3 +111,14 @@ def test_bad_folders_fail_with_one_clear_sentence(tmp_path, make_teacher_folder)
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ValueError, match="describes 'UNet2DConditionModel'; supported: 'UNet2DModel', 'ToyMLP'"):
         load_teacher(folder)
+
+
+def test_shared_time_fast_path_equals_per_sample_times(make_teacher_folder):
+    folder, _, _ = make_teacher_folder("v_prediction")
+    teacher = load_teacher(folder).to(torch.float64)
+    for t in (999.0, 500.0, 0.25):  # integer and interpolated timesteps; the second call hits the cache
+        shared = torch.tensor(t, dtype=torch.float64).expand(2)
+        for _ in range(2):
+            assert torch.equal(teacher.denoise(X, shared), teacher.denoise(X, torch.full((2,), t, dtype=torch.float64)))
+    mixed = torch.tensor([999.0, 3.5], dtype=torch.float64)
+    assert torch.allclose(teacher.denoise(X, mixed)[1], teacher.denoise(X[1:], mixed[1:])[0], atol=1e-12)

@@ -35,7 +35,9 @@ def grid_points(schedule: Schedule, ts: torch.Tensor) -> list[Point]:
 
 def t_batch(p: Point, x: torch.Tensor) -> torch.Tensor:
     """The [B] time tensor a denoiser is called with."""
-    return torch.full((x.shape[0],), p.t, dtype=torch.float64, device=x.device)
+    # one value seen by the whole batch: an expanded (stride-0) tensor, which teachers may use to compute
+    # their coefficients once per time (``teachers.diffusers_folder.DiffusersTeacher``)
+    return torch.tensor(p.t, dtype=torch.float64, device=x.device).expand(x.shape[0])
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, cur: Point, nxt: Point) -> torch.Tensor:
