@@ -124,3 +124,18 @@ def test_guidance_scale_moves_samples_between_unconditional_and_conditional():
     conditional = sample(teacher, noise, solver="dpmpp_2m", nfe=20, cond=cond, guidance_scale=1.0)
     assert len(nearest_mode(uncond).unique()) == 8  # w = 0: the whole mixture
     assert bool((nearest_mode(conditional) == 3).all())  # w = 1: component 3 only
+
+
+@pytest.mark.parametrize("exp_weight", [False, True])
+def test_lagrange_weights_equal_quadrature(exp_weight):
+    from distill.solvers.common import lagrange_weights
+
+    nodes, lo, hi = [1.0, 0.5, 0.2, -0.4], 1.0, 1.6
+    s = torch.linspace(lo, hi, 200_001, dtype=torch.float64)
+    for j, w in enumerate(lagrange_weights(nodes, lo, hi, exp_weight=exp_weight)):
+        basis = torch.ones_like(s)
+        for k, vk in enumerate(nodes):
+            if k != j:
+                basis = basis * (s - vk) / (nodes[j] - vk)
+        integrand = basis * torch.exp(-s) if exp_weight else basis
+        assert w == pytest.approx(float(torch.trapezoid(integrand, s)), rel=1e-9, abs=1e-12)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from distill.schedules import Schedule
@@ -64,24 +63,35 @@ def multistep_order(order: int, i: int, steps: int, lower_order_final: bool) -> 
     return min(order, i + 1, steps - i) if lower_order_final else min(order, i + 1)
 
 
+def _horner(coeffs: list[float], x: float) -> float:
+    out = 0.0
+    for c in reversed(coeffs):
+        out = out * x + c
+    return out
+
+
 def lagrange_weights(nodes, lo: float, hi: float, *, exp_weight: bool = False) -> list[float]:
     """w_j = int_lo^hi L_j(s) ds, or int_lo^hi e^-s L_j(s) ds with ``exp_weight``, where L_j is the Lagrange
     basis polynomial of node j: the weights of an Adams-Bashforth step (of an exponential-integrator one).
 
-    Closed forms, exact up to rounding: int e^-s P(s) ds = -e^-s (P + P' + P'' + ...); computed in s - lo.
+    Closed forms, exact up to rounding: int e^-s P(s) ds = -e^-s (P + P' + P'' + ...); computed in s - lo,
+    with plain coefficient lists (lowest degree first): this runs once per step on every sampling call.
     """
-    poly = np.polynomial.Polynomial
     v, span = [float(s) - lo for s in nodes], hi - lo
     weights = []
     for j, vj in enumerate(v):
-        others = v[:j] + v[j + 1:]
-        basis = poly.fromroots(others) / math.prod(vj - vk for vk in others) if others else poly([1.0])
+        basis = [1.0]
+        for vk in v[:j] + v[j + 1:]:  # multiply by (s - vk) / (vj - vk)
+            scale = 1.0 / (vj - vk)
+            basis = [scale * (a - vk * b) for a, b in zip([0.0, *basis], [*basis, 0.0])]
         if exp_weight:
-            q = sum((basis.deriv(k) for k in range(1, basis.degree() + 1)), basis)
-            weights.append(math.exp(-lo) * float(q(0.0) - math.exp(-span) * q(span)))
+            q, deriv = list(basis), basis
+            while len(deriv) > 1:
+                deriv = [k * c for k, c in enumerate(deriv)][1:]
+                q = [a + (deriv[k] if k < len(deriv) else 0.0) for k, a in enumerate(q)]
+            weights.append(math.exp(-lo) * (q[0] - math.exp(-span) * _horner(q, span)))
         else:
-            antideriv = basis.integ()
-            weights.append(float(antideriv(span) - antideriv(0.0)))
+            weights.append(_horner([0.0] + [c / (k + 1) for k, c in enumerate(basis)], span))
     return weights
 
 
