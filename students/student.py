@@ -52,8 +52,9 @@ class Student(nn.Module):
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """D_theta(x, t): the network output converted to a data prediction."""
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        out = self.net(x, (t * self.time_scale).to(x.dtype), class_labels=self._labels(cond, x))
-        out = getattr(out, "sample", out)
+        dtype = next(self.net.parameters()).dtype  # run the network in its own dtype (e.g. float64 noise in a bench)
+        out = self.net(x.to(dtype), (t * self.time_scale).to(dtype), class_labels=self._labels(cond, x))
+        out = getattr(out, "sample", out).to(x.dtype)
         log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
         return to_x0(out, self.prediction_type, x, log_a.exp().to(x.device), log_s.exp().to(x.device))
 
