@@ -94,7 +94,10 @@ class Run:
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # step_scheduler_with_optimizer=False: the LR schedule counts global steps (accelerate would otherwise
+    # step a prepared scheduler once per process per step, running it num_processes times too fast)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     check_world_size(accelerator.num_processes)
     if cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the {accelerator.num_processes} processes")

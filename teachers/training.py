@@ -127,7 +127,10 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # step_scheduler_with_optimizer=False: the LR schedule counts global steps (accelerate would otherwise
+    # step a prepared scheduler once per process per step, running it num_processes times too fast)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     check_world_size(accelerator.num_processes)
     out = Path(cfg.output_dir)
     data = load_dataset(cfg.dataset, "train")

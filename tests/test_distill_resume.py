@@ -1,5 +1,6 @@
 """Trainer robustness: SIGKILL and resume bit-identically, incomplete checkpoints, NaN guard, two ranks."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -91,3 +92,15 @@ def test_two_cpu_processes_run_and_finish(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout
     assert (out / "student.safetensors").is_file() and (out / "checkpoints" / "step-6" / "random_states_1.pkl").is_file()
+    # the LR schedule counts global steps: the same learning rates as a one-process run of the same config
+    # (accelerate steps a prepared scheduler once per process unless step_scheduler_with_optimizer=False)
+    one = tmp_path / "one"
+    assert subprocess.run(_cli(one, "optim.warmup_steps=20", "log_every=1", steps=6), env=subprocess_env(), capture_output=True).returncode == 0
+    two = tmp_path / "two"
+    cmd2 = [*cmd[: cmd.index("--output-dir") + 1], str(two), *cmd[cmd.index("--output-dir") + 2:], "optim.warmup_steps=20", "log_every=1"]
+    assert subprocess.run(cmd2, env=env, capture_output=True, timeout=240).returncode == 0
+
+    def lrs(run_dir):
+        return [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs(two) == lrs(one) and len(set(lrs(one))) > 1
