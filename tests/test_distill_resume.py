@@ -95,7 +95,8 @@ def test_two_cpu_processes_run_and_finish(tmp_path):
     # the LR schedule counts global steps: the same learning rates as a one-process run of the same config
     # (accelerate steps a prepared scheduler once per process unless step_scheduler_with_optimizer=False)
     one = tmp_path / "one"
-    assert subprocess.run(_cli(one, "optim.warmup_steps=20", "log_every=1", steps=6), env=subprocess_env(), capture_output=True).returncode == 0
+    single = subprocess.run(_cli(one, "optim.warmup_steps=20", "log_every=1", steps=6), env=subprocess_env(), capture_output=True)
+    assert single.returncode == 0
     two = tmp_path / "two"
     cmd2 = [*cmd[: cmd.index("--output-dir") + 1], str(two), *cmd[cmd.index("--output-dir") + 2:], "optim.warmup_steps=20", "log_every=1"]
     assert subprocess.run(cmd2, env=env, capture_output=True, timeout=240).returncode == 0
