@@ -6,37 +6,9 @@ module``; every module takes ``(x, t, class_labels)`` and has a ``config`` mappi
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import nn
 
-
-class TimeMLP(nn.Module):
-    """x [B, dim], t [B] -> output [B, dim]: residual SiLU MLP with sinusoidal time features (DDPM, Ho et al.
-    2020) and an optional class embedding. Plain torch, so 2-D runs never import diffusers."""
-
-    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_features: int = 64,
-                 num_class_embeds: int | None = None, time_scale: float = 1.0):
-        super().__init__()
-        self.config = {"dim": dim, "hidden": hidden, "layers": layers, "time_features": time_features,
-                       "num_class_embeds": num_class_embeds, "time_scale": time_scale}
-        self.inp = nn.Linear(dim + time_features, hidden)
-        self.class_emb = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
-        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
-
-    def forward(self, x, t, class_labels=None):
-        t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0]) * self.config["time_scale"]
-        half = self.config["time_features"] // 2
-        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=x.device) / half)
-        emb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], 1).to(x.dtype)
-        h = self.inp(torch.cat([x, emb], 1))
-        if self.class_emb is not None:
-            h = h + self.class_emb(class_labels)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.out(h)
+from distill.nets import TimeMLP
 
 
 def _mlp(data_shape, num_class_embeds, **kwargs):
