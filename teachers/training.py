@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from distill.checkpoint import batch_indices, latest_checkpoint, read_manifest, save_checkpoint, step_generator
 from distill.data import dataset_tensors, load_dataset
@@ -156,6 +157,7 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     per_rank = cfg.batch_size // accelerator.num_processes
     t0, losses = time.time(), []
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not accelerator.is_main_process, mininterval=5)
     model.train()
     while step < cfg.max_steps:
         idx = batch_indices(step, cfg.batch_size, len(x_all), cfg.seed)
@@ -176,6 +178,8 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
         opt.zero_grad(set_to_none=True)
         ema.step(accelerator.unwrap_model(model).parameters())
         step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         losses.append(loss.item())
         if step % cfg.log_every == 0 and accelerator.is_main_process:
             log(f"step {step}/{cfg.max_steps} loss {sum(losses) / len(losses):.4f} lr {sched.get_last_lr()[0]:.2e} "
@@ -190,8 +194,10 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
                 save_checkpoint(out / "checkpoints", step, lambda d: accelerator.save_state(str(d)), {"kind": "teacher"},
                                 keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process,
                                 barrier=accelerator.wait_for_everyone)
+            bar.close()
             return None
 
+    bar.close()
     final = out / "teacher"
     if accelerator.is_main_process:
         net = accelerator.unwrap_model(model)
