@@ -18,37 +18,26 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
 import argparse
 import sys
 
-import yaml
-
+from distill.config import ConfigError, parse_overrides
 from teachers.training import load_config, train
-
-
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (model.hidden=64 for nested ones)")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
     try:
-        overrides = parse_set(args.set)
+        overrides = parse_overrides(args.set)
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
         if args.max_steps:
             overrides["max_steps"] = args.max_steps
         cfg = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     train(cfg, resume=not args.no_resume, log=lambda m: print(m, flush=True))
     return 0

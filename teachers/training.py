@@ -20,6 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from distill.checkpoint import batch_indices, latest_checkpoint, read_manifest, save_checkpoint, step_generator
+from distill.config import merge
 from distill.data import dataset_tensors, load_dataset
 from distill.param import PREDICTION_TYPES, from_x0
 from distill.schedules import BETA_SCHEDULES, DiscreteVP
@@ -67,7 +68,7 @@ class TeacherConfig:
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TeacherConfig:
     """A validated config from YAML plus overrides; unknown keys are errors naming the allowed ones."""
     raw = yaml.safe_load(Path(path).read_text()) if path else {}
-    raw = {**(raw or {}), **(overrides or {})}
+    raw = merge(raw or {}, overrides or {})  # nested keys (model.*) are merged, not replaced
     allowed = {f.name for f in dataclasses.fields(TeacherConfig)}
     unknown = sorted(set(raw) - allowed)
     if unknown:

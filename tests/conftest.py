@@ -130,3 +130,13 @@ def diffusers_loop(scheduler, net, noise, num_inference_steps, *, class_labels=N
     return x
 
 
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, so a test can call its ``main(argv)`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,20 @@
 """The command-line entry points, run in-process on tiny inputs."""
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sample_cli_on_the_analytic_teacher(tmp_path):
-    _script("sample").main(["--teacher", "gmm:ring8", "--solver", "dpmpp_2m", "--nfe", "8", "--n", "50", "--seed", "3",
+    load_script("sample").main(["--teacher", "gmm:ring8", "--solver", "dpmpp_2m", "--nfe", "8", "--n", "50", "--seed", "3",
                             "--out", str(tmp_path)])
     with safe_open(tmp_path / "samples.safetensors", "pt") as f:
         x, meta = f.get_tensor("samples"), f.metadata()
@@ -28,7 +23,7 @@ def test_sample_cli_on_the_analytic_teacher(tmp_path):
 
 
 def test_sample_cli_noise_is_per_sample(tmp_path):
-    mod = _script("sample")
+    mod = load_script("sample")
     a = mod.per_sample_noise((2,), [5, 6, 7])
     b = mod.per_sample_noise((2,), [6])
     assert torch.equal(a[1], b[0])  # sample 6 is the same whatever batch it is drawn in
@@ -36,7 +31,7 @@ def test_sample_cli_noise_is_per_sample(tmp_path):
 
 def test_sample_cli_on_a_diffusers_folder_writes_an_image_grid(tmp_path, make_teacher_folder):
     folder, _, _ = make_teacher_folder()
-    _script("sample").main(["--teacher", str(folder), "--solver", "euler", "--nfe", "3", "--n", "4", "--out",
+    load_script("sample").main(["--teacher", str(folder), "--solver", "euler", "--nfe", "3", "--n", "4", "--out",
                             str(tmp_path / "out")])
     with safe_open(tmp_path / "out" / "samples.safetensors", "pt") as f:
         assert f.get_tensor("samples").shape == (4, 1, 8, 8)
@@ -53,12 +48,12 @@ def test_sample_cli_bad_input_exits_with_a_sentence(tmp_path, args, message):
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     with pytest.raises(SystemExit, match=message):
-        _script("sample").main([a for kv in base.items() for a in kv])
+        load_script("sample").main([a for kv in base.items() for a in kv])
     assert not (tmp_path / "x" / "samples.safetensors").exists()
 
 
 def test_solver_error_benchmark_writes_csv_and_plot_and_resumes(tmp_path, capsys):
-    mod = _script("solver_error")
+    mod = load_script("solver_error")
     argv = ["--teachers", "gmm:ring8", "--solvers", "euler,heun", "--nfe", "3,4", "--num-samples", "64",
             "--reference-steps", "50", "--out", str(tmp_path)]
     mod.main(argv)

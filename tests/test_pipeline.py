@@ -1,22 +1,15 @@
 """The whole path a user takes: distill -> export -> bench the student against the solvers on one plot."""
 
 import csv
-import importlib.util
 
-from distill_helpers import ROOT, run, tiny_cfg
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
+from distill_helpers import run, tiny_cfg
 
 
 def test_distill_export_and_bench_a_student_on_the_analytic_ring(tmp_path):
     run(tiny_cfg(tmp_path / "run", "max_steps=20", "checkpoint_every=20"))
-    _script("export").main([str(tmp_path / "run"), "--out", str(tmp_path / "cd.safetensors")])
-    _script("bench").main(["--teacher", "gmm:ring8", "--unconditional", "--solvers", "euler", "--nfe", "1,2",
+    load_script("export").main([str(tmp_path / "run"), "--out", str(tmp_path / "cd.safetensors")])
+    load_script("bench").main(["--teacher", "gmm:ring8", "--unconditional", "--solvers", "euler", "--nfe", "1,2",
                            "--students", str(tmp_path / "cd.safetensors"), "--student-steps", "1,2",
                            "--num-samples", "64", "--reference-steps", "40", "--out", str(tmp_path / "bench")])
     rows = list(csv.DictReader(open(tmp_path / "bench" / "fid_vs_nfe.csv")))

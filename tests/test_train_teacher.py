@@ -58,3 +58,10 @@ def test_mlp_teacher_on_a_toy(tmp_path):
 def test_bad_configs_fail_before_any_work(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_nested_set_overrides_merge_into_the_model_block():
+    from distill.config import parse_overrides
+
+    cfg = load_config("configs/teachers/ring8_mlp.yaml", parse_overrides(["model.hidden=32", "max_steps=7"]))
+    assert cfg.model == {"hidden": 32, "layers": 3} and cfg.max_steps == 7
