@@ -1,16 +1,11 @@
 """The command-line entry points, run in-process on tiny inputs."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_script
 from safetensors import safe_open
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
 
 
 def test_sample_cli_on_the_analytic_teacher(tmp_path):
