@@ -5,7 +5,10 @@ diffusers and k-diffusion) the first ``steps`` times are spaced from ``t_max`` t
 last is the schedule's ``t_clean``: the final step returns the denoised sample. With
 ``final="t_min"`` all ``steps + 1`` times are spaced from ``t_max`` to ``t_min`` and the sample is
 returned at ``t_min``, still carrying sigma(t_min) of noise (DPM-Solver's default without
-``denoise_to_zero``).
+``denoise_to_zero``). With ``final="direct"`` the ``steps + 1`` times are spaced from ``t_max`` to
+``t_min`` and the last is replaced by ``t_clean``: the final step goes straight to the denoised sample
+and no evaluation is spent between ``t_min`` and clean (diffusers' linspace/trailing timesteps with
+``final_sigmas_type="zero"``); at a few NFE this is worth one whole step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 from distill.schedules import Schedule
 
 GRIDS = ("uniform", "logsnr", "karras", "quadratic")
-FINALS = ("clean", "t_min")
+FINALS = ("clean", "t_min", "direct")
+CLEAN_FINALS = ("clean", "direct")  # grids whose last step returns the denoised sample
 LAM_FLOOR = -7.0  # lam(t_max) = -inf (rectified flow at t = 1) is spaced from here instead
 
 
@@ -72,15 +76,18 @@ def make_grid(
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not t_max > t_min:
         raise ValueError(f"t_max ({t_max}) must be greater than t_min ({t_min})")
-    if final == "t_min":
-        return spaced_times(schedule, steps + 1, kind, t_max, t_min, rho)
+    if final in ("t_min", "direct"):
+        ts = spaced_times(schedule, steps + 1, kind, t_max, t_min, rho)
+        if final == "direct":
+            ts[-1] = schedule.t_clean
+        return ts
     ts = spaced_times(schedule, steps, kind, t_max, t_min, rho)
     return torch.cat([ts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
 
 
 def explicit_grid(schedule: Schedule, timesteps: Sequence[float] | torch.Tensor, *, final: str = "clean") -> torch.Tensor:
     """A grid from times in the teacher's native units, e.g. a diffusers scheduler's integer
-    ``timesteps``. With ``final="clean"`` the clean point is appended (diffusers' last step to
+    ``timesteps``. With ``final="clean"`` or ``"direct"`` the clean point is appended (diffusers' last step to
     alpha = 1 / sigma = 0); with ``final="t_min"`` the list is used as given."""
     _check_final(final)
     ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().clone()
@@ -92,6 +99,6 @@ def explicit_grid(schedule: Schedule, timesteps: Sequence[float] | torch.Tensor,
         raise ValueError(
             f"explicit timesteps must lie in ({schedule.t_clean}, {schedule.t_max}] for this schedule, got {ts.tolist()}"
         )
-    if final == "clean":
+    if final in CLEAN_FINALS:
         ts = torch.cat([ts, torch.tensor([schedule.t_clean], dtype=torch.float64)])
     return ts

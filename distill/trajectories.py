@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from distill.grids import make_grid
+from distill.grids import CLEAN_FINALS, make_grid
 from distill.solvers import get_solver, sample
 
 FORMAT = "fewstep-distill/trajectories"
@@ -38,7 +38,7 @@ def cache_settings(teacher, *, solver: str, nfe: int, num_samples: int, shard_si
         raise ValueError(f"num_samples and shard_size must be at least 1, got {num_samples} and {shard_size}")
     if class_labels and not teacher.num_classes:
         raise ValueError(f"class_labels needs a class-conditional teacher; {teacher.name!r} has no classes")
-    steps = get_solver(solver).steps_for_nfe(nfe, final == "clean")
+    steps = get_solver(solver).steps_for_nfe(nfe, final in CLEAN_FINALS)
     ts = make_grid(teacher.schedule, steps, grid, final=final)
     return {"format": FORMAT, "teacher": str(teacher.name), "teacher_hash": teacher.hash, "solver": solver, "nfe": nfe,
             "grid": grid, "final": final, "ts": ts.tolist(), "guidance_scale": guidance_scale, "seed": seed,
@@ -77,7 +77,7 @@ def make_shard(teacher, m: dict, k: int) -> dict[str, torch.Tensor]:
     noise = torch.randn((n, *m["data_shape"]), generator=g)
     label = torch.randint(0, teacher.num_classes, (n,), generator=g) if m["class_labels"] else torch.full((n,), -1)
     states: dict[int, torch.Tensor] = {}
-    ts = m["ts"] if m["final"] == "t_min" else m["ts"][:-1]
+    ts = m["ts"] if m["final"] == "t_min" else m["ts"][:-1]  # explicit_grid appends the clean point again
     x = sample(teacher, noise, solver=m["solver"], timesteps=ts, final=m["final"], guidance_scale=m["guidance_scale"],
                cond=label if m["class_labels"] else None, callback=lambda info: states.__setitem__(info["i"], info["x"].clone()))
     stacked = torch.stack([states[i] for i in range(len(m["ts"]) - 1)] + [x], dim=1)

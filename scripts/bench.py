@@ -40,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="gmm:<preset>[@schedule], a zoo name (mnist16) or a local diffusers folder")
     p.add_argument("--solvers", default="all", help=f"comma-separated, or 'all' ({', '.join(sorted(SOLVERS))})")
     p.add_argument("--nfe", default=lib.DEFAULT_NFE, help="comma-separated NFE values")
-    p.add_argument("--grid", default="logsnr", choices=GRIDS, help="time grid of the solvers")
+    p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid of the solvers")
+    p.add_argument("--final", default="direct", choices=("direct", "clean"),
+                   help="direct: the last step goes straight to clean (diffusers); clean: a step from t_min to clean (k-diffusion)")
     p.add_argument("--students", default="", help="comma-separated paths of exported student files")
     p.add_argument("--student-steps", default="1,2,4", help="comma-separated step counts for the students")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale of the solvers")
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         teacher = load_teacher(args.teacher)
         if not lib.is_analytic(teacher) and hasattr(teacher, "to"):
             teacher.to(args.device)
-        cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, grid=args.grid,
+        cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, grid=args.grid, final=args.final,
                           guidance_scale=args.guidance_scale, unconditional=args.unconditional, save_images=args.save_images,
                           device=args.device)
         cfg.validate(teacher)

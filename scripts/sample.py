@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from distill.eval.plots import save_image_grid, save_scatter_2d
-from distill.grids import GRIDS
+from distill.grids import FINALS, GRIDS
 from distill.solvers import SOLVERS, per_sample_noise, sample
 from teachers import load_teacher
 
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--solver", required=True, help=f"one of: {', '.join(sorted(SOLVERS))}")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations per sample")
     p.add_argument("--grid", default="logsnr", choices=GRIDS)
+    p.add_argument("--final", default="clean", choices=FINALS, help="how the grid ends (see distill.grids)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--class-label", type=int, default=None, help="class for a class-conditional teacher (-1: unconditional)")
@@ -61,14 +62,14 @@ def main(argv=None) -> int:
             noise = per_sample_noise(teacher.data_shape, seeds[i:i + args.batch_size], dtype)
             cond = None if args.class_label is None else torch.full((len(noise),), args.class_label, dtype=torch.long)
             try:
-                out.append(sample(teacher, noise, solver=args.solver, nfe=args.nfe, grid=args.grid, cond=cond,
+                out.append(sample(teacher, noise, solver=args.solver, nfe=args.nfe, grid=args.grid, final=args.final, cond=cond,
                                   guidance_scale=args.guidance_scale))
             except ValueError as e:
                 sys.exit(f"error: {e}")
     x = torch.cat(out)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": args.teacher, "teacher_hash": teacher.hash, "solver": args.solver, "nfe": str(args.nfe),
-            "grid": args.grid, "seeds": f"{args.seed}..{args.seed + args.n - 1}", "class_label": str(args.class_label),
+            "grid": args.grid, "final": args.final, "seeds": f"{args.seed}..{args.seed + args.n - 1}", "class_label": str(args.class_label),
             "guidance_scale": str(args.guidance_scale)}
     tmp = args.out / "samples.safetensors.tmp"
     save_file({"samples": x.contiguous()}, str(tmp), metadata=meta)

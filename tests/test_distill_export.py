@@ -99,7 +99,8 @@ def test_lora_cd_on_a_unet_teacher_trains_only_the_adapter_and_export_merges(tmp
     with torch.no_grad():
         expect = student(x, t)
         for path in (tmp_path / "r" / "student.safetensors", adapter):
-            assert torch.allclose(load_student(path)(x, t), expect, atol=1e-5), path
+            err = (load_student(path)(x, t) - expect).abs().max()
+            assert err <= 1e-6 * expect.abs().max(), (path, err)  # merged float32 weights round: compare to the output scale (~1e2)
     assert not torch.allclose(load_student(path)(x, t), build_student(cfg.student, teacher)(x, t), atol=1e-4)
 
 

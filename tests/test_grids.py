@@ -17,6 +17,19 @@ def test_grid_shape_endpoints_and_order(kind, s):
     assert bool((ts[1:] < ts[:-1]).all())
     ts = make_grid(s, 7, kind, final="t_min")
     assert ts.shape == (8,) and ts[0] == s.t_max and ts[-1] == s.t_min
+    direct = make_grid(s, 7, kind, final="direct")  # the t_min grid with its last point moved to clean
+    assert torch.equal(direct[:-1], ts[:-1]) and direct[-1] == s.t_clean
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 10])
+def test_direct_uniform_grid_is_diffusers_linspace_spacing(steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(timestep_spacing="linspace", final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    ts = make_grid(DiscreteVP(), steps, "uniform", final="direct")
+    # diffusers rounds linspace(0, 999, steps + 1)[::-1][:-1] to integers, then steps to sigma = 0
+    assert torch.allclose(ts[:-1], sched.timesteps.double(), atol=0.5) and ts[-1] == DiscreteVP().t_clean
 
 
 def test_spacings_are_what_they_say():
@@ -52,7 +65,7 @@ def test_explicit_grid_appends_the_clean_point():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: make_grid(VPLinear(), 5, "cosine"), "unknown grid 'cosine'; allowed: uniform, logsnr, karras, quadratic"),
-    (lambda: make_grid(VPLinear(), 5, final="zero"), "unknown final 'zero'; allowed: clean, t_min"),
+    (lambda: make_grid(VPLinear(), 5, final="zero"), "unknown final 'zero'; allowed: clean, t_min, direct"),
     (lambda: make_grid(VPLinear(), 0), "steps must be at least 1"),
     (lambda: explicit_grid(DiscreteVP(), [10, 20]), "strictly decreasing"),
     (lambda: explicit_grid(DiscreteVP(), [1500, 20]), "must lie in"),

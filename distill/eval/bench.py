@@ -24,16 +24,16 @@ from tqdm import tqdm
 
 from distill.eval.fid import EXTRACTOR, fid_kid, reference_cache_name, uint8_images
 from distill.eval.solver_error import exact_metrics, make_problem, read_rows, write_rows
-from distill.grids import GRIDS
+from distill.grids import FINALS, GRIDS
 from distill.solvers import get_solver, per_sample_noise, sample
 
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
 PNG = "fid_vs_nfe.png"
 FIELDS = ["method", "kind", "nfe", "steps", "fid", "kid", "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample",
-          "guidance_scale", "grid", "labels", "teacher", "teacher_hash", "reference_id"]
+          "guidance_scale", "grid", "final", "labels", "teacher", "teacher_hash", "reference_id"]
 # settings shared by every row of one benchmark; a cell is done when a row has its kind, method, NFE and these
-CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "labels", "teacher_hash", "reference_id")
+CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id")
 EXACT_METRICS = {"ode_rmse": "RMSE vs exact ODE solution", "swd": "sliced W2 to data", "nll": "NLL under the true density"}
 GRID_SAMPLES = 10  # samples kept per cell for the picture of each method (one per class for 10 classes)
 GRID_ROWS = 4  # NFEs shown in the picture of each method
@@ -69,7 +69,8 @@ class BenchConfig:
     num_samples: int = 5000  # samples per cell; sample i uses noise seed (seed + i)
     seed: int = 0
     batch_size: int = 500  # samples per call; changes no sample
-    grid: str = "logsnr"  # time grid of the solvers (distill.grids)
+    grid: str = "uniform"  # time grid of the solvers (distill.grids)
+    final: str = "direct"  # how the grid ends (distill.grids): "direct" spends no step between t_min and clean
     guidance_scale: float | None = None  # classifier-free guidance of the teacher's solvers; None: the plain model
     unconditional: bool = False  # a class-conditional teacher sampled with label -1 instead of labels 0..K-1 in turn
     save_images: bool = False  # also write one PNG per sample under images/<cell>/
@@ -80,6 +81,8 @@ class BenchConfig:
             raise ValueError(f"need num_samples >= 2 and batch_size >= 1, got {self.num_samples} and {self.batch_size}")
         if self.grid not in GRIDS:
             raise ValueError(f"unknown grid {self.grid!r}; allowed: {', '.join(GRIDS)}")
+        if self.final not in FINALS or self.final == "t_min":
+            raise ValueError(f"unknown final {self.final!r}; allowed: clean, direct (the bench scores denoised samples)")
         if self.unconditional and teacher.num_classes and not teacher.has_uncond:
             raise ValueError(f"teacher {teacher.name!r} is class-conditional without an unconditional mode; drop --unconditional")
         if self.guidance_scale is not None and (not teacher.num_classes or self.unconditional or not teacher.has_uncond):
@@ -168,7 +171,7 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
             cond = None if cond is None else cond.to(cfg.device)
             t0 = time.perf_counter()
             if cell.kind == "solver":
-                x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, cond=cond,
+                x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, final=cfg.final, cond=cond,
                            guidance_scale=cfg.guidance_scale)
             else:
                 x = student_sample(student, noise, cell.steps, cond)
@@ -234,7 +237,7 @@ def run_config(teacher, cfg: BenchConfig, reference_id: str) -> dict[str, str]:
     """The CONFIG_FIELDS of this run's rows, as the CSV stores them."""
     scale = "" if cfg.guidance_scale is None else f"{cfg.guidance_scale:g}"
     return {"num_samples": str(cfg.num_samples), "seed": str(cfg.seed), "guidance_scale": scale, "grid": cfg.grid,
-            "labels": label_mode(teacher, cfg), "teacher_hash": teacher.hash, "reference_id": reference_id}
+            "final": cfg.final, "labels": label_mode(teacher, cfg), "teacher_hash": teacher.hash, "reference_id": reference_id}
 
 
 def has_row(rows: list[dict], config: dict[str, str], kind: str, method: str | None = None, nfe: int | None = None) -> bool:
@@ -365,7 +368,7 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     guidance = f", guidance {r0['guidance_scale']}" if r0["guidance_scale"] else ""
     hidden = f"; {others} rows of other settings not shown" if others else ""
     fig.suptitle(f"{r0['teacher']}: {r0['num_samples']} samples, seed {r0['seed']}, labels {r0['labels']}{guidance}, "
-                 f"grid {r0['grid']}, reference {r0['reference_id']}{hidden}", fontsize=8)
+                 f"grid {r0['grid']} (final {r0.get('final', 'clean')}), reference {r0['reference_id']}{hidden}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from distill.denoisers import CountingDenoiser, classifier_free_guidance
-from distill.grids import explicit_grid, make_grid
+from distill.grids import CLEAN_FINALS, explicit_grid, make_grid
 from distill.schedules import Schedule
 from distill.solvers.registry import get_solver
 
@@ -48,7 +48,8 @@ def sample(
     Give either ``nfe`` (the grid ``grid`` is built with as many steps as the solver needs to spend
     exactly that many network evaluations) or ``timesteps`` (an explicit decreasing list in the
     teacher's native units, e.g. a diffusers scheduler's ``timesteps``). ``final="clean"`` ends on
-    the denoised sample; ``final="t_min"`` stops at t_min. x_T = noise * sqrt(alpha_T^2 + sigma_T^2).
+    the denoised sample after a step from t_min; ``"direct"`` ends on it straight from the last spaced time
+    (no step spent below t_min, see ``distill.grids``); ``final="t_min"`` stops at t_min. x_T = noise * sqrt(alpha_T^2 + sigma_T^2).
     With ``return_info=True`` also returns ``{"nfe": counted, "ts": grid}``.
     """
     spec = get_solver(solver)
@@ -60,7 +61,7 @@ def sample(
     if timesteps is not None:
         ts = explicit_grid(schedule, timesteps, final=final)
     else:
-        ts = make_grid(schedule, spec.steps_for_nfe(nfe, final == "clean"), grid, final=final)
+        ts = make_grid(schedule, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), grid, final=final)
     counted = CountingDenoiser(denoiser)
     x_T = noise * float(schedule.init_noise_scale(ts[0]))
     x0 = spec.fn(counted, x_T, ts, schedule=schedule, cond=cond, callback=callback, **options)
