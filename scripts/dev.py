@@ -38,7 +38,7 @@ def ensure_env() -> Path:
 
 def main(argv: list[str]) -> int:
     jobs = {
-        "demo": [ROOT / "scripts" / "solver_error.py", "--teachers", "gmm:ring8", "--out", "runs/demo"],
+        "demo": [ROOT / "scripts" / "demo.py"],
         "test": ["-m", "pytest", "-q"],
     }
     if not argv or argv[0] not in jobs:

@@ -110,7 +110,8 @@ class Student(nn.Module):
 
 def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
     """Rebuild the Student wrapper around ``net`` from a student file's metadata."""
-    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher", "data_shape", "num_classes")}
+    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher")}
+    info.update({k: json.loads(meta[k]) for k in ("data_shape", "num_classes", "sampling_search") if k in meta})
     info["sampling_timesteps"] = json.loads(meta["sampling_timesteps"])
     return Student(net, schedule=schedule_from_config(json.loads(meta["schedule"])), prediction_type=meta["prediction_type"],
                    parameterization=meta["parameterization"], sigma_data=float(meta["sigma_data"]),

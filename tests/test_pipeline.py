@@ -17,3 +17,20 @@ def test_distill_export_and_bench_a_student_on_the_analytic_ring(tmp_path):
     assert {("solver", "euler", "1"), ("solver", "euler", "2"), ("student", "cd", "1"), ("student", "cd", "2")} <= cells
     assert all(float(r["swd"]) > 0 for r in rows if r["kind"] != "floor")
     assert (tmp_path / "bench" / "fid_vs_nfe.png").stat().st_size > 10_000
+
+
+def test_the_demo_runs_every_stage_on_the_mnist16_teacher_and_resumes(tmp_path, capsys):
+    """The README's main job (scripts/demo.py), shrunk: 2 distillation steps, 16 samples per cell."""
+    demo = load_script("demo").main
+    args = ["--out", str(tmp_path / "demo"), "--max-steps", "2", "--num-samples", "16", "--tune-samples", "16",
+            "--solvers", "euler", "--nfe", "1,2"]
+    assert demo(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "demo" / "bench" / "fid_vs_nfe.csv")))
+    cells = {(r["kind"], r["method"], r["nfe"]) for r in rows}
+    assert {("solver", "euler", "1"), ("solver", "euler", "2"), ("student", "student", "1"), ("student", "student", "2")} <= cells
+    assert all(float(r["fid"]) > 0 for r in rows)
+    capsys.readouterr()
+    assert demo(args) == 0  # a finished demo skips its stages: no training, export or search again
+    out = capsys.readouterr().out
+    assert "1/4" not in out and "2/4" not in out and "4/4 FID vs NFE" in out
+    assert demo(["--max-steps", "0"]) == 2

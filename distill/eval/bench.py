@@ -147,9 +147,10 @@ def plan_cells(solvers: list[str], nfes: list[int], students: list[str] = (), st
     return cells + [Cell(name, "student", k, k) for name in students for k in student_steps]
 
 
-def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor | None) -> torch.Tensor:
-    """The bench's one call into a student (DESIGN.md, contract 5): ``student.sample(noise, steps=k, cond=labels)``."""
-    return student.sample(noise, steps=steps, cond=cond)
+def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """The bench's one call into a student (DESIGN.md, contract 5): ``student.sample(noise, steps=k, cond=labels)``;
+    the re-noising of multistep sampling draws from a generator seeded with ``seed`` (reproducible cells)."""
+    return student.sample(noise, steps=steps, cond=cond, generator=torch.Generator().manual_seed(seed))
 
 
 def check_student(teacher, name: str, student) -> None:
@@ -174,7 +175,7 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
                 x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, final=cfg.final, cond=cond,
                            guidance_scale=cfg.guidance_scale)
             else:
-                x = student_sample(student, noise, cell.steps, cond)
+                x = student_sample(student, noise, cell.steps, cond, seed=cfg.seed + start)
             if x.is_cuda:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
