@@ -158,8 +158,8 @@ def test_every_cell_starts_from_the_same_noise_and_labels(tmp_path, digit_teache
 
 def test_analytic_teacher_gets_exact_metrics(tmp_path):
     out = tmp_path / "gmm"
-    _bench().main(["--teacher", "gmm:aniso2d", "--solvers", "euler,dpmpp_2m", "--nfe", "2,6", "--grid", "logsnr", "--final", "clean", "--num-samples", "64",
-                   "--reference-steps", "40", "--seed", "3", "--out", str(out)])
+    _bench().main(["--teacher", "gmm:aniso2d", "--solvers", "euler,dpmpp_2m", "--nfe", "2,6", "--grid", "logsnr", "--final", "clean",
+                   "--num-samples", "64", "--reference-steps", "40", "--seed", "3", "--out", str(out)])
     rows = _rows(out)
     cell = {(r["method"], int(r["nfe"])): r for r in rows if r["kind"] == "solver"}
     assert set(cell) == {("euler", 2), ("euler", 6), ("dpmpp_2m", 2), ("dpmpp_2m", 6)}

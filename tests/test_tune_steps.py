@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import load_script
 
 from distill.eval.tune import candidate_times, greedy_timesteps
 from distill.schedules import DiscreteVP
-from conftest import load_script
 
 
 @pytest.fixture(scope="module")
