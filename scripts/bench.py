@@ -29,7 +29,6 @@ import torch
 from distill.data import SPLITS, load_dataset
 from distill.eval import bench as lib
 from distill.eval.fid import EXTRACTOR, INCEPTION
-from distill.eval.solver_error import read_rows
 from distill.grids import GRIDS
 from distill.solvers import SOLVERS
 from teachers import load_teacher
@@ -128,7 +127,7 @@ def load_students(paths: list[str], teacher) -> dict:
 
 
 def redraw(out: Path) -> None:
-    rows = read_rows(out / lib.CSV)
+    rows = lib.read_bench_rows(out / lib.CSV)
     if not any(r["kind"] != "floor" for r in rows):
         raise FileNotFoundError(f"no benchmark cells in {out / lib.CSV}")
     lib.plot_bench(rows, out / lib.PNG)

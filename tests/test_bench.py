@@ -74,6 +74,19 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
     _bench().main(["--plot-only", "--out", str(out)])  # the picture comes back from the files alone
     assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and calls == []
 
+    _bench().main(argv + ["--final", "clean"])  # another grid ending: new cells, the old ones kept
+    assert len(calls) == (2 + 3 + 3) * 3 and "already in" not in capsys.readouterr().out
+    rows = _rows(out)
+    assert sorted(r["final"] for r in rows if r["kind"] == "solver") == ["clean"] * 3 + ["direct"] * 3
+    legacy = [{k: v for k, v in r.items() if k != "final"} for r in rows if r["final"] == "clean" and r["kind"] == "solver"]
+    with open(out / "fid_vs_nfe.csv", "w", newline="") as f:  # a CSV from before the final column existed
+        w = csv.DictWriter(f, fieldnames=list(legacy[0]))
+        w.writeheader()
+        w.writerows(legacy)
+    calls[:] = []
+    _bench().main(argv + ["--final", "clean"])  # its rows were made with final="clean": nothing to redo
+    assert calls == [] and "3 of 3 cells already in" in capsys.readouterr().out
+
 
 def test_frechet_distance_equals_torch_fidelity():
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric

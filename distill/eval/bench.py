@@ -148,9 +148,12 @@ def plan_cells(solvers: list[str], nfes: list[int], students: list[str] = (), st
 
 
 def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """The bench's one call into a student (DESIGN.md, contract 5): ``student.sample(noise, steps=k, cond=labels)``;
-    the re-noising of multistep sampling draws from a generator seeded with ``seed`` (reproducible cells)."""
-    return student.sample(noise, steps=steps, cond=cond, generator=torch.Generator().manual_seed(seed))
+    """The bench's one call into a student (DESIGN.md, contract 5): ``student.sample(noise, steps=k, cond=labels)``,
+    under torch's default generator seeded with ``seed`` (restored afterwards), so multistep re-noising repeats."""
+    devices = [noise.device] if noise.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return student.sample(noise, steps=steps, cond=cond)
 
 
 def check_student(teacher, name: str, student) -> None:
@@ -241,6 +244,14 @@ def run_config(teacher, cfg: BenchConfig, reference_id: str) -> dict[str, str]:
             "final": cfg.final, "labels": label_mode(teacher, cfg), "teacher_hash": teacher.hash, "reference_id": reference_id}
 
 
+def read_bench_rows(path: str | Path) -> list[dict]:
+    """The rows of a bench CSV; files written before the ``final`` column existed used ``final="clean"``."""
+    rows = read_rows(path)
+    for r in rows:
+        r.setdefault("final", "clean")
+    return rows
+
+
 def has_row(rows: list[dict], config: dict[str, str], kind: str, method: str | None = None, nfe: int | None = None) -> bool:
     return any(r["kind"] == kind and (method is None or r["method"] == method) and (nfe is None or r["nfe"] == str(nfe))
                and all(r[k] == v for k, v in config.items()) for r in rows)
@@ -282,7 +293,7 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, students = out / CSV, students or {}
-    rows = read_rows(csv_path)
+    rows = read_bench_rows(csv_path)
     config = run_config(teacher, cfg, metric.reference_id)
     todo = [c for c in cells if not has_row(rows, config, c.kind, c.method, c.nfe)]
     if len(todo) < len(cells):
