@@ -5,7 +5,8 @@
     python scripts/bench.py --teacher gmm:ring8 --solvers all --nfe 3,5,10,20 --num-samples 1000 --out results/gmm
     python scripts/bench.py --plot-only --out results/mnist16
 
-Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor), fid_vs_nfe.png and samples/<method>.png.
+Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor), fid_vs_nfe.png, fid_vs_nfe.md (the
+table) and samples/<method>.png.
 Resumable: cells already in the CSV with the same settings are skipped. Sample i uses noise seed (seed + i) in
 every cell; class labels cycle 0..K-1 (--unconditional: -1). Solvers that cannot spend an NFE exactly are skipped.
 """
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--fid-cache", default="runs/fid_cache", help="folder for cached reference statistics")
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=500, help="RK4 steps of the exact solution (gmm teachers)")
-    p.add_argument("--plot-only", action="store_true", help="redraw fid_vs_nfe.png and the sample grids from --out")
+    p.add_argument("--plot-only", action="store_true", help="redraw fid_vs_nfe.png, the table and the sample grids from --out")
     return p.parse_args(argv)
 
 
@@ -131,6 +132,7 @@ def redraw(out: Path) -> None:
     if not any(r["kind"] != "floor" for r in rows):
         raise FileNotFoundError(f"no benchmark cells in {out / lib.CSV}")
     lib.plot_bench(rows, out / lib.PNG)
+    (out / lib.TABLE).write_text(lib.markdown_table(rows))
     lib.save_method_grids(out)
 
 

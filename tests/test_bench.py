@@ -62,6 +62,10 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
     assert floor["method"] == "data floor (heldout vs train)" and floor["num_samples"] == "20"
     assert 0 < float(floor["fid"]) < min(float(r["fid"]) for r in cells)  # real digits beat a random UNet
     assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and (out / "samples" / "solver-euler.png").is_file()
+    table = (out / "fid_vs_nfe.md").read_text().splitlines()
+    fid = {(r["method"], r["nfe"]): float(r["fid"]) for r in cells}
+    assert table[0] == "| fid | 2 | 3 |" and table[2] == f"| `euler` | {fid['euler', '2']:.1f} | {fid['euler', '3']:.1f} |"
+    assert table[3] == f"| `heun` | - | {fid['heun', '3']:.1f} |" and table[-1].startswith("data floor (heldout vs train) (20 samples)")
     pngs = sorted((out / "images" / "solver-heun_nfe3").glob("*.png"))
     assert len(pngs) == 20 and pngs[0].name == "000000.png"
 

@@ -30,6 +30,7 @@ from distill.solvers import get_solver, per_sample_noise, sample
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
 PNG = "fid_vs_nfe.png"
+TABLE = "fid_vs_nfe.md"
 FIELDS = ["method", "kind", "nfe", "steps", "fid", "kid", "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample",
           "guidance_scale", "grid", "final", "labels", "teacher", "teacher_hash", "reference_id"]
 # settings shared by every row of one benchmark; a cell is done when a row has its kind, method, NFE and these
@@ -333,6 +334,26 @@ def current_rows(rows: list[dict]) -> tuple[list[dict], dict | None, int]:
 
 def _value(row: dict, key: str) -> float:
     return float(row[key]) if row.get(key, "") != "" else math.nan
+
+
+def markdown_table(rows: list[dict], key: str | None = None) -> str:
+    """A markdown table of ``key`` (default: fid, or swd for analytic teachers): a row per solver, then per
+    student, a column per NFE, '-' where a method has no cell; the data floor, if any, as a last line."""
+    cells, floor, _ = current_rows(rows)
+    if not cells:
+        raise ValueError("no benchmark cells to tabulate")
+    key = key or ("fid" if cells[0].get("fid", "") != "" else "swd")
+    nfes = sorted({int(r["nfe"]) for r in cells})
+    value = {(r["kind"], r["method"], int(r["nfe"])): _value(r, key) for r in cells}
+    lines = [f"| {key} | " + " | ".join(f"{n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for kind in ("solver", "student"):
+        for method in dict.fromkeys(r["method"] for r in cells if r["kind"] == kind):
+            label = f"`{method}`" + (" (student)" if kind == "student" else "")
+            vals = [value.get((kind, method, n)) for n in nfes]
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals) + " |")
+    if floor is not None and floor.get(key, "") != "":
+        lines.append(f"\n{floor['method']} ({floor['num_samples']} samples): {_value(floor, key):.2f}")
+    return "\n".join(lines) + "\n"
 
 
 def plot_bench(rows: list[dict], path: str | Path) -> None:
