@@ -29,10 +29,8 @@ class SolverSpec:
                 return steps
         possible = sorted({self.nfe(s, clean_final) for s in range(1, nfe + 2)})
         near = [n for n in possible if abs(n - nfe) <= 2] or possible[:3]
-        final = "clean" if clean_final else "t_min"
-        raise ValueError(
-            f"solver {self.name!r} cannot spend exactly {nfe} NFE with final={final!r}; nearest possible: {near}"
-        )
+        ending = "a last step onto clean data" if clean_final else "a grid ending at t_min"
+        raise ValueError(f"solver {self.name!r} cannot spend exactly {nfe} NFE with {ending}; nearest possible: {near}")
 
 
 def register(name: str, *, order: int, nfe: Callable[[int, bool], int] = _one_per_step, stochastic: bool = False):
