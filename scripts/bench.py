@@ -38,7 +38,8 @@ from teachers import load_teacher
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", help="gmm:<preset>[@schedule], a zoo name (mnist16) or a local diffusers folder")
-    p.add_argument("--solvers", default="all", help=f"comma-separated, or 'all' ({', '.join(sorted(SOLVERS))})")
+    p.add_argument("--solvers", default="all", help=f"comma-separated, 'all' ({', '.join(sorted(SOLVERS))}), or 'deterministic' (all but "
+                   f"{', '.join(sorted(s for s in SOLVERS if SOLVERS[s].stochastic))})")
     p.add_argument("--nfe", default=lib.DEFAULT_NFE, help="comma-separated NFE values")
     p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid of the solvers")
     p.add_argument("--final", default="direct", choices=("direct", "clean"),

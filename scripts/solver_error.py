@@ -32,7 +32,8 @@ DEFAULT_NFE = "3,4,5,6,8,10,15,20,50"
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", default="gmm:ring8", help="comma-separated gmm:<preset>[@schedule] specs")
-    p.add_argument("--solvers", default="all", help=f"comma-separated, or 'all' ({', '.join(sorted(SOLVERS))})")
+    p.add_argument("--solvers", default="all", help="comma-separated, or 'all' (every deterministic solver: "
+                   f"{', '.join(sorted(s for s in SOLVERS if not SOLVERS[s].stochastic))})")
     p.add_argument("--nfe", default=DEFAULT_NFE, help="comma-separated NFE values")
     p.add_argument("--grid", default="logsnr", choices=GRIDS)
     p.add_argument("--num-samples", type=int, default=1000)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import save_teacher_folder, tiny_unet
 
-from distill.eval.bench import BenchConfig, plan_cells, run_bench
+from distill.eval.bench import BenchConfig, generate, parse_solvers, plan_cells, run_bench
 from distill.eval.fid import compute_features, feature_statistics, fid_kid, frechet_distance
 from distill.eval.solver_error import make_problem, run_cell
 from distill.solvers import per_sample_noise, sample
@@ -171,6 +171,22 @@ def test_every_cell_starts_from_the_same_noise_and_labels(tmp_path, digit_teache
     run_bench(teacher, cells[:1], BenchConfig(num_samples=12, seed=7, batch_size=12), _MeanMetric(), tmp_path / "b")
     (x, cond), = teacher.first_inputs()
     assert torch.equal(x, x_T)
+
+
+def test_stochastic_cells_draw_their_step_noise_per_sample():
+    assert {"ddpm", "dpmpp_2m_sde", "euler"} <= set(parse_solvers("all"))
+    assert "euler" in parse_solvers("deterministic") and "ddpm" not in parse_solvers("deterministic")
+    teacher = load_teacher("gmm:ring8")
+    (cell,) = plan_cells(["dpmpp_2m_sde"], [4])
+    torch.manual_seed(0)  # the global RNG plays no part
+    a, _ = generate(teacher, cell, BenchConfig(num_samples=6, seed=3, batch_size=4, unconditional=True))
+    torch.manual_seed(1)
+    b, _ = generate(teacher, cell, BenchConfig(num_samples=6, seed=3, batch_size=6, unconditional=True))
+    c, _ = generate(teacher, cell, BenchConfig(num_samples=3, seed=6, batch_size=3, unconditional=True))  # samples 3..5 alone
+    assert torch.equal(a, b) and torch.equal(a[3:], c)
+    (det,) = plan_cells(["dpmpp_2m"], [4])
+    ode, _ = generate(teacher, det, BenchConfig(num_samples=6, seed=3, unconditional=True))
+    assert not torch.allclose(a, ode, atol=1e-3)  # the step noise was used
 
 
 def test_analytic_teacher_gets_exact_metrics(tmp_path):

@@ -1,7 +1,8 @@
 """FID vs NFE: every solver and student on one teacher, from the same noise, against the same reference.
 
 A *cell* is one method (a solver, or a student) at one NFE. Every cell draws sample i from noise seed
-(seed + i) with its own generator, so the noise depends neither on the method nor on the batch size, and
+(seed + i) with its own generator (stochastic solvers draw their step noise from it too), so the noise
+depends neither on the method nor on the batch size, and
 class labels cycle 0..K-1 (or are all -1, unconditional). Image teachers are measured by FID / KID
 through ``fid_kid`` (the reference statistics cached under a content-hash name, which is the rows'
 ``reference_id``); analytic teachers (``gmm:*``) by exact metrics (``solver_error.exact_metrics``). Each
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from distill.eval.fid import EXTRACTOR, fid_kid, reference_cache_name, uint8_images
 from distill.eval.solver_error import exact_metrics, make_problem, read_rows, write_rows
 from distill.grids import FINALS, GRIDS
-from distill.solvers import get_solver, per_sample_noise, sample
+from distill.solvers import get_solver, per_sample_noise, per_sample_step_noises, sample
 
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
@@ -52,11 +53,12 @@ def parse_int_list(text: str, option: str = "--nfe") -> list[int]:
 
 
 def parse_solvers(text: str) -> list[str]:
-    """'euler,heun' -> the names, checked against the registry; 'all': every deterministic solver."""
+    """'euler,heun' -> the names, checked against the registry; 'all': every solver (the stochastic ones draw
+    their noise per sample, as the initial noise); 'deterministic': every deterministic solver."""
     from distill.solvers import SOLVERS
 
-    if text == "all":
-        return sorted(s for s in SOLVERS if not SOLVERS[s].stochastic)
+    if text in ("all", "deterministic"):
+        return sorted(s for s in SOLVERS if text == "all" or not SOLVERS[s].stochastic)
     names = [s for s in text.split(",") if s]
     for name in names:
         get_solver(name)  # unknown name: ValueError listing the valid ones
@@ -171,13 +173,17 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
     with torch.inference_mode():
         for start in range(0, cfg.num_samples, cfg.batch_size):
             stop = min(start + cfg.batch_size, cfg.num_samples)
-            noise = per_sample_noise(teacher.data_shape, range(cfg.seed + start, cfg.seed + stop), dtype).to(cfg.device)
+            seeds = range(cfg.seed + start, cfg.seed + stop)
+            noise = per_sample_noise(teacher.data_shape, seeds, dtype).to(cfg.device)
             cond = labels_for(teacher, cfg, start, stop)
             cond = None if cond is None else cond.to(cfg.device)
+            options = {}
+            if cell.kind == "solver" and get_solver(cell.method).stochastic:
+                options["noises"] = [z.to(cfg.device) for z in per_sample_step_noises(teacher.data_shape, seeds, cell.steps, dtype)]
             t0 = time.perf_counter()
             if cell.kind == "solver":
                 x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, final=cfg.final, cond=cond,
-                           guidance_scale=cfg.guidance_scale)
+                           guidance_scale=cfg.guidance_scale, **options)
             else:
                 x = student_sample(student, noise, cell.steps, cond, seed=cfg.seed + start)
             if x.is_cuda:

@@ -18,6 +18,16 @@ def per_sample_noise(shape, seeds, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
 
 
+def per_sample_step_noises(shape, seeds, steps: int, dtype=torch.float32) -> list[torch.Tensor]:
+    """The fresh noise of a stochastic solver's ``steps`` steps (its ``noises=`` option): sample i's comes from
+    the generator seeded with seeds[i], drawn after the initial noise ``per_sample_noise`` takes from it, so a
+    stochastic sample too depends on its seed alone, not on its batch."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    for g in gens:
+        torch.randn(shape, generator=g, dtype=dtype)  # the initial noise
+    return [torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens]) for _ in range(steps)]
+
+
 def _model_parts(model, schedule):
     """(denoiser, schedule) from a teacher-like object or a bare denoiser plus ``schedule=``."""
     if hasattr(model, "denoise") and hasattr(model, "schedule"):
