@@ -75,7 +75,8 @@ def test_nfe_is_counted_and_matches_the_request(solver):
 
 
 def test_heun_nfe_that_does_not_fit_fails_clearly():
-    with pytest.raises(ValueError, match=r"solver 'heun' cannot spend exactly 4 NFE with a last step onto clean data; nearest possible: \[3, 5\]"):
+    message = r"solver 'heun' cannot spend exactly 4 NFE with a last step onto clean data; nearest possible: \[3, 5\]"
+    with pytest.raises(ValueError, match=message):
         sample(load_teacher("gmm:ring8"), _noise(2, 2), solver="heun", nfe=4)
 
 
