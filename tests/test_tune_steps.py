@@ -38,8 +38,15 @@ def test_greedy_search_finds_the_minimum_of_a_known_score():
 def test_greedy_search_rejects_bad_input():
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
         greedy_timesteps(DiscreteVP(), 0, lambda ts: 0.0)
-    with pytest.raises(ValueError, match="no candidate time below"):
-        greedy_timesteps(DiscreteVP(), 2, lambda ts: 0.0, [999.5])
+
+
+
+def test_greedy_search_below_the_smallest_candidate_halves_the_rest_in_log_snr():
+    s = DiscreteVP()  # a 2-step optimum at the smallest candidate once made the 3-step search fail
+    times, _ = greedy_timesteps(s, 3, lambda ts: 0.0, [999.5], refine=False)
+    lam = s.lam(torch.tensor(times[3], dtype=torch.float64))
+    assert times[3][:2] == times[2] and s.t_min < times[3][2] < times[3][1] < 999.0
+    assert float(lam[2] - lam[1]) == pytest.approx(float(s.lam(torch.tensor([s.t_min], dtype=torch.float64))[0] - lam[2]))
 
 
 def test_tune_steps_script_writes_the_times_into_the_student(tmp_path, mnist16_student):

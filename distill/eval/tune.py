@@ -3,8 +3,8 @@
 Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1) needs the times
 t_1 = t_max > t_2 > ... > t_k at which the sample is re-noised; the paper picks them by a greedy search
 on FID (Sec. 6). Here: t_1 = t_max; for each further step, every candidate time below the last chosen
-one is scored with the times chosen so far plus that candidate, the best is kept, and the search is
-refined once at the midpoints (in log-SNR) next to the winner. The k-step times are therefore a prefix
+one (or, when none is left, the log-SNR midpoint between it and t_min) is scored with the times chosen so
+far plus that candidate, the best is kept, and the search is refined once at the midpoints (in log-SNR) next to the winner. The k-step times are therefore a prefix
 of the (k + 1)-step times.
 
 The score is any ``score(timesteps) -> float`` (lower is better); ``fid_score`` builds the usual one:
@@ -54,9 +54,8 @@ def greedy_timesteps(schedule, max_steps: int, score: Score, candidates: list[fl
         return value
 
     for k in range(2, max_steps + 1):
-        options = [t for t in candidates if t < chosen[-1]]
-        if not options:
-            raise ValueError(f"no candidate time below {chosen[-1]} for step {k}; give more or smaller candidates")
+        # below the smallest candidate, the log-SNR midpoint between the last time and t_min is the one option
+        options = [t for t in candidates if t < chosen[-1]] or [_midpoint(schedule, chosen[-1], float(schedule.t_min))]
         scores = {t: evaluate(k, t) for t in options}
         best = min(scores, key=scores.get)
         if refine:
