@@ -377,9 +377,10 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     markers = iter("*DPXs^vph" * 4)
     students = {m: next(markers) for m in dict.fromkeys(r["method"] for r in cells if r["kind"] == "student")}
     for ax, (key, title) in zip(axes[0], panels.items()):
-        for method in dict.fromkeys(r["method"] for r in solvers):
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in solvers)):
             pts = sorted((int(r["nfe"]), _value(r, key)) for r in solvers if r["method"] == method)
-            ax.plot(*zip(*pts), "o-", ms=3, label=method)
+            # ten colours, then the same colours dashed: no two solvers share a line
+            ax.plot(*zip(*pts), marker="o", ls=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", ms=3, label=method)
         for method, marker in students.items():
             pts = sorted((int(r["nfe"]), _value(r, key)) for r in cells if r["kind"] == "student" and r["method"] == method)
             ax.plot(*zip(*pts), marker=marker, ls=":", ms=11, mec="k", label=f"{method} (student)")
@@ -407,7 +408,7 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     guidance = f", guidance {r0['guidance_scale']}" if r0["guidance_scale"] else ""
     hidden = f"; {others} rows of other settings not shown" if others else ""
     fig.suptitle(f"{r0['teacher']}: {r0['num_samples']} samples, seed {r0['seed']}, labels {r0['labels']}{guidance}, "
-                 f"grid {r0['grid']} (final {r0.get('final', 'clean')}), reference {r0['reference_id']}{hidden}", fontsize=8)
+                 f"grid {r0['grid']} (final {r0.get('final', 'clean')}),\nreference {r0['reference_id']}{hidden}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
