@@ -2,8 +2,8 @@
 
 A *cell* is one method (a solver, or a student) at one NFE. Every cell draws sample i from noise seed
 (seed + i) with its own generator (stochastic solvers draw their step noise from it too), so the noise
-depends neither on the method nor on the batch size, and
-class labels cycle 0..K-1 (or are all -1, unconditional). Image teachers are measured by FID / KID
+depends neither on the method nor on the batch size, and class labels cycle 0..K-1 (or are all -1,
+unconditional). Image teachers are measured by FID / KID
 through ``fid_kid`` (the reference statistics cached under a content-hash name, which is the rows'
 ``reference_id``); analytic teachers (``gmm:*``) by exact metrics (``solver_error.exact_metrics``). Each
 cell appends one row to ``fid_vs_nfe.csv``, written atomically; a cell already there with the same
@@ -379,7 +379,7 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     for ax, (key, title) in zip(axes[0], panels.items()):
         for i, method in enumerate(dict.fromkeys(r["method"] for r in solvers)):
             pts = sorted((int(r["nfe"]), _value(r, key)) for r in solvers if r["method"] == method)
-            # ten colours, then the same colours dashed: no two solvers share a line
+            # ten colours, then the same ones dashed, then dotted: no two solvers share a line
             ax.plot(*zip(*pts), marker="o", ls=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", ms=3, label=method)
         for method, marker in students.items():
             pts = sorted((int(r["nfe"]), _value(r, key)) for r in cells if r["kind"] == "student" and r["method"] == method)

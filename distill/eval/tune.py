@@ -4,8 +4,8 @@ Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorith
 t_1 = t_max > t_2 > ... > t_k at which the sample is re-noised; the paper picks them by a greedy search
 on FID (Sec. 6). Here: t_1 = t_max; for each further step, every candidate time below the last chosen
 one (or, when none is left, the log-SNR midpoint between it and t_min) is scored with the times chosen so
-far plus that candidate, the best is kept, and the search is refined once at the midpoints (in log-SNR) next to the winner. The k-step times are therefore a prefix
-of the (k + 1)-step times.
+far plus that candidate, the best is kept, and the search is refined once at the midpoints (in log-SNR)
+next to the winner. The k-step times are therefore a prefix of the (k + 1)-step times.
 
 The score is any ``score(timesteps) -> float`` (lower is better); ``fid_score`` builds the usual one:
 FID of the student's samples against a reference set through the workbench's extractor, on noise seeds
