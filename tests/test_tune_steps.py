@@ -40,7 +40,6 @@ def test_greedy_search_rejects_bad_input():
         greedy_timesteps(DiscreteVP(), 0, lambda ts: 0.0)
 
 
-
 def test_greedy_search_below_the_smallest_candidate_halves_the_rest_in_log_snr():
     s = DiscreteVP()  # a 2-step optimum at the smallest candidate once made the 3-step search fail
     times, _ = greedy_timesteps(s, 3, lambda ts: 0.0, [999.5], refine=False)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from distill.eval.fid import EXTRACTOR, fid_kid, reference_cache_name, uint8_images
 from distill.eval.solver_error import exact_metrics, make_problem, read_rows, write_rows
 from distill.grids import FINALS, GRIDS
-from distill.solvers import get_solver, per_sample_noise, per_sample_step_noises, sample
+from distill.solvers import get_solver, per_sample_noises, sample
 
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
@@ -169,17 +169,17 @@ def check_student(teacher, name: str, student) -> None:
 def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch.Tensor, float]:
     """The ``cfg.num_samples`` samples of one cell (on the CPU) and the wall seconds spent sampling them."""
     dtype = torch.float64 if is_analytic(teacher) else torch.float32
+    stochastic = cell.kind == "solver" and get_solver(cell.method).stochastic
     out, seconds = [], 0.0
     with torch.inference_mode():
         for start in range(0, cfg.num_samples, cfg.batch_size):
             stop = min(start + cfg.batch_size, cfg.num_samples)
             seeds = range(cfg.seed + start, cfg.seed + stop)
-            noise = per_sample_noise(teacher.data_shape, seeds, dtype).to(cfg.device)
+            noise, step_noises = per_sample_noises(teacher.data_shape, seeds, cell.steps if stochastic else 0, dtype)
+            noise = noise.to(cfg.device)
             cond = labels_for(teacher, cfg, start, stop)
             cond = None if cond is None else cond.to(cfg.device)
-            options = {}
-            if cell.kind == "solver" and get_solver(cell.method).stochastic:
-                options["noises"] = [z.to(cfg.device) for z in per_sample_step_noises(teacher.data_shape, seeds, cell.steps, dtype)]
+            options = {"noises": [z.to(cfg.device) for z in step_noises]} if stochastic else {}
             t0 = time.perf_counter()
             if cell.kind == "solver":
                 x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, final=cfg.final, cond=cond,

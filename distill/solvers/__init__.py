@@ -6,6 +6,6 @@
 
 from distill.solvers import basic, deis, dpm, ipndm, stochastic, unipc  # noqa: F401  (registers the solvers)
 from distill.solvers.registry import SOLVERS, SolverSpec, get_solver, register
-from distill.solvers.sampling import per_sample_noise, per_sample_step_noises, sample
+from distill.solvers.sampling import per_sample_noise, per_sample_noises, sample
 
-__all__ = ["SOLVERS", "SolverSpec", "get_solver", "register", "per_sample_noise", "per_sample_step_noises", "sample"]
+__all__ = ["SOLVERS", "SolverSpec", "get_solver", "register", "per_sample_noise", "per_sample_noises", "sample"]

@@ -12,20 +12,18 @@ from distill.schedules import Schedule
 from distill.solvers.registry import get_solver
 
 
-def per_sample_noise(shape, seeds, dtype=torch.float32) -> torch.Tensor:
-    """Noise of sample i drawn from its own generator seeded with seeds[i] (EDM's StackedRandomGenerator), so a
-    sample's noise does not depend on the batch it is drawn in."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds])
-
-
-def per_sample_step_noises(shape, seeds, steps: int, dtype=torch.float32) -> list[torch.Tensor]:
-    """The fresh noise of a stochastic solver's ``steps`` steps (its ``noises=`` option): sample i's comes from
-    the generator seeded with seeds[i], drawn after the initial noise ``per_sample_noise`` takes from it, so a
-    stochastic sample too depends on its seed alone, not on its batch."""
+def per_sample_noises(shape, seeds, steps: int = 0, dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Initial noise and the fresh noise of ``steps`` stochastic steps (a stochastic solver's ``noises=``), sample
+    i's all drawn in turn from its own generator seeded with seeds[i] (EDM's StackedRandomGenerator), so a
+    sample does not depend on the batch it is drawn in."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    for g in gens:
-        torch.randn(shape, generator=g, dtype=dtype)  # the initial noise
-    return [torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens]) for _ in range(steps)]
+    draws = [torch.stack([torch.randn(shape, generator=g, dtype=dtype) for g in gens]) for _ in range(steps + 1)]
+    return draws[0], draws[1:]
+
+
+def per_sample_noise(shape, seeds, dtype=torch.float32) -> torch.Tensor:
+    """The initial noise of ``per_sample_noises``: sample i's from the generator seeded with seeds[i]."""
+    return per_sample_noises(shape, seeds, 0, dtype)[0]
 
 
 def _model_parts(model, schedule):
