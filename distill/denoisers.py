@@ -7,9 +7,14 @@ which ``-1`` asks for the unconditional prediction. It returns the data predicti
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
+from torch import nn
+
+from distill.param import combine_x0, x0_coefficients
+from distill.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 UNCOND = -1  # class label that asks a conditional teacher for its unconditional prediction
@@ -46,3 +51,155 @@ def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoi
         return d_uncond + w * (d_cond - d_uncond)
 
     return guided
+
+
+# -- networks seen as denoisers -------------------------------------------------------------------------
+def _submodule(net: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
+    for path in paths:
+        try:
+            return net.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+# where an extra scalar condition is added (the time embedding), and where bottleneck features are read,
+# for the network classes of this project: diffusers UNets, TimeMLP and its diffusers wrapper ToyMLP
+CONDITION_SITES = ("time_embedding", "inp", "mlp.inp")
+BOTTLENECK_SITES = ("mid_block", "blocks.-1", "mlp.blocks.-1")
+
+
+def _site(net: nn.Module, paths: tuple[str, ...], what: str) -> nn.Module:
+    for path in paths:
+        head, _, last = path.rpartition(".")
+        if last == "-1":
+            parent = _submodule(net, (head,))
+            if parent is not None and len(parent):
+                return parent[-1]
+            continue
+        found = _submodule(net, (path,))
+        if found is not None:
+            return found
+    raise ValueError(f"network {type(net).__name__} has no {what} site; supported: diffusers UNets, TimeMLP, ToyMLP "
+                     f"(submodules {', '.join(paths)})")
+
+
+class ScalarEmbedding(nn.Module):
+    """A scalar per sample (SLAM's gamma, a guidance scale) -> sinusoidal features -> a zero-initialised linear
+    layer whose output is added to the network's time embedding, so a fresh embedding changes nothing
+    (as LCM's w-embedding, Luo et al. 2023, Sec. 4.2)."""
+
+    def __init__(self, out_features: int, features: int = 64, scale: float = 1000.0):
+        super().__init__()
+        self.config = {"out_features": out_features, "features": features, "scale": scale}
+        self.proj = nn.Linear(features, out_features)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        half = self.config["features"] // 2
+        v = value.float().reshape(-1, 1) * self.config["scale"]
+        freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=v.device) / half)
+        return self.proj(torch.cat([torch.sin(v * freqs), torch.cos(v * freqs)], 1).to(self.proj.weight.dtype))
+
+
+class NetDenoiser(nn.Module):
+    """A network seen through the denoiser contract: the one place that turns a raw output (``epsilon`` /
+    ``sample`` / ``v_prediction`` / ``flow``) into a data prediction, for teachers, students and fake-score
+    networks alike.
+
+    The network is called as ``net(x, t * time_scale, class_labels=labels)``; labels ``-1`` become
+    ``null_class_label``. Extra scalar conditions (``add_condition``) are embedded and added to the network's
+    time embedding; ``features`` also returns the bottleneck activations (a discriminator head's input).
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule, prediction_type: str = "sample", *, time_scale: float = 1.0,
+                 null_class_label: int | None = None):
+        super().__init__()
+        self.net, self.schedule, self.prediction_type = net, schedule, prediction_type
+        self.time_scale, self.null_class_label = time_scale, null_class_label
+        self.conditions = nn.ModuleDict()
+        self._pending: torch.Tensor | None = None
+        self._hooked = False  # the condition hook is a bound method: deepcopy rebinds it to the copy
+        self._coefficient_cache: dict = {}
+
+    # -- extra conditions -------------------------------------------------------------------------------
+    def add_condition(self, name: str, features: int = 64, scale: float = 1000.0) -> ScalarEmbedding:
+        """Add a zero-initialised embedding of the extra scalar input ``name`` (passed as a keyword)."""
+        site = _site(self.net, CONDITION_SITES, "time-embedding")
+        out = site.out_features if isinstance(site, nn.Linear) else site.linear_2.out_features
+        self.conditions[name] = ScalarEmbedding(out, features, scale).to(next(self.net.parameters()))
+        if not self._hooked:
+            site.register_forward_hook(self._add_pending)
+            self._hooked = True
+        return self.conditions[name]
+
+    def _add_pending(self, module, inputs, output):
+        return output if self._pending is None else output + self._pending.to(output.dtype)
+
+    def _embed(self, extra: dict, batch: int) -> torch.Tensor | None:
+        unknown = sorted(set(extra) - set(self.conditions))
+        if unknown:
+            raise ValueError(f"extra conditions {unknown} are not inputs of this network; it takes: "
+                             f"{', '.join(self.conditions) or 'none'}")
+        embeds = [self.conditions[k](torch.as_tensor(v).expand(batch)) for k, v in extra.items() if v is not None]
+        return sum(embeds) if embeds else None
+
+    # -- the map (x_t, t) -> x0 -------------------------------------------------------------------------
+    def labels(self, cond: torch.Tensor | None, x: torch.Tensor):
+        if cond is None or self.null_class_label is None:
+            return cond
+        cond = cond.to(x.device)
+        return torch.where(cond < 0, torch.full_like(cond, self.null_class_label), cond)
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """The network's own output at process times ``t`` [B] (float64), in ``x``'s dtype."""
+        dtype = next(self.net.parameters()).dtype  # run the network in its own dtype
+        self._pending = self._embed(extra, x.shape[0]) if extra else None
+        try:
+            t_net = t if self.time_scale == 1.0 else t * self.time_scale
+            out = self.net(x.to(dtype), t_net.to(dtype), class_labels=self.labels(cond, x))
+        finally:
+            self._pending = None
+        return getattr(out, "sample", out).to(x.dtype)
+
+    def denoise(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        """D(x, t, cond) = E[x0 | x_t = x] as the network predicts it."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        out = self.raw(x, t, cond, **extra)
+        if self.prediction_type == "sample":
+            return out
+        return combine_x0(out, x, *self.x0_coefficients(t, x.ndim))
+
+    def forward(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, *, raw: bool = False, **extra) -> torch.Tensor:
+        """The data prediction, or with ``raw=True`` the network's own output (call the module, not ``raw``, where
+        DDP must see the call)."""
+        if raw:
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+            return self.raw(x, t.expand(x.shape[0]) if t.ndim == 0 else t, cond, **extra)
+        return self.denoise(x, t, cond, **extra)
+
+    def features(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x, t, cond), bottleneck activations) from one network call."""
+        site, seen = _site(self.net, BOTTLENECK_SITES, "bottleneck"), []
+        handle = site.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            return self.denoise(x, t, cond, **extra), seen[-1]
+        finally:
+            handle.remove()
+
+    def x0_coefficients(self, t: torch.Tensor, ndim: int):
+        """Conversion coefficients at times ``t``; computed once per distinct time when the whole batch shares
+        one (a stride-0 tensor, as solvers pass), which saves a dozen small tensor ops per network call."""
+        shared = t.ndim == 1 and len(t) > 0 and t.stride(0) == 0
+        key = (float(t[0]), ndim) if shared else None
+        if key is not None and key in self._coefficient_cache:
+            return self._coefficient_cache[key]
+        log_a, log_s = self.schedule.log_alpha_sigma(t[:1].cpu() if shared else t.cpu())
+        coefficients = x0_coefficients(self.prediction_type, log_a.exp(), log_s.exp(), ndim)
+        if key is not None:
+            if len(self._coefficient_cache) > 4096:
+                self._coefficient_cache.clear()
+            self._coefficient_cache[key] = coefficients
+        return coefficients

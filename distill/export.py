@@ -3,7 +3,9 @@
 Metadata keys (all strings; JSON where structured): ``format`` (= ``FORMAT``), ``format_version``,
 ``network_class`` and ``network_config`` (rebuild the network), ``parameterization``, ``prediction_type``,
 ``sigma_data``, ``time_scale``, ``schedule`` (``Schedule.config()``), ``sampling_timesteps`` (1-4 steps),
-``teacher``, ``teacher_hash``, ``training_config`` (the run's config), ``lora`` (null once merged).
+``teacher``, ``teacher_hash``, ``training_config`` (the run's config), ``lora`` (null once merged), ``sampler``
+(``consistency`` | ``ode``) and ``sampler_solver``, ``extra_conditions`` (embedded scalar inputs), ``lineage``
+(the parent file and its sha256 when the run started from one).
 ``students.load_student(path)`` reads them back. Files are written to a temporary name and renamed.
 """
 
@@ -23,6 +25,7 @@ FORMAT = "fewstep-distill/student"
 FORMAT_VERSION = "1"
 REQUIRED = ("network_class", "network_config", "parameterization", "prediction_type", "schedule", "sampling_timesteps")
 STUDENT_FILE, EMA_FILE = "student.safetensors", "student_ema.safetensors"
+CONDITION_PREFIX = "extra_conditions."  # state keys of the student's extra-condition embeddings (SLAM's gamma, w)
 
 
 def network_config(net) -> dict:
@@ -37,6 +40,7 @@ def save_student(student, path: str | Path, *, merge_lora: bool = True, training
     if lora and merge_lora:
         net, lora = merged_copy(net), None
     state = {k: v.detach().cpu().clone().contiguous() for k, v in net.state_dict().items()}
+    state.update({CONDITION_PREFIX + k: v.detach().cpu().clone().contiguous() for k, v in student.conditions.state_dict().items()})
     meta = {**student.metadata(), "format": FORMAT, "format_version": FORMAT_VERSION,
             "network_class": type(net).__name__, "network_config": json.dumps(network_config(net), default=list),
             "lora": json.dumps(lora), "training_config": json.dumps(training_config or {})}

@@ -26,6 +26,9 @@ class StudentConfig:
     sigma_data: float = at_least(0.5, 1e-6)  # sigma_data of c_skip / c_out
     sampling_grid: str = choice("karras", GRIDS)  # spacing of the default 1-4 step sampling times
     class_conditional: bool = False  # pass dataset labels to teacher and student
+    sampler: str = choice("consistency", ("consistency", "ode"))  # re-noising steps, or deterministic solver steps
+    sampler_solver: str = "euler"  # the solver of the ode sampler (euler = DDIM)
+    sampling_steps: list | None = None  # step counts whose times the student file records; null: 1-4
 
 
 @dataclass
@@ -35,13 +38,47 @@ class LoraSettings:
     target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class OptimConfig:
     lr: float = at_least(1e-4, 0.0)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = at_least(0.0, 0.0)
     warmup_steps: int = at_least(0, 0)
-    lr_schedule: str = choice("constant", ("constant", "cosine"))  # after warmup
+    lr_schedule: str = choice("constant", LR_SCHEDULES)  # after warmup; cosine / linear decay to 0 at max_steps
+
+
+@dataclass
+class ParamGroup:
+    match: str = ""  # parameters whose name contains this string (e.g. "conditions." for new embeddings)
+    lr: float | None = at_least(None, 0.0)  # null: the network's lr
+    weight_decay: float | None = at_least(None, 0.0)  # null: the network's weight decay
+
+
+@dataclass
+class NetworkOptim:
+    """Per-network settings under ``networks.<name>``; null keys fall back to the objective's declaration,
+    then to ``optim`` / the top-level ``grad_clip``."""
+
+    lr: float | None = at_least(None, 0.0)
+    betas: list | None = None
+    weight_decay: float | None = at_least(None, 0.0)
+    warmup_steps: int | None = at_least(None, 0)
+    lr_schedule: str | None = choice(None, (None, *LR_SCHEDULES))
+    grad_clip: float | None = at_least(None, 0.0)
+    every: int | None = at_least(None, 1)  # update on steps with step % every == offset
+    offset: int | None = at_least(None, 0)
+    param_groups: list = field(default_factory=list)  # [{match, lr, weight_decay}], first match wins
+
+
+@dataclass
+class DDPSettings:
+    """accelerate's DistributedDataParallelKwargs; null: what the objective declares."""
+
+    find_unused_parameters: bool | None = None  # a loss that leaves some parameters unused on some steps
+    static_graph: bool = False
 
 
 @dataclass
@@ -53,6 +90,12 @@ class RunConfig:
     dataset: str | None = None  # distill.data name, for objectives that need real data
     trajectories: str | None = None  # a trajectory cache folder, for objectives that need one
     optim: OptimConfig = field(default_factory=OptimConfig)  # defaults of every network's optimizer group
+    networks: dict = field(default_factory=dict)  # <network name>: NetworkOptim, per-network overrides
+    init_from: str | None = None  # a student file or run folder whose student weights start this run (step 0)
+    init_from_sha256: str | None = None  # the parent file's hash: filled in at start, checked when given
+    init_also: list = field(default_factory=list)  # other networks / helpers taken from an init_from run folder
+    gradient_accumulation_steps: int = at_least(1, 1)  # micro-batches per optimizer step (batch_size is per step)
+    ddp: DDPSettings = field(default_factory=DDPSettings)
     batch_size: int = at_least(64, 1)  # global batch (split over processes)
     max_steps: int = at_least(1000, 1)
     ema_decay: float | None = at_least(0.999, 0.0, 1.0)  # EMA of the student for export (--ema); null: none
@@ -76,6 +119,15 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
     raw = merge(base, overrides)
     cfg = from_dict(RunConfig, raw)
     cfg.objective = objective_options_dict(cfg.objective)
+    cfg.networks = {name: from_dict(NetworkOptim, value, f"networks.{name}.") if isinstance(value, dict) else value
+                    for name, value in cfg.networks.items()}
+    for name, net in cfg.networks.items():
+        if not isinstance(net, NetworkOptim):
+            raise ConfigError(f"config key 'networks.{name}' must be a mapping of optimizer settings, got {net!r}")
+        net.param_groups = [from_dict(ParamGroup, g, f"networks.{name}.param_groups.") if isinstance(g, dict) else g
+                            for g in net.param_groups]
+    if cfg.init_also and not cfg.init_from:
+        raise ConfigError("config key 'init_also' needs 'init_from' (a run folder)")
     if not cfg.teacher:
         raise ConfigError("config key 'teacher' is required (a gmm:<preset> spec, a zoo name or a diffusers folder)")
     return cfg

@@ -3,11 +3,18 @@
     python scripts/distill.py --config configs/distill/cd_ring8.yaml [--set key=value ...] [--resume latest]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/distill.py --config ...
 
-It is the only place that knows about devices, processes, mixed precision, checkpoints and logging. Per step
-it asks the objective which networks update; for each one it computes the per-sample loss, reduces it (mean),
-backpropagates (scaled under fp16), checks loss and gradient norm are finite, clips, steps the optimizer and
-LR scheduler, then calls ``objective.after_update``. Networks not being updated have ``requires_grad`` off
-while another network's loss is computed.
+It is the only place that knows about devices, processes, mixed precision, gradient accumulation, checkpoints
+and logging. Per step it asks the objective which networks update; for each one it computes the per-sample loss
+on each micro-batch, reduces it (mean), backpropagates (scaled under fp16), checks loss and gradient norm are
+finite, clips, sets the learning rate of the global step, steps the optimizer, then calls
+``objective.after_update``. Networks not being updated have ``requires_grad`` off and are passed unwrapped
+(no DDP) while another network's loss is computed.
+
+Per-network settings (lr, betas, weight decay, warm-up, schedule, clipping, update frequency, parameter groups)
+resolve as: config ``networks.<name>``, then the objective's ``Network`` declaration, then ``optim`` (and the
+top-level ``grad_clip``). Learning rates are a pure function of the global step (``lr_lambda``), whichever
+steps a network updates on. A resume whose config differs from the checkpoint's (other than ``max_steps`` and
+logging keys) is refused with the differing keys; a new stage from old weights is ``init_from``.
 
 Exact resume: the data order is ``batch_indices(step, ...)`` and all noise comes from
 ``step_generator(seed, step, rank)``, both pure functions of the step; models, optimizers, schedulers,
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -39,12 +47,16 @@ from typing import Callable
 import torch
 import yaml
 from torch import nn
+from tqdm import tqdm
 
-from distill.checkpoint import batch_indices, latest_checkpoint, read_manifest, save_checkpoint, step_generator
+from distill.checkpoint import batch_indices, complete_checkpoints, latest_checkpoint, read_manifest, save_checkpoint, step_generator
 from distill.config import ConfigError
-from distill.export import EMA_FILE, STUDENT_FILE, save_student
-from distill.objectives.base import Batch, Network, Objective, ema_update, unwrap
-from distill.run_config import RunConfig, objective_options
+from distill.export import STUDENT_FILE
+from distill.objectives.base import Batch, Context, Network, Objective, ema_update, unwrap
+from distill.run_config import NetworkOptim, RunConfig, objective_options
+
+CONFIG_FILE = "config.yaml"
+NETWORKS_FILE = "networks.safetensors"  # the trained networks other than the student, and the objective's helpers
 
 
 class NonFiniteError(FloatingPointError):
@@ -60,13 +72,50 @@ def check_world_size(num_processes: int, environ=os.environ) -> None:
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[int], float]:
-    """Linear warmup over ``warmup_steps``, then constant or cosine decay to 0 at ``max_steps``."""
+    """LR factor at a global step: linear warmup over ``warmup_steps`` times constant, cosine or linear decay to 0
+    at ``max_steps`` (the decay runs over the whole run, warm-up included)."""
 
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        return warm * (0.5 * (1 + math.cos(math.pi * min(step / max_steps, 1))) if schedule == "cosine" else 1.0)
+        progress = min(step / max_steps, 1)
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
+        return warm * decay
 
     return factor
+
+
+# keys a resume may change: the run length and how it is logged and checkpointed
+RESUME_FREE_KEYS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "output_dir",
+                    "debug_nan_step")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, the resume-free keys left out."""
+    a, b = _flat(saved), _flat(current)
+    free = lambda k: k.split(".")[0] in RESUME_FREE_KEYS or (k == "init_from_sha256" and b.get(k) is None)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
+
+
+@dataclass
+class NetSettings:
+    """One network's resolved optimizer settings (see the module doc for the order of precedence)."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+    lr_schedule: str
+    grad_clip: float | None
+    every: int
+    offset: int
+    param_groups: list[dict]
 
 
 @dataclass
@@ -79,10 +128,11 @@ class Run:
     specs: list[Network]
     nets: dict[str, nn.Module]  # as prepared by accelerate
     opts: dict[str, torch.optim.Optimizer]
-    scheds: dict[str, object]
+    settings: dict[str, NetSettings]
     trainable: dict[str, list[nn.Parameter]]
     ema: nn.Module | None
     out: Path
+    ctx: Context | None = None
     data: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: object = None
     writer: object = None
@@ -91,16 +141,20 @@ class Run:
 
 
 # -- setup --------------------------------------------------------------------------------------------
-def make_accelerator(cfg: RunConfig):
+def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    # step_scheduler_with_optimizer=False: the LR schedule counts global steps (accelerate would otherwise
-    # step a prepared scheduler once per process per step, running it num_processes times too fast)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
+    # a loss that leaves trained parameters unused on some steps (a GAN head off during warm-up) must say so to
+    # DDP, or the next step fails with "Expected to have finished reduction in the prior iteration"
+    find_unused = find_unused_parameters if cfg.ddp.find_unused_parameters is None else cfg.ddp.find_unused_parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused, static_graph=cfg.ddp.static_graph)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     check_world_size(accelerator.num_processes)
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the {accelerator.num_processes} processes")
+    chunks = accelerator.num_processes * cfg.gradient_accumulation_steps
+    if cfg.batch_size % chunks:
+        raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the {accelerator.num_processes} "
+                          f"process(es) x {cfg.gradient_accumulation_steps} gradient accumulation step(s)")
     return accelerator
 
 
@@ -113,60 +167,167 @@ def check_tensorboard(cfg: RunConfig) -> None:
                               "(pip install tensorboard, or set tensorboard: false)") from None
 
 
-def build_objective(cfg: RunConfig, teacher, student) -> tuple[Objective, object]:
-    cache = None
-    if cfg.trajectories:
-        from distill.trajectories import open_cache
-
-        cache = open_cache(cfg.trajectories, teacher_hash=teacher.hash)
+def build_objective(cfg: RunConfig, ctx: Context) -> Objective:
     cls, options = objective_options(cfg.objective)
-    objective = cls(options, teacher=teacher, student=student, cache=cache)
+    objective = cls(options, ctx)
     if "data" in objective.needs and not cfg.dataset:
         raise ConfigError(f"objective {cls.name!r} needs real data: set config key 'dataset' (a distill.data name)")
-    if "trajectories" in objective.needs and cache is None:
+    if "trajectories" in objective.needs and ctx.cache is None:
         raise ConfigError(f"objective {cls.name!r} needs a trajectory cache: set config key 'trajectories'")
-    return objective, cache
+    if cfg.gradient_accumulation_steps > 1 and not cls.supports_accumulation:
+        raise ConfigError(f"objective {cls.name!r} needs whole batches: set config key 'gradient_accumulation_steps' to 1 "
+                          f"(or raise batch_size on fewer processes)")
+    return objective
 
 
-def make_optimizer(cfg: RunConfig, spec: Network, params: list[nn.Parameter]):
-    o = cfg.optim
-    opt = torch.optim.AdamW(params, lr=spec.lr or o.lr, betas=tuple(spec.betas or o.betas),
-                            weight_decay=o.weight_decay if spec.weight_decay is None else spec.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, cfg.max_steps, o.lr_schedule))
+def resolve_settings(cfg: RunConfig, spec: Network) -> NetSettings:
+    """Config ``networks.<name>`` > the objective's declaration > ``optim`` / ``grad_clip``."""
+    over, o = cfg.networks.get(spec.name) or NetworkOptim(), cfg.optim
+
+    def pick(key, *fallbacks):
+        for value in (getattr(over, key, None), *fallbacks):
+            if value is not None:
+                return value
+        return None
+
+    return NetSettings(lr=pick("lr", spec.lr, o.lr), betas=tuple(pick("betas", spec.betas, o.betas)),
+                       weight_decay=pick("weight_decay", spec.weight_decay, o.weight_decay),
+                       warmup_steps=pick("warmup_steps", o.warmup_steps), lr_schedule=pick("lr_schedule", o.lr_schedule),
+                       grad_clip=pick("grad_clip", spec.grad_clip, cfg.grad_clip), every=pick("every", spec.every),
+                       offset=pick("offset", spec.offset),
+                       param_groups=[dataclasses.asdict(g) for g in over.param_groups] + list(spec.param_groups))
 
 
-def _check_specs(specs: list[Network], accelerator) -> None:
+def make_optimizer(settings: NetSettings, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """AdamW over ``named`` parameters: each in the first parameter group whose ``match`` is in its name, else in
+    the network's default group."""
+    groups = [{"params": [], "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    groups += [{"params": [], "lr": settings.lr if g.get("lr") is None else g["lr"],
+                "weight_decay": settings.weight_decay if g.get("weight_decay") is None else g["weight_decay"]}
+               for g in settings.param_groups]
+    for pname, param in named:
+        hit = next((k + 1 for k, g in enumerate(settings.param_groups) if g["match"] in pname), 0)
+        groups[hit]["params"].append(param)
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, settings: NetSettings, step: int, max_steps: int) -> float:
+    """Every group's lr at global ``step`` (a pure function of the step); returns the default group's."""
+    factor = lr_lambda(settings.warmup_steps, max_steps, settings.lr_schedule)(step)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    return opt.param_groups[0]["lr"]
+
+
+def _check_specs(cfg: RunConfig, specs: list[Network], helpers: dict, accelerator) -> None:
     names = [s.name for s in specs]
     if not specs or names[0] != "student" or len(set(names)) != len(names):
         raise ValueError(f"an objective must declare distinct network names, the student first; got {names}")
+    unknown = sorted(set(cfg.networks) - set(names))
+    if unknown:
+        raise ConfigError(f"config key 'networks' names {unknown}, which this objective does not train; allowed: {', '.join(names)}")
+    missing = sorted(set(cfg.init_also) - set(names) - set(helpers))
+    if missing:
+        raise ConfigError(f"config key 'init_also' names {missing}; allowed: {', '.join(n for n in [*names, *helpers] if n != 'student')}")
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED and len(specs) > 1:
         raise ValueError(f"DeepSpeed prepares one trained model per Accelerator; this objective trains {names}")
 
 
-def setup(cfg: RunConfig, accelerator, load_teacher, build_student) -> Run:
+def weight_dtype(cfg: RunConfig) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_parent(cfg: RunConfig, resuming: bool) -> Path | None:
+    """The student file named by ``init_from`` (a file or run folder), its hash checked or recorded in the config."""
+    if cfg.init_from is None or resuming:  # a resumed run's weights come from its checkpoint
+        return None
+    from distill.export import resolve_student_file
+
+    path = resolve_student_file(cfg.init_from)
+    digest = file_sha256(path)
+    if cfg.init_from_sha256 is not None and cfg.init_from_sha256 != digest:
+        raise ConfigError(f"config key 'init_from_sha256' is {cfg.init_from_sha256}, but {str(path)!r} has sha256 {digest}")
+    cfg.init_from_sha256 = digest
+    return path
+
+
+def load_init_also(run: Run, names: list[str]) -> None:
+    """Other networks and helpers of the ``init_from`` run folder (its ``networks.safetensors``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(run.cfg.init_from)
+    found = [p for p in (folder / NETWORKS_FILE, *(c / NETWORKS_FILE for c in reversed(complete_checkpoints(folder / "checkpoints"))))
+             if p.is_file()]
+    if not found:
+        raise ConfigError(f"config key 'init_also' needs a run folder with {NETWORKS_FILE}; {str(folder)!r} has none")
+    state = load_file(str(found[0]))
+    modules = {**{n: unwrap(m) for n, m in run.nets.items()}, **run.objective.helpers()}
+    for name in names:
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        if not part:
+            raise ConfigError(f"{str(found[0])!r} holds no network {name!r}; it holds: "
+                              f"{', '.join(sorted({k.split('.')[0] for k in state}))}")
+        modules[name].load_state_dict(part, strict=True)
+
+
+def make_context(cfg: RunConfig, accelerator, teacher, student, cache) -> Context:
+    reducer = lambda value, op: accelerator.reduce(value, reduction=op)  # noqa: E731
+    return Context(teacher=teacher, student=student, cache=cache, device=accelerator.device,
+                   num_processes=accelerator.num_processes, process_index=accelerator.process_index, reducer=reducer)
+
+
+def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bool = False) -> Run:
     teacher = load_teacher(cfg.teacher)
     if hasattr(teacher, "to"):
         teacher.to(accelerator.device)
+    parent = resolve_parent(cfg, resuming)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    student = build_student(cfg.student, teacher, cfg.lora)
-    objective, cache = build_objective(cfg, teacher, student)
-    specs = objective.networks()
-    _check_specs(specs, accelerator)
+    student = build_student(cfg.student, teacher, cfg.lora, **({"init_from": parent} if parent else {}))
+    if parent is not None:
+        student.info["lineage"] = {"init_from": str(parent), "sha256": cfg.init_from_sha256}
+    cache = None
+    if cfg.trajectories:
+        from distill.trajectories import open_cache
+
+        cache = open_cache(cfg.trajectories, teacher_hash=teacher.hash)
+    ctx = make_context(cfg, accelerator, teacher, student, cache)
+    objective = build_objective(cfg, ctx)
+    specs, helpers = objective.networks(), objective.helpers()
+    _check_specs(cfg, specs, helpers, accelerator)
+    settings = {s.name: resolve_settings(cfg, s) for s in specs}
+    for spec in specs:  # the default ``updates`` reads the resolved frequencies
+        spec.every, spec.offset = settings[spec.name].every, settings[spec.name].offset
+    objective._specs = specs
     ema = copy.deepcopy(student).requires_grad_(False) if cfg.ema_decay is not None else None
-    trainable = {s.name: [p for p in s.module.parameters() if p.requires_grad] for s in specs}
-    pairs = [make_optimizer(cfg, s, trainable[s.name]) for s in specs]
-    prepared = accelerator.prepare(*[s.module for s in specs], *[p[0] for p in pairs], *[p[1] for p in pairs])
+    named = {s.name: [(n, p) for n, p in s.module.named_parameters() if p.requires_grad] for s in specs}
+    opts = [make_optimizer(settings[s.name], named[s.name]) for s in specs]
+    prepared = accelerator.prepare(*[s.module for s in specs], *opts)
     prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-    k = len(specs)
-    names = [s.name for s in specs]
-    helpers = [m.to(accelerator.device) for _, m in sorted(objective.helpers().items())]
+    k, names = len(specs), [s.name for s in specs]
+    for module in objective.frozen().values():
+        module.to(accelerator.device, dtype=weight_dtype(cfg)).requires_grad_(False)
+    checkpointed = [m.to(accelerator.device) for _, m in sorted(helpers.items())]
     if ema is not None:
-        helpers.insert(0, ema.to(accelerator.device))
-    accelerator.register_for_checkpointing(*helpers) if helpers else None
+        checkpointed.insert(0, ema.to(accelerator.device))
+    accelerator.register_for_checkpointing(*checkpointed) if checkpointed else None
+    trainable = {name: [p for _, p in named[name]] for name in names}
     run = Run(cfg, accelerator, objective, specs, dict(zip(names, prepared[:k])), dict(zip(names, prepared[k:2 * k])),
-              dict(zip(names, prepared[2 * k:])), trainable, ema, Path(cfg.output_dir), cache=cache)
+              settings, trainable, ema, Path(cfg.output_dir), ctx=ctx, cache=cache)
+    if cfg.init_also and not resuming:
+        load_init_also(run, cfg.init_also)
     if "data" in objective.needs:
         from distill.data import dataset_tensors, load_dataset
 
@@ -190,6 +351,28 @@ def resolve_resume(out: Path, resume: str | None) -> Path | None:
     return path
 
 
+def check_resume_config(cfg: RunConfig, ckpt: Path | None) -> None:
+    """Refuse to resume with another config than the checkpoint's, or past ``max_steps``."""
+    if ckpt is None:
+        return
+    step = read_manifest(ckpt)["step"]
+    if step > cfg.max_steps:
+        raise ConfigError(f"checkpoint {str(ckpt)!r} is at step {step}, beyond max_steps {cfg.max_steps}; resume with "
+                          f"--max-steps {step} or more, or start a new run")
+    saved_file = ckpt / CONFIG_FILE
+    if not saved_file.is_file():  # checkpoints written before configs were kept in them
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    if cfg.init_from_sha256 is None:
+        cfg.init_from_sha256 = saved.get("init_from_sha256")
+    changed = config_changes(saved, dataclasses.asdict(cfg))
+    if changed:
+        shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(dataclasses.asdict(cfg)).get(k)!r})" for k in changed)
+        raise ConfigError(f"the config differs from the one checkpoint {str(ckpt)!r} was trained with in {shown}; resume "
+                          f"with the same config (only {', '.join(RESUME_FREE_KEYS[:4])} may change), or start a new run "
+                          f"from its weights with init_from")
+
+
 def restore(run: Run, ckpt: Path | None, log) -> int:
     if ckpt is None:
         return 0
@@ -205,7 +388,7 @@ def open_run_files(run: Run, step: int) -> None:
     if not run.accelerator.is_main_process:
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
+    (run.out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
     metrics = run.out / "metrics.jsonl"
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -223,33 +406,44 @@ def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log
         return
     with open(run.out / "metrics.jsonl", "a") as f:
         for name, rows in run.history.items():
-            row = {"step": step, "network": name, **{k: sum(r[k] for r in rows) / len(rows) for k in ("loss", "grad_norm")},
+            keys = [k for k in rows[-1] if k != "lr"]
+            row = {"step": step, "network": name, **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
                    "lr": rows[-1]["lr"], "seconds_per_step": seconds}
             f.write(json.dumps(row) + "\n")
+            parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))
             log(f"step {step}/{run.cfg.max_steps} {name}: loss {row['loss']:.5f} grad_norm {row['grad_norm']:.3g} "
-                f"lr {row['lr']:.2e} {seconds:.3f} s/step")
+                f"lr {row['lr']:.2e} {seconds:.3f} s/step" + (f" [{parts}]" if parts else ""))
             if run.writer is not None:
-                for key in ("loss", "grad_norm", "lr"):
+                for key in (*keys, "lr"):
                     run.writer.add_scalar(f"{name}/{key}", row[key], step)
     run.history = {}
 
 
 # -- one step ------------------------------------------------------------------------------------------
-def make_batch(run: Run, step: int) -> Batch:
+def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
+    """Micro-batch ``micro`` of this rank at ``step``: chunk ``micro * processes + rank`` of the global batch, noise
+    from ``step_generator(seed, step, that chunk)`` (without accumulation: the rank's half, as always)."""
     acc, cfg = run.accelerator, run.cfg
-    per = cfg.batch_size // acc.num_processes
-    rank = acc.process_index
-    batch = Batch(step, step_generator(cfg.seed, step, rank), acc.device, per)
+    per = cfg.batch_size // (acc.num_processes * cfg.gradient_accumulation_steps)
+    chunk = micro * acc.num_processes + acc.process_index
+    batch = Batch(step, step_generator(cfg.seed, step, chunk), acc.device, per)
     if run.data is not None:
-        idx = batch_indices(step, cfg.batch_size, len(run.data[0]), cfg.seed)[rank * per:(rank + 1) * per]
+        idx = batch_indices(step, cfg.batch_size, len(run.data[0]), cfg.seed)[chunk * per:(chunk + 1) * per]
         batch.x0 = run.data[0][idx].to(acc.device)
         batch.cond = run.data[1][idx].to(acc.device) if cfg.student.class_conditional else None
     if run.cache is not None:
-        idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[rank * per:(rank + 1) * per]
+        idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
         batch.traj = run.cache.rows(idx)
         if batch.cond is None and cfg.student.class_conditional:
             batch.cond = batch.traj["label"].to(acc.device)
-    return run.objective.prepare(batch, run.nets)
+    nets = {n: unwrap(m) for n, m in run.nets.items()}
+    for m in nets.values():
+        m.eval()
+    with torch.no_grad():
+        batch = run.objective.prepare(batch, nets)
+    for m in nets.values():
+        m.train()
+    return batch
 
 
 @contextlib.contextmanager
@@ -275,33 +469,63 @@ def check_finite(run: Run, value: torch.Tensor, what: str, name: str, step: int)
                              f"stopped, its last good checkpoint is {last}")
 
 
-def update_network(run: Run, name: str, batch: Batch) -> dict:
-    acc, cfg = run.accelerator, run.cfg
+def split_loss(out) -> tuple[torch.Tensor, dict[str, float]]:
+    """(per-sample loss, named components as floats) from what ``Objective.loss`` returned."""
+    if isinstance(out, dict):
+        parts = {k: float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], parts
+    return out, {}
+
+
+def backward_micro_batches(run: Run, name: str, batches: list[Batch]) -> tuple[torch.Tensor, dict]:
+    """Loss of each micro-batch, scaled by 1 / count and backpropagated (gradients synchronised on the last)."""
+    acc, total, parts = run.accelerator, 0.0, {}
+    nets = {n: (m if n == name else unwrap(m)) for n, m in run.nets.items()}
+    for i, batch in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(run.nets[name])
+        with sync:
+            per_sample, comp = split_loss(run.objective.loss(name, nets, batch))
+            loss = per_sample.mean()
+            if run.cfg.debug_nan_step == batch.step:
+                loss = loss * float("nan")
+            check_finite(run, loss, "loss", name, batch.step)
+            acc.backward(loss / len(batches))
+        total = total + loss.detach() / len(batches)
+        for k, v in comp.items():
+            parts[k] = parts.get(k, 0.0) + v / len(batches)
+    return total, parts
+
+
+def update_network(run: Run, name: str, batches: list[Batch]) -> dict:
+    acc, cfg, step, settings = run.accelerator, run.cfg, batches[0].step, run.settings[name]
     with only_training(run, name):
-        loss = run.objective.loss(name, run.nets, batch).mean()
-        if cfg.debug_nan_step == batch.step:
-            loss = loss * float("nan")
-        check_finite(run, loss, "loss", name, batch.step)
-        acc.backward(loss)
-    norm = acc.clip_grad_norm_(run.trainable[name], cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+        loss, parts = backward_micro_batches(run, name, batches)
+    clip = settings.grad_clip if settings.grad_clip is not None else float("inf")
+    norm = acc.clip_grad_norm_(run.trainable[name], clip)
     if norm is not None and cfg.mixed_precision != "fp16":
-        check_finite(run, norm, "gradient norm", name, batch.step)
+        check_finite(run, norm, "gradient norm", name, step)
+    lr = set_learning_rate(run.opts[name], settings, step, cfg.max_steps)
     run.opts[name].step()
-    run.scheds[name].step()
     run.opts[name].zero_grad(set_to_none=True)
-    run.objective.after_update(name, run.nets, batch.step)
+    run.objective.after_update(name, run.nets, step)
     if name == "student" and run.ema is not None:
         ema_update(run.ema, unwrap(run.nets["student"]), cfg.ema_decay)
-    return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan"),
-            "lr": run.scheds[name].get_last_lr()[0]}
+    return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan"), **parts, "lr": lr}
 
 
 # -- checkpoints and the end ---------------------------------------------------------------------------
-def write_students(run: Run, folder: Path, merge_lora: bool) -> None:
+def write_students(run: Run, folder: Path, final: bool) -> None:
+    """The student files (LoRA merged at the end, not in checkpoints) and the other networks + helpers."""
+    from safetensors.torch import save_file
+
     cfg_dict = dataclasses.asdict(run.cfg)
-    save_student(unwrap(run.nets["student"]), folder / STUDENT_FILE, merge_lora=merge_lora, training_config=cfg_dict)
-    if run.ema is not None:
-        save_student(run.ema, folder / EMA_FILE, merge_lora=merge_lora, training_config=cfg_dict)
+    run.objective.save_result(folder, unwrap(run.nets["student"]), run.ema, cfg_dict, final)
+    others = {**{n: unwrap(m) for n, m in run.nets.items() if n != "student"}, **run.objective.helpers()}
+    if others:
+        state = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in others.items() for k, v in m.state_dict().items()}
+        tmp = folder / (NETWORKS_FILE + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, folder / NETWORKS_FILE)
 
 
 def checkpoint(run: Run, step: int) -> None:
@@ -310,7 +534,8 @@ def checkpoint(run: Run, step: int) -> None:
     def write(folder: Path) -> None:
         acc.save_state(str(folder))  # every rank: per-rank RNG files
         if acc.is_main_process:
-            write_students(run, folder, merge_lora=False)
+            write_students(run, folder, final=False)
+            (folder / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
 
     run.last_checkpoint = save_checkpoint(run.out / "checkpoints", step, write, {"kind": "distill", "objective": run.objective.name},
                                           keep=run.cfg.keep_checkpoints, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
@@ -318,7 +543,7 @@ def checkpoint(run: Run, step: int) -> None:
 
 def finish(run: Run, log) -> Path:
     if run.accelerator.is_main_process:
-        write_students(run, run.out, merge_lora=True)
+        write_students(run, run.out, final=True)
         log(f"saved {run.out / STUDENT_FILE}")
     if run.writer is not None:
         run.writer.close()
@@ -327,31 +552,48 @@ def finish(run: Run, log) -> Path:
 
 
 # -- the loop --------------------------------------------------------------------------------------------
+def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) -> tuple[Run, int]:
+    """Everything before the first step: checks, accelerator, networks, restore, run files, ``on_start``."""
+    check_tensorboard(cfg)
+    ckpt = resolve_resume(Path(cfg.output_dir), resume)
+    check_resume_config(cfg, ckpt)
+    cls, _ = objective_options(cfg.objective)
+    accelerator = make_accelerator(cfg, cls.find_unused_parameters)
+    run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
+    step = restore(run, ckpt, log)
+    open_run_files(run, step)
+    with torch.no_grad():
+        run.objective.on_start(run.ctx, step)
+    for net in run.nets.values():
+        net.train()
+    return run, step
+
+
 def train(cfg: RunConfig, *, load_teacher, build_student, resume: str | None = None, log=print,
           stop_at: int | None = None) -> Path | None:
     """Run (or resume) a distillation and return the run folder; ``stop_at`` ends early after checkpointing
     that step (returns None), as a time budget would. ``load_teacher(spec)`` and ``build_student(student_cfg,
-    teacher, lora)`` come from the caller (scripts/distill.py), so that distill/ imports neither package."""
-    check_tensorboard(cfg)
-    ckpt = resolve_resume(Path(cfg.output_dir), resume)
-    accelerator = make_accelerator(cfg)
-    run = setup(cfg, accelerator, load_teacher, build_student)
-    step = restore(run, ckpt, log)
-    open_run_files(run, step)
-    log(f"rank {accelerator.process_index} of {accelerator.num_processes}: {cfg.objective['name']} from step {step} "
-        f"to {cfg.max_steps}")
-    for net in run.nets.values():
-        net.train()
+    teacher, lora[, init_from=path])`` come from the caller (scripts/distill.py), so that distill/ imports neither
+    package."""
+    run, step = start(cfg, load_teacher, build_student, resume, log)
+    log(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes}: {cfg.objective['name']} from step "
+        f"{step} to {cfg.max_steps}")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.objective["name"], mininterval=5,
+               disable=not run.accelerator.is_main_process)
     while step < cfg.max_steps:
         t0 = time.time()
-        batch = make_batch(run, step)
-        stats = {name: update_network(run, name, batch) for name in run.objective.updates(step)}
+        batches = [make_batch(run, step, micro) for micro in range(cfg.gradient_accumulation_steps)]
+        stats = {name: update_network(run, name, batches) for name in run.objective.updates(step)}
         step += 1
+        bar.update(1)
+        bar.set_postfix({f"{n}_loss": f"{v['loss']:.4g}" for n, v in stats.items()}, refresh=False)
         log_metrics(run, step, stats, time.time() - t0, log)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             checkpoint(run, step)
         if stop_at is not None and step >= stop_at and step < cfg.max_steps:
             if step % cfg.checkpoint_every:
                 checkpoint(run, step)
+            bar.close()
             return None
+    bar.close()
     return finish(run, log)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         overrides = parse_overrides(args.set)
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
-        if args.max_steps:
+        if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
         cfg = load_run_config(args.config, overrides)
         train(cfg, load_teacher=load_teacher, build_student=build_student, resume=args.resume,

@@ -3,7 +3,8 @@
     python scripts/train_teacher.py --config configs/teachers/mnist16.yaml
     accelerate launch scripts/train_teacher.py --config configs/teachers/ring8_mlp.yaml --set max_steps=2000
 
-Resumes from the latest complete checkpoint in <output_dir>/checkpoints unless --no-resume.
+Resumes from the latest complete checkpoint in <output_dir>/checkpoints unless --no-resume (then a folder that
+already has checkpoints is refused). The run is the ``diffusion`` objective in the main trainer (distill/train.py).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def main(argv=None) -> int:
         overrides = parse_overrides(args.set)
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
-        if args.max_steps:
+        if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
         cfg = load_config(args.config, overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    train(cfg, resume=not args.no_resume, log=lambda m: print(m, flush=True))
+        train(cfg, resume=not args.no_resume, log=lambda m: print(m, flush=True))
+    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

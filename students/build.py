@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-from distill.export import read_student_file
+from distill.export import CONDITION_PREFIX, read_student_file
 from distill.lora import inject_lora
 from distill.run_config import LoraSettings, StudentConfig
 from students.networks import NETWORKS, network_from_config
@@ -21,8 +21,9 @@ def _teacher_network(teacher):
     return copy.deepcopy(net).float().train().requires_grad_(True)
 
 
-def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None) -> Student:
-    """A student for ``teacher``: a copy of its network (``arch: teacher``) or a fresh mlp / unet."""
+def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None, init_from: str | Path | None = None) -> Student:
+    """A student for ``teacher``: a copy of its network (``arch: teacher``) or a fresh mlp / unet, with the
+    weights of the student file ``init_from`` when given (loaded before a LoRA adapter is added)."""
     num_classes = teacher.num_classes if cfg.class_conditional else 0
     info = {"teacher_hash": teacher.hash, "teacher": str(teacher.name), "data_shape": list(teacher.data_shape),
             "num_classes": num_classes}
@@ -33,13 +34,36 @@ def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None)
         embeds = num_classes + 1 if num_classes else None  # + a null class for unconditional sampling
         net = NETWORKS[cfg.arch](tuple(teacher.data_shape), embeds, **cfg.model)
         prediction, time_scale, null_label = cfg.prediction_type, 1.0, (num_classes if num_classes else None)
+    student = Student(net, schedule=teacher.schedule, prediction_type=prediction, parameterization=cfg.parameterization,
+                      sigma_data=cfg.sigma_data, time_scale=time_scale, null_class_label=null_label,
+                      sampling_grid=cfg.sampling_grid, sampler=cfg.sampler, sampler_solver=cfg.sampler_solver,
+                      sampling_steps=cfg.sampling_steps, info=info)
+    if init_from is not None:
+        _load_parent(student, Path(init_from))
     if lora is not None:
         net.requires_grad_(False)
         inject_lora(net, lora.rank, lora.alpha, lora.target_modules)
-        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
-    return Student(net, schedule=teacher.schedule, prediction_type=prediction, parameterization=cfg.parameterization,
-                   sigma_data=cfg.sigma_data, time_scale=time_scale, null_class_label=null_label,
-                   sampling_grid=cfg.sampling_grid, info=info)
+        student.info["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+    return student
+
+
+def _load_parent(student: Student, path: Path) -> None:
+    """Copy the weights (and extra-condition embeddings) of the student file ``path`` into ``student``."""
+    state, meta = read_student_file(path)
+    if json.loads(meta.get("lora", "null")):
+        raise ValueError(f"init_from {str(path)!r} holds an unmerged LoRA adapter; export it merged (scripts/export.py "
+                         f"without --keep-lora) and start from that file")
+    extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
+    for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
+        if name not in student.conditions:
+            student.add_condition(name, config["features"], config["scale"])
+    try:
+        student.net.load_state_dict(state, strict=True)
+        student.conditions.load_state_dict(extra, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"init_from {str(path)!r} does not fit the student network ({meta.get('network_class')} "
+                         f"weights into {type(student.net).__name__}: {first})") from None
 
 
 def load_student(path: str | Path) -> Student:
@@ -49,8 +73,10 @@ def load_student(path: str | Path) -> Student:
     lora = json.loads(meta.get("lora", "null"))
     if lora:
         inject_lora(net, lora["rank"], lora["alpha"], lora["target_modules"])
+    extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
     net.load_state_dict(state, strict=True)
     student = student_from_metadata(net.eval(), meta)
+    student.conditions.load_state_dict(extra, strict=True)
     if lora:
         student.info["lora"] = lora
     return student

@@ -9,8 +9,14 @@ Song et al. (2023), Eq. 9 / App. C, written as in LCM (Luo et al. 2023) for a ne
 converted to a data prediction D_theta: c_skip(t_min) = 1 and c_out(t_min) = 0, so f(x, t_min) = x exactly
 (the boundary condition), and f -> D_theta at high noise. ``parameterization="denoiser"``: f = D_theta.
 
-``sample(noise, steps)`` is multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(x_T, T);
-then for each further time tau, re-noise x_tau = alpha(tau) x + sigma(tau) z and apply f again.
+How a student samples is part of the file (``sampler``):
+  * ``consistency``: multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(x_T, T); then
+    for each further time tau, re-noise x_tau = alpha(tau) x + sigma(tau) z and apply f again (CD, SLAM and
+    one-step generators, which may start below t_max: the first sampling time is where they start);
+  * ``ode``: deterministic steps of a registered solver (``sampler_solver``, e.g. ``euler`` = DDIM) over
+    the sampling times followed by the clean point, with D_theta as the denoiser (progressive distillation,
+    reflow): no re-noising.
+``sampling_timesteps`` maps a step count to its times; counts not stored come from ``sampling_grid``.
 """
 
 from __future__ import annotations
@@ -20,44 +26,32 @@ import json
 import torch
 from torch import nn
 
-from distill.grids import make_grid
-from distill.param import append_dims, to_x0
+from distill.denoisers import NetDenoiser
+from distill.grids import explicit_grid, make_grid
+from distill.param import append_dims
 from distill.schedules import Schedule, schedule_from_config
 
 PARAMETERIZATIONS = ("consistency", "denoiser")
+SAMPLERS = ("consistency", "ode")
 MAX_SAMPLING_STEPS = 4
 
 
-class Student(nn.Module):
+class Student(NetDenoiser):
     def __init__(self, net: nn.Module, *, schedule: Schedule, prediction_type: str = "sample",
                  parameterization: str = "consistency", sigma_data: float = 0.5, time_scale: float = 1.0,
-                 null_class_label: int | None = None, sampling_grid: str = "karras", info: dict | None = None):
-        super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {parameterization!r}; allowed: {', '.join(PARAMETERIZATIONS)}")
-        self.net, self.schedule = net, schedule
-        self.prediction_type, self.parameterization = prediction_type, parameterization
-        self.sigma_data, self.time_scale, self.null_class_label = sigma_data, time_scale, null_class_label
-        self.sampling_grid = sampling_grid
-        self.info = dict(info or {})  # teacher hash, data shape, ... (strings in the saved metadata)
+                 null_class_label: int | None = None, sampling_grid: str = "karras", sampler: str = "consistency",
+                 sampler_solver: str = "euler", sampling_steps: tuple[int, ...] | None = None, info: dict | None = None):
+        super().__init__(net, schedule, prediction_type, time_scale=time_scale, null_class_label=null_class_label)
+        for key, value, allowed in (("parameterization", parameterization, PARAMETERIZATIONS), ("sampler", sampler, SAMPLERS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+        self.parameterization, self.sigma_data = parameterization, sigma_data
+        self.sampling_grid, self.sampler, self.sampler_solver = sampling_grid, sampler, sampler_solver
+        self.sampling_steps = tuple(sampling_steps or range(1, MAX_SAMPLING_STEPS + 1))  # step counts the file records
+        self.info = dict(info or {})  # teacher hash, data shape, lineage ... (strings in the saved metadata)
         self._sigma_tilde_min = float(self._sigma_tilde(torch.tensor([schedule.t_min]))[0])
 
     # -- the map (x_t, t) -> sample ------------------------------------------------------------------
-    def _labels(self, cond, x):
-        if cond is None or self.null_class_label is None:
-            return cond
-        cond = cond.to(x.device)
-        return torch.where(cond < 0, torch.full_like(cond, self.null_class_label), cond)
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """D_theta(x, t): the network output converted to a data prediction."""
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        dtype = next(self.net.parameters()).dtype  # run the network in its own dtype (e.g. float64 noise in a bench)
-        out = self.net(x.to(dtype), (t * self.time_scale).to(dtype), class_labels=self._labels(cond, x))
-        out = getattr(out, "sample", out).to(x.dtype)
-        log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
-        return to_x0(out, self.prediction_type, x, log_a.exp().to(x.device), log_s.exp().to(x.device))
-
     def _sigma_tilde(self, t: torch.Tensor) -> torch.Tensor:
         log_a, log_s = self.schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu())
         return (log_s - log_a).exp()
@@ -68,9 +62,13 @@ class Student(nn.Module):
         sd2 = self.sigma_data**2
         return sd2 / (s**2 + sd2), s / (s**2 + sd2).sqrt()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, *, raw: bool = False,
+                **extra) -> torch.Tensor:
+        """f(x, t) (module doc); ``raw=True``: the network's own output (for losses in its parameterization)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
-        d = self.denoise(x, t, cond)
+        if raw:
+            return self.raw(x, t, cond, **extra)
+        d = self.denoise(x, t, cond, **extra)
         if self.parameterization == "denoiser":
             return d
         c_skip, c_out = self.boundary(t)
@@ -86,21 +84,32 @@ class Student(nn.Module):
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, steps: int = 1, cond: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, timesteps=None) -> torch.Tensor:
-        """Multistep consistency sampling from standard-normal ``noise`` (see the module doc)."""
+               generator: torch.Generator | None = None, timesteps=None, callback=None, **extra) -> torch.Tensor:
+        """A ``steps``-step sample from standard-normal ``noise`` with this student's sampler (module doc);
+        ``callback(info)`` sees every intermediate state; ``extra`` conditions go to the network."""
         ts = self.sampling_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
         x = noise * float(self.schedule.init_noise_scale(ts[0]))
+        if self.sampler == "ode":
+            from distill.solvers import get_solver
+
+            grid = explicit_grid(self.schedule, ts, final="clean")
+            denoiser = (lambda x_, t_, c_: self.denoise(x_, t_, c_, **extra)) if extra else self.denoise
+            return get_solver(self.sampler_solver).fn(denoiser, x, grid, schedule=self.schedule, cond=cond, callback=callback)
         for i, t in enumerate(ts):
             if i > 0:
                 z = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
                 x = float(self.schedule.alpha(t)) * x + float(self.schedule.sigma(t)) * z
-            x = self(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device), cond)
+            if callback is not None:
+                callback({"i": i, "t": float(t), "x": x})
+            x = self(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device), cond, **extra)
         return x
 
     # -- what a student file records -------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        grids = {str(k): self.sampling_timesteps(k).tolist() for k in range(1, MAX_SAMPLING_STEPS + 1)}
+        grids = {str(k): self.sampling_timesteps(k).tolist() for k in self.sampling_steps}
+        conditions = {name: emb.config for name, emb in self.conditions.items()}
         meta = {"parameterization": self.parameterization, "prediction_type": self.prediction_type,
+                "sampler": self.sampler, "sampler_solver": self.sampler_solver, "extra_conditions": json.dumps(conditions),
                 "sigma_data": repr(self.sigma_data), "time_scale": repr(self.time_scale),
                 "null_class_label": json.dumps(self.null_class_label), "sampling_grid": self.sampling_grid,
                 "schedule": json.dumps(self.schedule.config()), "sampling_timesteps": json.dumps(grids)}
@@ -108,12 +117,21 @@ class Student(nn.Module):
         return meta
 
 
+# metadata keys read back into ``Student.info`` (JSON values)
+INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "training_cost")
+
+
 def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
     """Rebuild the Student wrapper around ``net`` from a student file's metadata."""
     info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher")}
-    info.update({k: json.loads(meta[k]) for k in ("data_shape", "num_classes", "sampling_search") if k in meta})
-    info["sampling_timesteps"] = json.loads(meta["sampling_timesteps"])
-    return Student(net, schedule=schedule_from_config(json.loads(meta["schedule"])), prediction_type=meta["prediction_type"],
-                   parameterization=meta["parameterization"], sigma_data=float(meta["sigma_data"]),
-                   time_scale=float(meta["time_scale"]), null_class_label=json.loads(meta["null_class_label"]),
-                   sampling_grid=meta["sampling_grid"], info=info)
+    info.update({k: json.loads(meta[k]) for k in INFO_JSON_KEYS if k in meta})
+    timesteps = json.loads(meta["sampling_timesteps"])
+    info["sampling_timesteps"] = timesteps
+    student = Student(net, schedule=schedule_from_config(json.loads(meta["schedule"])), prediction_type=meta["prediction_type"],
+                      parameterization=meta["parameterization"], sigma_data=float(meta["sigma_data"]),
+                      time_scale=float(meta["time_scale"]), null_class_label=json.loads(meta["null_class_label"]),
+                      sampling_grid=meta["sampling_grid"], sampler=meta.get("sampler", "consistency"),
+                      sampler_solver=meta.get("sampler_solver", "euler"), sampling_steps=sorted(map(int, timesteps)), info=info)
+    for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
+        student.add_condition(name, config["features"], config["scale"])
+    return student

@@ -4,7 +4,9 @@
   * ``gmm:<preset>`` or ``gmm:<preset>@<schedule>``: an analytic Gaussian mixture (presets in
     ``teachers.gmm.PRESETS``; schedules in ``distill.schedules.SCHEDULES``, default ``vp_linear``);
   * a zoo name (``mnist16``): a teacher trained by this project and committed under ``teachers/zoo/``;
-  * a path to a local diffusers folder (see ``teachers.diffusers_folder``).
+  * a path to a local diffusers folder (see ``teachers.diffusers_folder``);
+  * ``student:<file.safetensors>``: an exported student, so that it can teach the next round
+    (``teachers.student_teacher``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ __all__ = ["Teacher", "GaussianMixtureTeacher", "DiffusersTeacher", "load_teache
 def load_teacher(spec: str | Path, schedule=None) -> Teacher:
     """Load a teacher from a spec string (see the module doc); ``schedule`` overrides a gmm schedule."""
     spec_str = str(spec)
+    if spec_str.startswith("student:"):
+        from teachers.student_teacher import load_student_teacher
+
+        return load_student_teacher(spec_str[len("student:"):])
     if spec_str.startswith("gmm:"):
         preset, _, sched = spec_str[len("gmm:"):].partition("@")
         return load_gmm(preset, schedule or sched or None)
@@ -42,5 +48,5 @@ def load_teacher(spec: str | Path, schedule=None) -> Teacher:
         return load_diffusers_teacher(spec_str)
     raise FileNotFoundError(
         f"teacher {spec_str!r} is neither gmm:<preset> (presets: {', '.join(GMM_PRESETS)}), a zoo name "
-        f"({', '.join(ZOO_TEACHERS)}), nor an existing diffusers folder"
+        f"({', '.join(ZOO_TEACHERS)}), student:<file.safetensors>, nor an existing diffusers folder"
     )

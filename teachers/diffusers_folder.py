@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.param import combine_x0, x0_coefficients
+from distill.denoisers import NetDenoiser
 from distill.schedules import DiscreteVP, RectifiedFlow
 from teachers.base import Teacher
 
@@ -100,8 +100,6 @@ class DiffusersTeacher(Teacher):
     def __init__(self, unet, schedule, prediction_type: str, *, time_scale: float = 1.0, num_classes: int | None = None,
                  null_class_label: int | None = None, name: str = "unet", content_hash: str | None = None):
         self.unet = unet.eval().requires_grad_(False)
-        self._dtype = next(unet.parameters()).dtype
-        self._coefficient_cache: dict = {}
         self.schedule, self.prediction_type, self.time_scale = schedule, prediction_type, time_scale
         cfg = unet.config
         if "dim" in cfg:  # ToyMLP: vectors
@@ -113,39 +111,19 @@ class DiffusersTeacher(Teacher):
         self.num_classes = embeds if num_classes is None else num_classes
         self.null_class_label = null_class_label
         self.has_uncond = self.num_classes == 0 or null_class_label is not None
+        # the network as a denoiser (labels -1 -> the null class; without one, class 0 stands in for None)
+        null = (null_class_label or 0) if self.num_classes else None
+        self.model = NetDenoiser(self.unet, schedule, prediction_type, time_scale=time_scale, null_class_label=null)
         self.name = name
         self.hash = content_hash or _state_hash(unet)
 
     def _denoise(self, x, t, cond):
-        labels = None
-        if self.num_classes:
-            labels = torch.full((x.shape[0],), -1, dtype=torch.long) if cond is None else cond
-            labels = torch.where(labels < 0, torch.full_like(labels, self.null_class_label or 0), labels).to(x.device)
-        dtype = self._dtype
-        t_net = t if self.time_scale == 1.0 else t * self.time_scale
-        out = self.unet(x.to(dtype), t_net.to(dtype), class_labels=labels).sample.to(x.dtype)
-        if self.prediction_type == "sample":
-            return out
-        return combine_x0(out, x, *self._x0_coefficients(t, x.ndim))
-
-    def _x0_coefficients(self, t: torch.Tensor, ndim: int):
-        """Conversion coefficients at times ``t``; computed once per distinct time when the whole batch shares
-        one (a stride-0 tensor, as solvers pass), which saves a dozen small tensor ops per network call."""
-        shared = t.ndim == 1 and len(t) > 0 and t.stride(0) == 0
-        key = (float(t[0]), ndim) if shared else None
-        if key is not None and key in self._coefficient_cache:
-            return self._coefficient_cache[key]
-        log_a, log_s = self.schedule.log_alpha_sigma(t[:1].cpu() if shared else t.cpu())
-        coefficients = x0_coefficients(self.prediction_type, log_a.exp(), log_s.exp(), ndim)
-        if key is not None:
-            if len(self._coefficient_cache) > 4096:
-                self._coefficient_cache.clear()
-            self._coefficient_cache[key] = coefficients
-        return coefficients
+        if self.num_classes and cond is None:
+            cond = torch.full((x.shape[0],), -1, dtype=torch.long)
+        return self.model.denoise(x, t, cond)
 
     def to(self, *args, **kwargs) -> "DiffusersTeacher":
-        self.unet.to(*args, **kwargs)
-        self._dtype = next(self.unet.parameters()).dtype
+        self.model.to(*args, **kwargs)
         return self
 
 

@@ -1,8 +1,10 @@
 """Teacher training: a diffusers UNet2DModel (images) or ToyMLP (2-D toys) on the discrete VP process.
 
-Epsilon or v prediction; class-conditional with label dropout so one model also serves unconditional
-sampling and classifier-free guidance; EMA; atomic checkpoints and exact resume; the result is saved
-as a diffusers pipeline folder that both ``teachers.load_teacher`` and diffusers accept.
+Epsilon, sample or v prediction; class-conditional with label dropout so one model also serves unconditional
+sampling and classifier-free guidance; EMA; atomic checkpoints and exact resume. The run is the ``diffusion``
+objective (``distill.objectives.diffusion``) in the project's one training loop (``distill.train``): this module
+maps the teacher config onto a run config, supplies the untrained network, and at the end saves the EMA
+weights as a diffusers pipeline folder that both ``teachers.load_teacher`` and diffusers accept.
 """
 
 from __future__ import annotations
@@ -11,20 +13,15 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
-from tqdm import tqdm
 
-from distill.checkpoint import batch_indices, latest_checkpoint, read_manifest, save_checkpoint, step_generator
 from distill.config import merge
-from distill.data import dataset_tensors, load_dataset
-from distill.param import PREDICTION_TYPES, from_x0
+from distill.data import load_dataset
+from distill.param import PREDICTION_TYPES
 from distill.schedules import BETA_SCHEDULES, DiscreteVP
-from distill.train import check_world_size, lr_lambda
 
 ARCHS = ("unet", "mlp")
 
@@ -90,19 +87,6 @@ def build_model(cfg: TeacherConfig, data_shape: tuple, num_classes: int):
     return UNet2DModel(num_class_embeds=embeds, **kwargs)
 
 
-def diffusion_loss(model, x0, labels, schedule: DiscreteVP, prediction_type: str, g: torch.Generator):
-    """Per-sample MSE between the network output and the target of its parameterization (DDPM, Ho et al. 2020, Eq. 14)."""
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=g).to(x0.device)
-    eps = torch.randn(x0.shape, generator=g).to(x0.device)
-    log_a, log_s = schedule.log_alpha_sigma(t.double().cpu())
-    a, s = log_a.exp().to(x0), log_s.exp().to(x0)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    x_t = a.view(shape) * x0 + s.view(shape) * eps
-    target = from_x0(x0, prediction_type, x_t, a, s)
-    pred = model(x_t, t, class_labels=labels).sample
-    return ((pred - target) ** 2).flatten(1).mean(1)
-
-
 def save_teacher_folder(model, cfg: TeacherConfig, num_classes: int, out: Path, info: dict) -> None:
     """Write a diffusers pipeline folder atomically: unet/, scheduler/, model_index.json, teacher.json."""
     from diffusers import DDPMScheduler
@@ -121,91 +105,60 @@ def save_teacher_folder(model, cfg: TeacherConfig, num_classes: int, out: Path, 
     os.replace(tmp, out)
 
 
+class UntrainedTeacher:
+    """What the trainer needs of a teacher when there is none yet: the schedule, data shape and classes."""
+
+    def __init__(self, cfg: TeacherConfig, data_shape: tuple, num_classes: int):
+        self.schedule = DiscreteVP(cfg.beta_schedule, cfg.num_train_timesteps)
+        self.data_shape, self.num_classes, self.prediction_type = tuple(data_shape), num_classes, cfg.prediction_type
+        self.name, self.hash = f"untrained:{cfg.dataset}", f"untrained-{cfg.dataset}"
+
+
+def run_config(cfg: TeacherConfig):
+    """The teacher config as a run of the ``diffusion`` objective (same keys, same meaning)."""
+    from distill.run_config import OptimConfig, RunConfig, StudentConfig
+
+    return RunConfig(teacher=f"untrained:{cfg.dataset}", objective={"name": "diffusion", "label_dropout": cfg.label_dropout,
+                                                                     "space": "raw"},
+                     student=StudentConfig(arch="teacher", prediction_type=cfg.prediction_type, parameterization="denoiser",
+                                           class_conditional=cfg.class_conditional, sampler="ode"),
+                     dataset=cfg.dataset, optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
+                     batch_size=cfg.batch_size, max_steps=cfg.max_steps, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                     mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
+                     keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, seed=cfg.seed, output_dir=cfg.output_dir)
+
+
 def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | None = None) -> Path | None:
     """Train (or resume) and return the saved teacher folder ``<output_dir>/teacher``.
 
-    ``stop_at`` ends the run early after checkpointing that step (returns None), as a time budget would.
+    ``resume``: continue from the newest complete checkpoint if there is one (False: a folder that has
+    checkpoints is refused). ``stop_at`` ends the run early after checkpointing that step (returns None).
     """
-    from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
+    from distill.checkpoint import latest_checkpoint
+    from distill.train import train as train_run
+    from students.student import Student
 
-    # step_scheduler_with_optimizer=False: the LR schedule counts global steps (accelerate would otherwise
-    # step a prepared scheduler once per process per step, running it num_processes times too fast)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
-    check_world_size(accelerator.num_processes)
-    out = Path(cfg.output_dir)
     data = load_dataset(cfg.dataset, "train")
-    x_all, y_all = dataset_tensors(data)
     num_classes = data.num_classes if cfg.class_conditional else 0
-    schedule = DiscreteVP(cfg.beta_schedule, cfg.num_train_timesteps)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tuple(x_all.shape[1:]), num_classes)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps, "cosine"))
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    accelerator.register_for_checkpointing(ema)
+    teacher = UntrainedTeacher(cfg, data.data_shape, num_classes)
 
-    step = 0
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = read_manifest(ckpt)["step"]
-        log(f"resumed from {ckpt} at step {step}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    per_rank = cfg.batch_size // accelerator.num_processes
-    t0, losses = time.time(), []
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="teacher", disable=not accelerator.is_main_process, mininterval=5)
-    model.train()
-    while step < cfg.max_steps:
-        idx = batch_indices(step, cfg.batch_size, len(x_all), cfg.seed)
-        idx = idx[accelerator.process_index * per_rank:(accelerator.process_index + 1) * per_rank]
-        g = step_generator(cfg.seed, step, accelerator.process_index)
-        x0, labels = x_all[idx].to(accelerator.device), None
-        if num_classes:
-            drop = torch.rand(len(idx), generator=g) < cfg.label_dropout
-            labels = torch.where(drop, torch.full_like(y_all[idx], num_classes), y_all[idx]).to(accelerator.device)
-        loss = diffusion_loss(model, x0, labels, schedule, cfg.prediction_type, g).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (network: teacher)")
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(accelerator.unwrap_model(model).parameters())
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 and accelerator.is_main_process:
-            log(f"step {step}/{cfg.max_steps} loss {sum(losses) / len(losses):.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"{(time.time() - t0) / len(losses):.2f} s/step")
-            losses, t0 = [], time.time()
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(out / "checkpoints", step, lambda d: accelerator.save_state(str(d)), {"kind": "teacher"},
-                            keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-            accelerator.wait_for_everyone()
-        if stop_at is not None and step >= stop_at:
-            if step % cfg.checkpoint_every:
-                save_checkpoint(out / "checkpoints", step, lambda d: accelerator.save_state(str(d)), {"kind": "teacher"},
-                                keep=cfg.keep_checkpoints, is_main=accelerator.is_main_process,
-                                barrier=accelerator.wait_for_everyone)
-            bar.close()
-            return None
+    def build(student_cfg, teacher_, lora=None):
+        net = build_model(cfg, teacher.data_shape, num_classes)
+        return Student(net, schedule=teacher.schedule, prediction_type=cfg.prediction_type, parameterization="denoiser",
+                       null_class_label=num_classes or None, sampler="ode",
+                       info={"teacher_hash": teacher.hash, "teacher": teacher.name, "data_shape": list(teacher.data_shape),
+                             "num_classes": num_classes})
 
-    bar.close()
+    out = Path(cfg.output_dir)
+    ckpt = "latest" if resume and latest_checkpoint(out / "checkpoints") is not None else None
+    rcfg = run_config(cfg)
+    if train_run(rcfg, load_teacher=lambda spec: teacher, build_student=build, resume=ckpt, log=log, stop_at=stop_at) is None:
+        return None
+    (out / "teacher_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     final = out / "teacher"
-    if accelerator.is_main_process:
-        net = accelerator.unwrap_model(model)
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
-        save_teacher_folder(net, cfg, num_classes, final, {"steps": step, "dataset": cfg.dataset})
-        ema.restore(net.parameters())
-        log(f"saved teacher to {final}")
-    accelerator.wait_for_everyone()
+    from students import load_student
+
+    ema = load_student(out / ("student_ema.safetensors" if cfg.ema_decay is not None else "student.safetensors"))
+    save_teacher_folder(ema.net, cfg, num_classes, final, {"steps": cfg.max_steps, "dataset": cfg.dataset})
+    log(f"saved teacher to {final}")
     return final

@@ -23,11 +23,12 @@ class StudentAndCritic(Objective):
     Options = CriticOptions
     instances: list = []  # the test reads the log of the one the trainer built
 
-    def __init__(self, options, *, teacher, student, cache=None):
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
         StudentAndCritic.instances.append(self)
         torch.manual_seed(1)
-        self.student, self.critic, self.lr, self.log = student, nn.Linear(2, 1), options.critic_lr, []
-        self.t_max = teacher.schedule.t_max
+        self.student, self.critic, self.lr, self.log = ctx.student, nn.Linear(2, 1), options.critic_lr, []
+        self.t_max = ctx.teacher.schedule.t_max
 
     def networks(self):
         return [Network("student", self.student, every=2, offset=0), Network("critic", self.critic, every=2, offset=1, lr=self.lr)]

@@ -1,42 +1,50 @@
 """The objective interface (DESIGN.md, contract 6): what a distillation method tells the trainer.
 
-An objective is a small class. It declares
+An objective is a small class built as ``cls(options, ctx)``: ``options`` is its validated ``Options``
+dataclass (config ``objective:``), ``ctx`` a ``Context`` with what the engine gives it:
+
+  * ``ctx.teacher``, ``ctx.student`` (a ``students.Student``, a ``NetDenoiser``), ``ctx.cache`` (a trajectory
+    cache or None), ``ctx.device``, ``ctx.num_processes``, ``ctx.process_index``;
+  * network factories: ``ctx.teacher_copy()`` (a trainable ``NetDenoiser`` copy of the teacher's network: the
+    fake score of VSD / DMD / f-distill), ``ctx.student_copy(trainable)`` (an EMA target, PSO's reference),
+    ``ctx.discriminator_head(net)`` (a small head on a network's bottleneck features), ``lora_disabled(net)``
+    (a context in which a LoRA student computes its frozen base network);
+  * ``ctx.reduce(tensor, "mean" | "sum")`` across processes (running statistics that must agree on all ranks).
+
+It declares
 
   (a) the networks it trains, ``networks() -> [Network(name, module, every, offset, lr, ...)]``: the
-      student first, then whatever else the method optimizes (a fake-score network, a discriminator
-      or density-ratio head). Each gets its own optimizer and LR scheduler; none is special to the trainer;
+      student first, then whatever else the method optimizes. Each gets its own optimizer, LR schedule,
+      clipping and parameter groups (config ``networks.<name>`` overrides the declaration, ``optim`` fills
+      the rest); none is special to the trainer;
   (b) which network updates at which step, ``updates(step) -> [names]`` (by default every network whose
-      ``step % every == offset``, in declaration order; override for anything else);
-  (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls (the
-      objective holds the teacher it was built with); ``"data"``: real samples ``batch.x0`` and labels;
-      ``"trajectories"``: rows of a trajectory cache ``batch.traj``; ``"pairs"``: target / reference
-      samples from the current student, which the objective makes itself in ``prepare`` (no grad);
-  (d) a loss per network, ``loss(name, nets, batch) -> [B]`` per-sample values.
+      ``step % every == offset``, in declaration order);
+  (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls;
+      ``"data"``: real samples ``batch.x0`` and labels; ``"trajectories"``: rows of a trajectory cache
+      ``batch.traj``; ``"pairs"``: target / reference samples the objective makes itself in ``prepare``;
+  (d) a loss per network, ``loss(name, nets, batch)``: per-sample values [B], or a dict with ``"loss"`` [B]
+      and named components (tensors or floats) that the trainer logs beside the total.
 
-The trainer reduces (mean), scales (mixed precision), clips, steps, and then calls
-``after_update(name, nets, step)`` (e.g. an EMA target update). Untrained state that must survive a
-resume (EMA targets, running statistics) is returned by ``helpers()``; the trainer moves it to the device,
-checkpoints it and restores it, without knowing what it is. All randomness comes from ``batch.g``, a
-generator that is a pure function of (seed, step, rank), which is what makes resume bit-identical.
+Other members: ``helpers()`` (untrained state that must survive a resume: EMA targets, running statistics;
+checkpointed by the trainer), ``frozen()`` (modules the trainer moves to the device and casts, never
+checkpointed: they are rebuilt), ``on_start(ctx, step)`` (after restore, without gradients: build a reference
+set once, warm statistics), ``prepare(batch, nets)`` (without gradients, networks in eval mode),
+``after_update(name, nets, step)`` (e.g. an EMA target update), and the class flags
+``find_unused_parameters`` (a loss leaves some trained parameters unused on some steps: DDP must know) and
+``supports_accumulation`` (losses that need the whole batch at once set it False).
 
-How the planned methods fit without changing the trainer:
-  * progressive distillation: one network (student), ``needs={"teacher", "data"}``, the loss builds the
-    two-DDIM-step target with a registered solver; halving rounds are separate runs (student -> teacher).
-  * SLAM: as consistency distillation plus the gamma interpolation inside the loss; EMA target in helpers.
-  * VSD / f-divergence / DMD: networks student, fake_score (and discriminator), each with its own lr and
-    ``every``; ``needs={"teacher"}`` (+ ``"data"`` for a GAN term); the generator loss reads the other
-    networks frozen (the trainer turns ``requires_grad`` off for networks not being updated).
-  * reflow: one network, ``needs={"trajectories"}`` (noise / sample pairs from the cache).
-  * PSO: one network, ``needs={"data", "pairs"}``; ``prepare`` draws reference samples from the student.
-
-``nets`` maps names to the modules as prepared by accelerate (DDP-wrapped where distributed): call
-those in losses so gradients synchronise; use ``unwrap(nets[name])`` for parameter arithmetic.
+The trainer reduces (mean), scales (mixed precision), clips, steps. All randomness comes from ``batch.g``, a
+generator that is a pure function of (seed, step, rank, micro-batch), which is what makes resume bit-identical.
+``nets`` maps names to modules: the network being updated as prepared by accelerate (DDP-wrapped where
+distributed: call it so gradients synchronise), the others unwrapped and frozen while it updates; use
+``unwrap(nets[name])`` for parameter arithmetic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -46,7 +54,8 @@ DATA_KINDS = ("teacher", "data", "trajectories", "pairs")
 
 @dataclass
 class Network:
-    """A trained network and its optimizer group. ``None`` fields take the run config's ``optim`` values."""
+    """A trained network and its optimizer settings. ``None`` fields take the config's values (``networks.<name>``
+    first, then ``optim``); ``param_groups`` are ``{"match": substring, "lr": ..., "weight_decay": ...}``."""
 
     name: str
     module: nn.Module
@@ -55,6 +64,8 @@ class Network:
     lr: float | None = None
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
+    grad_clip: float | None = None
+    param_groups: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +84,43 @@ class Batch:
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.randn(shape, generator=self.g, dtype=dtype).to(self.device)
 
+    def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.rand(shape, generator=self.g, dtype=dtype).to(self.device)
+
+
+@dataclass
+class Context:
+    """What the engine gives an objective (see the module doc)."""
+
+    teacher: Any
+    student: nn.Module
+    cache: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_processes: int = 1
+    process_index: int = 0
+    reducer: Callable[[torch.Tensor, str], torch.Tensor] | None = None
+
+    def reduce(self, value: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """``value`` reduced over every process (identity on one process)."""
+        if op not in ("mean", "sum"):
+            raise ValueError(f"unknown reduction {op!r}; allowed: mean, sum")
+        return value if self.reducer is None or self.num_processes == 1 else self.reducer(value, op)
+
+    def teacher_copy(self, trainable: bool = True) -> nn.Module:
+        from distill.roles import teacher_copy
+
+        return teacher_copy(self.teacher, trainable)
+
+    def student_copy(self, trainable: bool = False) -> nn.Module:
+        from distill.roles import module_copy
+
+        return module_copy(self.student, trainable)
+
+    def discriminator_head(self, net: nn.Module, **kwargs) -> nn.Module:
+        from distill.roles import discriminator_head
+
+        return discriminator_head(net, self.teacher.data_shape, **kwargs)
+
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The bare module inside a DDP / accelerate wrapper."""
@@ -87,6 +135,11 @@ class Objective:
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = object  # a dataclass of method options, validated from config ``objective``
+    find_unused_parameters: ClassVar[bool] = False  # some trained parameters unused on some steps (DDP)
+    supports_accumulation: ClassVar[bool] = True  # losses may be computed on micro-batches
+
+    def __init__(self, options, ctx: Context):
+        self.o, self.ctx = options, ctx
 
     def networks(self) -> list[Network]:
         raise NotImplementedError
@@ -94,8 +147,15 @@ class Objective:
     def helpers(self) -> dict[str, nn.Module]:
         return {}
 
+    def frozen(self) -> dict[str, nn.Module]:
+        return {}
+
+    def on_start(self, ctx: Context, step: int) -> None:
+        pass
+
     def updates(self, step: int) -> list[str]:
-        return [n.name for n in self.networks() if step % n.every == n.offset]
+        specs = getattr(self, "_specs", None) or self.networks()  # the trainer stores them with config overrides applied
+        return [n.name for n in specs if step % n.every == n.offset]
 
     def prepare(self, batch: Batch, nets: dict[str, nn.Module]) -> Batch:
         return batch
@@ -105,6 +165,15 @@ class Objective:
 
     def after_update(self, name: str, nets: dict[str, nn.Module], step: int) -> None:
         pass
+
+    def save_result(self, folder: Path, student: nn.Module, ema: nn.Module | None, training_config: dict, final: bool) -> None:
+        """Write the run's product into ``folder`` (a checkpoint, or the run folder when ``final``): by default the
+        student file and its EMA, LoRA merged only at the end (``distill.export``)."""
+        from distill.export import EMA_FILE, STUDENT_FILE, save_student
+
+        save_student(student, folder / STUDENT_FILE, merge_lora=final, training_config=training_config)
+        if ema is not None:
+            save_student(ema, folder / EMA_FILE, merge_lora=final, training_config=training_config)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}

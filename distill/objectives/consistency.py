@@ -18,17 +18,15 @@ instead (its grid is then the discretization and no teacher is called during tra
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
 from distill.config import ConfigError, at_least, choice
 from distill.denoisers import classifier_free_guidance
-from distill.grids import GRIDS, explicit_grid, make_grid
+from distill.grids import GRIDS, make_grid
+from distill.losses import add_noise, distance, grouped_step
 from distill.objectives.base import Batch, Network, Objective, ema_update, register_objective, unwrap
-from distill.param import append_dims
 from distill.solvers import SOLVERS
 
 
@@ -44,25 +42,17 @@ class ConsistencyOptions:
     guidance_scale: float | None = None  # classifier-free guidance of the teacher (needs class labels)
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float | None = None) -> torch.Tensor:
-    """Per-sample distance between two batches."""
-    diff = (a - b).flatten(1)
-    if kind == "l2":
-        return diff.pow(2).mean(1)
-    c = 0.00054 * math.sqrt(diff.shape[1]) if huber_c is None else huber_c
-    return (diff.pow(2).sum(1) + c * c).sqrt() - c
-
-
 @register_objective
 class ConsistencyDistillation(Objective):
     name = "consistency"
     needs = frozenset({"teacher", "data"})
     Options = ConsistencyOptions
 
-    def __init__(self, options: ConsistencyOptions, *, teacher, student, cache=None):
-        self.o, self.teacher, self.student = options, teacher, student
-        self.schedule = teacher.schedule
-        self.target = copy.deepcopy(student).requires_grad_(False)
+    def __init__(self, options: ConsistencyOptions, ctx):
+        super().__init__(options, ctx)
+        teacher, cache = ctx.teacher, ctx.cache
+        self.teacher, self.student, self.schedule = teacher, ctx.student, teacher.schedule
+        self.target = ctx.student_copy(trainable=False)
         if options.source == "trajectories":
             if cache is None:
                 raise ConfigError("objective.source is 'trajectories' but the config names no 'trajectories' cache folder")
@@ -81,23 +71,14 @@ class ConsistencyDistillation(Objective):
         return {"target": self.target}
 
     # -- the pair (x_{t_{n+1}}, x^_{t_n}) --------------------------------------------------------------
-    @torch.no_grad()
-    def _teacher_step(self, x: torch.Tensor, j: torch.Tensor, cond) -> torch.Tensor:
-        """One solver step from ts[j] to ts[j + 1] for every sample, grouped by j (one grid per group)."""
-        out, step = torch.empty_like(x), SOLVERS[self.o.solver].fn
-        for jj in j.unique().tolist():
-            m = j == jj
-            grid = explicit_grid(self.schedule, self.ts[jj:jj + 2], final="t_min")
-            out[m] = step(self.denoiser, x[m], grid, schedule=self.schedule, cond=None if cond is None else cond[m])
-        return out
-
     def _pair_from_data(self, batch: Batch):
         x0 = batch.x0
         j = torch.randint(0, len(self.ts) - 1, (len(x0),), generator=batch.g).to(x0.device)
         z = batch.randn(x0.shape, x0.dtype)
-        log_a, log_s = self.schedule.log_alpha_sigma(self.ts[j.cpu()])
-        x_next = append_dims(log_a.exp(), x0.ndim).to(x0) * x0 + append_dims(log_s.exp(), x0.ndim).to(x0) * z
-        return x_next, j, self._teacher_step(x_next, j, batch.cond)
+        x_next = add_noise(self.schedule, x0, z, self.ts[j.cpu()])
+        x_cur = grouped_step(SOLVERS[self.o.solver].fn, self.denoiser, x_next, self.ts[j.cpu()], self.ts[j.cpu() + 1],
+                             self.schedule, batch.cond)
+        return x_next, j, x_cur
 
     def _pair_from_cache(self, batch: Batch):
         states = batch.traj["states"]  # [B, K + 1, ...] at the cache grid ts
