@@ -272,3 +272,23 @@ def test_bench_refuses_a_student_of_another_teacher(mlp_student_file, tmp_path, 
     rows = list(csv.DictReader(open(tmp_path / "o" / "fid_vs_nfe.csv")))
     student_rows = [r for r in rows if r["kind"] == "student"]
     assert [(r["teacher_hash"], r["student_teacher_hash"]) for r in student_rows] == [(ring8, aniso)]
+
+
+# -- tune_steps.py, train_classifier.py ------------------------------------------------------------------
+def test_tune_steps_batch_size_zero(mlp_student_file, tmp_path, capsys):
+    argv = [str(mlp_student_file), "--out", str(tmp_path / "t.safetensors"), "--num-samples", "4", "--batch-size", "0"]
+    message = refused(load_script("tune_steps").main, argv, capsys)
+    assert "--batch-size >= 1, got 4, 16 and 0" in message and not (tmp_path / "t.safetensors").exists()
+
+
+def test_tune_steps_out_is_a_folder(mlp_student_file, existing, capsys):
+    before = snapshot(existing)
+    message = refused(load_script("tune_steps").main, [str(mlp_student_file), "--out", str(existing), "--num-samples", "4"], capsys)
+    assert f"--out {str(existing)!r} is a folder, but a file is expected there" in message
+    assert snapshot(existing) == before
+
+
+def test_train_classifier_batch_size_zero(tmp_path, capsys):
+    message = refused(load_script("train_classifier").main, ["--batch-size", "0", "--out", str(tmp_path / "c.safetensors")], capsys)
+    assert "--epochs and --batch-size must be at least 1, got 30 and 0" in message
+    assert not (tmp_path / "c.safetensors").exists()
