@@ -4,8 +4,15 @@ import json
 
 import pytest
 
-from distill.checkpoint import (MANIFEST, checkpoint_problem, complete_checkpoints, latest_checkpoint, latest_valid_checkpoint,
-                                save_checkpoint, skipped_messages)
+from distill.checkpoint import (
+    MANIFEST,
+    checkpoint_problem,
+    complete_checkpoints,
+    latest_checkpoint,
+    latest_valid_checkpoint,
+    save_checkpoint,
+    skipped_messages,
+)
 
 
 def _write(step):
