@@ -3,11 +3,14 @@
 A field may declare ``metadata={"choices": (...)}`` or ``metadata={"min": v}``. ``from_dict`` rejects
 unknown keys and wrong types with one sentence that names the dotted key and the allowed values;
 ``to_dict`` gives plain data for ``config.yaml``. ``--set a.b=value`` overrides reach nested keys.
+YAML 1.1 reads exponent literals without a dot or an exponent sign (``1e-4``, ``1e30``, ``5E-3``) as strings:
+a float field takes such a string as the float it spells; a string field keeps it as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -48,10 +51,38 @@ def merge(base: dict, over: dict) -> dict:
 def read_yaml(path: str | Path | None) -> dict:
     if path is None:
         return {}
-    raw = yaml.safe_load(Path(path).read_text())
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a YAML mapping, got {type(raw).__name__}")
     return raw or {}
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'<problem> at line L, column C' from a PyYAML error (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _takes_float_not_str(tp) -> bool:
+    """Whether a field of type ``tp`` accepts a float but not a string (float, float | None, ...)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return float in args and str not in args and Any not in args
+
+
+def _float_literal(value: Any, tp) -> Any:
+    """``value`` as a float when it is a string spelling a number and the field takes a float, not a string."""
+    if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()) and _takes_float_not_str(tp):
+        return float(value)
+    return value
 
 
 def _type_ok(value: Any, tp) -> bool:
@@ -99,6 +130,7 @@ def from_dict(cls, raw: dict | None, prefix: str = ""):
     kwargs = {}
     for name, value in raw.items():
         key, tp = prefix + name, hints[name]
+        value = _float_literal(value, tp)
         sub = _dataclass_arg(tp)
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, key + ".")

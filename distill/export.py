@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.checkpoint import latest_checkpoint
+from distill.checkpoint import latest_valid_checkpoint, skipped_messages
 from distill.lora import has_lora, merged_copy
 
 FORMAT = "fewstep-distill/student"
@@ -47,8 +47,11 @@ def save_student(student, path: str | Path, *, merge_lora: bool = True, training
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when the write or the rename failed
     return path
 
 
@@ -74,15 +77,17 @@ def read_student_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return state, meta
 
 
-def resolve_student_file(src: str | Path, ema: bool = False) -> Path:
-    """The student file of a run folder (its final file, else its latest complete checkpoint), of a
-    checkpoint folder, or ``src`` itself when it is a file."""
+def resolve_student_file(src: str | Path, ema: bool = False, log=None) -> Path:
+    """The student file of a run folder (its final file, else its latest valid checkpoint; ``log`` gets one
+    sentence per newer checkpoint skipped as damaged), of a checkpoint folder, or ``src`` itself when it is a file."""
     src, name = Path(src), EMA_FILE if ema else STUDENT_FILE
     if src.is_file():
         return src
     if (src / name).is_file():
         return src / name
-    ckpt = latest_checkpoint(src / "checkpoints")
+    ckpt, skipped = latest_valid_checkpoint(src / "checkpoints")
+    for message in skipped_messages(skipped) if log else ():
+        log(message)
     if ckpt is not None and (ckpt / name).is_file():
         return ckpt / name
     what = "EMA student" if ema else "student"
@@ -90,17 +95,26 @@ def resolve_student_file(src: str | Path, ema: bool = False) -> Path:
                             f"under checkpoints/, or in a checkpoint folder")
 
 
+def check_diffusers_exportable(student) -> None:
+    """Raise ValueError (one sentence) unless ``save_diffusers`` can save ``student``: call it before writing anything."""
+    if not hasattr(student.net, "save_pretrained"):
+        raise ValueError(f"only diffusers networks can be saved as a diffusers folder (--diffusers), not "
+                         f"{type(student.net).__name__}")
+
+
 def save_diffusers(student, folder: str | Path) -> Path:
     """Save a UNet student as a diffusers folder: ``unet/`` (LoRA merged) + ``student.json`` (the metadata)."""
+    check_diffusers_exportable(student)
     net = merged_copy(student.net) if has_lora(student.net) else student.net
-    if not hasattr(net, "save_pretrained"):
-        raise ValueError(f"only diffusers networks can be saved as a diffusers folder, not {type(net).__name__}")
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(tmp / "unet")
-    meta = {**student.metadata(), "format": FORMAT, "network_class": type(net).__name__, "lora": "null"}
-    (tmp / "student.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    try:
+        net.save_pretrained(tmp / "unet")
+        meta = {**student.metadata(), "format": FORMAT, "network_class": type(net).__name__, "lora": "null"}
+        (tmp / "student.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there when a write or the rename failed
     return folder

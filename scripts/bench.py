@@ -31,6 +31,7 @@ from distill.data import SPLITS, load_dataset
 from distill.eval import bench as lib
 from distill.eval.fid import EXTRACTOR, INCEPTION
 from distill.grids import GRIDS
+from distill.paths import check_output_dir
 from distill.solvers import SOLVERS
 from teachers import load_teacher
 
@@ -46,6 +47,8 @@ def parse_args(argv=None):
                    help="direct: the last step goes straight to clean (diffusers); clean: a step from t_min to clean (k-diffusion)")
     p.add_argument("--students", default="", help="comma-separated paths of exported student files")
     p.add_argument("--student-steps", default="1,2,4", help="comma-separated step counts for the students")
+    p.add_argument("--allow-other-teacher", action="store_true", help="bench students distilled from another teacher "
+                   "(their rows record both teacher hashes)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale of the solvers")
     p.add_argument("--unconditional", action="store_true", help="sample a class-conditional teacher with label -1")
     p.add_argument("--num-samples", type=int, default=5000, help="samples per cell")
@@ -109,7 +112,7 @@ def make_metric(teacher, cfg: lib.BenchConfig, args):
                      kid_subset_size=args.kid_subset_size, floor_set=floor, floor_name=f"{floor_split} vs {args.reference}")
 
 
-def load_students(paths: list[str], teacher) -> dict:
+def load_students(paths: list[str], teacher, allow_other_teacher: bool = False) -> dict:
     """{name: student} through ``students.load_student`` (name: the file's stem, or its path when stems clash)."""
     if not paths:
         return {}
@@ -124,7 +127,7 @@ def load_students(paths: list[str], teacher) -> dict:
     names = [s if stems.count(s) == 1 else p for s, p in zip(stems, paths)]
     loaded = {name: load_student(path) for name, path in zip(names, paths)}
     for name, student in loaded.items():
-        lib.check_student(teacher, name, student)
+        lib.check_student(teacher, name, student, allow_other_teacher)
     return loaded
 
 
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
             return 0
         if args.teacher is None:
             raise ValueError("--teacher is required (unless --plot-only)")
+        check_output_dir(args.out, "--out")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} needs a GPU, but torch sees none; use --device cpu")
         solvers = lib.parse_solvers(args.solvers)
         nfes = lib.parse_int_list(args.nfe, "--nfe")
         student_paths = [p for p in args.students.split(",") if p]
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
                           device=args.device)
         cfg.validate(teacher)
         metric = make_metric(teacher, cfg, args)
-        students = load_students(student_paths, teacher)
+        students = load_students(student_paths, teacher, args.allow_other_teacher)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     cells = lib.plan_cells(solvers, nfes, list(students), student_steps)

@@ -19,7 +19,8 @@ import argparse
 import json
 import sys
 
-from distill.export import read_student_file, resolve_student_file, save_diffusers, save_student
+from distill.export import check_diffusers_exportable, read_student_file, resolve_student_file, save_diffusers, save_student
+from distill.paths import check_output_dir, check_output_file
 from students import load_student
 
 
@@ -32,8 +33,13 @@ def main(argv=None) -> int:
     p.add_argument("--keep-lora", action="store_true", help="keep a LoRA adapter separate instead of merging it")
     args = p.parse_args(argv)
     try:
-        src = resolve_student_file(args.source, ema=args.ema)
+        check_output_file(args.out, "--out")
+        if args.diffusers:
+            check_output_dir(args.diffusers, "--diffusers")
+        src = resolve_student_file(args.source, ema=args.ema, log=print)
         student = load_student(src)
+        if args.diffusers:
+            check_diffusers_exportable(student)  # before --out is written
         _, meta = read_student_file(src)
         config = json.loads(meta.get("training_config", "{}"))
         save_student(student, args.out, merge_lora=not args.keep_lora, training_config=config)

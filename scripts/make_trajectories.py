@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from distill.grids import FINALS, GRIDS
+from distill.paths import check_output_dir
 from distill.trajectories import generate
 from teachers import load_teacher
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         teacher = load_teacher(args.teacher)
         out = generate(teacher, args.out, solver=args.solver, nfe=args.nfe, num_samples=args.num_samples,
                        shard_size=args.shard_size, grid=args.grid, final=args.final, guidance_scale=args.guidance_scale,

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from distill.eval.plots import save_image_grid, save_scatter_2d
 from distill.grids import FINALS, GRIDS
+from distill.paths import check_output_dir
 from distill.solvers import SOLVERS, per_sample_noise, sample
 from teachers import load_teacher
 
@@ -42,18 +43,40 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+OUTPUT_FILES = ("samples.safetensors", "samples.png", "sample_args.json")
+
+
+def guidance_problem(args, teacher) -> str | None:
+    """Why --guidance-scale cannot act with this teacher and label (it would be a silent no-op or fail late)."""
+    if args.guidance_scale is None:
+        return None
+    if args.class_label is None:
+        return "--guidance-scale needs --class-label"
+    if not teacher.num_classes:
+        return f"--guidance-scale needs a class-conditional teacher; {teacher.name!r} is unconditional (drop --guidance-scale)"
+    if not teacher.has_uncond:
+        return (f"--guidance-scale needs a teacher with an unconditional mode; {teacher.name!r} is class-conditional "
+                f"without one (drop --guidance-scale)")
+    if args.class_label == -1:
+        return (f"--guidance-scale with --class-label -1 (unconditional) changes nothing: guidance pushes the unconditional "
+                f"model towards a class, so give --class-label 0..{teacher.num_classes - 1} or drop --guidance-scale")
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.solver not in SOLVERS:
         sys.exit(f"error: unknown solver {args.solver!r}; valid solvers: {', '.join(sorted(SOLVERS))}")
-    if args.n < 1 or args.nfe < 1:
-        sys.exit("error: --n and --nfe must be at least 1")
+    if args.n < 1 or args.nfe < 1 or args.batch_size < 1:
+        sys.exit(f"error: --n, --nfe and --batch-size must be at least 1, got {args.n}, {args.nfe} and {args.batch_size}")
     try:
+        check_output_dir(args.out, "--out", files=OUTPUT_FILES)
         teacher = load_teacher(args.teacher)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if args.guidance_scale is not None and args.class_label is None:
-        sys.exit("error: --guidance-scale needs --class-label")
+    problem = guidance_problem(args, teacher)
+    if problem:
+        sys.exit(f"error: {problem}")
     dtype = torch.float64 if args.teacher.startswith("gmm:") else torch.float32
     seeds = list(range(args.seed, args.seed + args.n))
     out = []

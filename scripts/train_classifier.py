@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        p.error(f"--epochs and --batch-size must be at least 1, got {args.epochs} and {args.batch_size}")
     train, held = load_dataset("mnist16", "train"), load_dataset("mnist16", "heldout")
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)

@@ -30,6 +30,7 @@ import torch
 from distill.data import SPLITS, load_dataset
 from distill.eval.tune import candidate_times, fid_score, greedy_timesteps
 from distill.export import read_student_file, save_student
+from distill.paths import check_output_file
 from students import load_student
 from students.student import MAX_SAMPLING_STEPS
 
@@ -53,8 +54,10 @@ def main(argv=None) -> int:
     try:
         if not 2 <= args.max_steps <= MAX_SAMPLING_STEPS:
             raise ValueError(f"--max-steps must be between 2 and {MAX_SAMPLING_STEPS}, got {args.max_steps}")
-        if args.num_samples < 2 or args.candidates < 1:
-            raise ValueError(f"need --num-samples >= 2 and --candidates >= 1, got {args.num_samples} and {args.candidates}")
+        if args.num_samples < 2 or args.candidates < 1 or args.batch_size < 1:
+            raise ValueError(f"need --num-samples >= 2, --candidates >= 1 and --batch-size >= 1, got {args.num_samples}, "
+                             f"{args.candidates} and {args.batch_size}")
+        check_output_file(args.out, "--out")
         student = load_student(args.student)
         _, meta = read_student_file(args.student)
         reference = load_dataset(args.reference_dataset, args.reference_split).x

@@ -6,14 +6,27 @@ module``; every module takes ``(x, t, class_labels)`` and has a ``config`` mappi
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from distill.nets import TimeMLP
 
 
+def check_model_keys(arch: str, cls, kwargs: dict, fixed: tuple[str, ...]) -> None:
+    """``student.model`` keys that ``cls.__init__`` does not take (or that the builder sets) -> one sentence."""
+    params = inspect.signature(cls.__init__).parameters
+    allowed = sorted(k for k, p in params.items() if k != "self" and k not in fixed and p.kind is p.POSITIONAL_OR_KEYWORD)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown student.model key(s) {', '.join(unknown)} for student arch {arch!r} "
+                         f"({cls.__name__}); allowed: {', '.join(allowed)}")
+
+
 def _mlp(data_shape, num_class_embeds, **kwargs):
     if len(data_shape) != 1:
         raise ValueError(f"student arch 'mlp' is for vector data; the teacher's data shape is {list(data_shape)} (use 'unet')")
+    check_model_keys("mlp", TimeMLP, kwargs, fixed=("dim", "num_class_embeds"))
     return TimeMLP(dim=data_shape[0], num_class_embeds=num_class_embeds, **kwargs)
 
 
@@ -22,6 +35,7 @@ def _unet(data_shape, num_class_embeds, **kwargs):
 
     if len(data_shape) != 3:
         raise ValueError(f"student arch 'unet' is for images [C, H, W]; the teacher's data shape is {list(data_shape)}")
+    check_model_keys("unet", UNet2DModel, kwargs, fixed=("num_class_embeds",))
     base = {"sample_size": data_shape[1], "in_channels": data_shape[0], "out_channels": data_shape[0]}
     return UNet2DModel(num_class_embeds=num_class_embeds, **{**base, **kwargs})
 

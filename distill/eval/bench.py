@@ -33,7 +33,7 @@ CSV = "fid_vs_nfe.csv"
 PNG = "fid_vs_nfe.png"
 TABLE = "fid_vs_nfe.md"
 FIELDS = ["method", "kind", "nfe", "steps", "fid", "kid", "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample",
-          "guidance_scale", "grid", "final", "labels", "teacher", "teacher_hash", "reference_id"]
+          "guidance_scale", "grid", "final", "labels", "teacher", "teacher_hash", "reference_id", "student_teacher_hash"]
 # settings shared by every row of one benchmark; a cell is done when a row has its kind, method, NFE and these
 CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id")
 EXACT_METRICS = {"ode_rmse": "RMSE vs exact ODE solution", "swd": "sliced W2 to data", "nll": "NLL under the true density"}
@@ -159,11 +159,19 @@ def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor 
         return student.sample(noise, steps=steps, cond=cond)
 
 
-def check_student(teacher, name: str, student) -> None:
-    """A student that records the hash of the teacher it was distilled from must match the bench's teacher."""
-    want = getattr(student, "teacher_hash", None)
-    if want and want != teacher.hash:
-        raise ValueError(f"student {name!r} was distilled from teacher {want[:12]}, not from {teacher.name!r} ({teacher.hash[:12]})")
+def check_student(teacher, name: str, student, allow_other_teacher: bool = False) -> None:
+    """A student that records the hash of the teacher it was distilled from must match the bench's teacher
+    (unless ``allow_other_teacher``; its rows then carry both hashes)."""
+    want = student_teacher_hash(student)
+    if want and want != teacher.hash and not allow_other_teacher:
+        made_from = student.info.get("teacher") or "another teacher"
+        raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the bench "
+                         f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to bench it anyway")
+
+
+def student_teacher_hash(student) -> str:
+    """The hash of the teacher a student was distilled from ('' when its file does not record one)."""
+    return str(getattr(student, "info", {}).get("teacher_hash", "")) if student is not None else ""
 
 
 def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch.Tensor, float]:
@@ -315,7 +323,8 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
         if cfg.save_images:
             save_png_folder(x, out / "images" / cell.name)
         rows.append({"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe), "steps": str(cell.steps), **metric(x),
-                     "seconds_per_sample": seconds / len(x), "teacher": teacher.name, **config})
+                     "seconds_per_sample": seconds / len(x), "teacher": teacher.name, **config,
+                     "student_teacher_hash": student_teacher_hash(students.get(cell.method))})
         write_rows(csv_path, rows, FIELDS)
     n_floor = metric.floor_size(cfg.num_samples)
     floor_config = {**config, "num_samples": str(n_floor)}
