@@ -49,10 +49,20 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from distill.checkpoint import batch_indices, complete_checkpoints, latest_checkpoint, read_manifest, save_checkpoint, step_generator
+from distill.checkpoint import (
+    batch_indices,
+    checkpoint_problem,
+    complete_checkpoints,
+    latest_valid_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    skipped_messages,
+    step_generator,
+)
 from distill.config import ConfigError
 from distill.export import STUDENT_FILE
 from distill.objectives.base import Batch, Context, Network, Objective, ema_update, unwrap
+from distill.paths import check_output_dir
 from distill.run_config import NetworkOptim, RunConfig, objective_options
 
 CONFIG_FILE = "config.yaml"
@@ -336,18 +346,25 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
 
 
 # -- resume, run files, logging ---------------------------------------------------------------------------
-def resolve_resume(out: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: None (fresh run), ``latest`` or a checkpoint folder."""
+def resolve_resume(out: Path, resume: str | None, log=print) -> Path | None:
+    """The checkpoint to resume from: None (fresh run), ``latest`` (the newest valid one; damaged newer ones are
+    skipped with a note each) or a checkpoint folder (refused, with the reason, when damaged)."""
     if resume is None:
-        if latest_checkpoint(out / "checkpoints") is not None:
+        if complete_checkpoints(out / "checkpoints") or latest_valid_checkpoint(out / "checkpoints")[1]:
             raise ValueError(f"run folder {str(out)!r} already has checkpoints; resume with --resume latest or "
                              f"choose another --output-dir")
         return None
     if resume == "latest":
-        return latest_checkpoint(out / "checkpoints")
+        found, skipped = latest_valid_checkpoint(out / "checkpoints")
+        for message in skipped_messages(skipped):
+            log(message)
+        return found
     path = Path(resume)
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{resume!r} is not a complete checkpoint folder (no manifest.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {resume!r} cannot be resumed: {problem}")
     return path
 
 
@@ -383,7 +400,7 @@ def restore(run: Run, ckpt: Path | None, log) -> int:
     return step
 
 
-def open_run_files(run: Run, step: int) -> None:
+def open_run_files(run: Run, step: int, log=print) -> None:
     """config.yaml, metrics.jsonl (lines after ``step`` from an interrupted run dropped), TensorBoard."""
     if not run.accelerator.is_main_process:
         return
@@ -391,7 +408,15 @@ def open_run_files(run: Run, step: int) -> None:
     (run.out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
     metrics = run.out / "metrics.jsonl"
     if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line) if line else None
+            except json.JSONDecodeError:  # a partial last line left by a kill
+                log(f"note: dropped an unreadable line of {metrics} (a write interrupted by a kill)")
+                continue
+            if row is not None and row["step"] <= step:
+                kept.append(line)
         metrics.write_text("".join(line + "\n" for line in kept))
     if run.cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -408,7 +433,7 @@ def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log
         for name, rows in run.history.items():
             keys = [k for k in rows[-1] if k != "lr"]
             row = {"step": step, "network": name, **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
-                   "lr": rows[-1]["lr"], "seconds_per_step": seconds}
+                   "lr": rows[-1]["lr"], "seconds_per_step": seconds, "updates_averaged": len(rows)}
             f.write(json.dumps(row) + "\n")
             parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))
             log(f"step {step}/{run.cfg.max_steps} {name}: loss {row['loss']:.5f} grad_norm {row['grad_norm']:.3g} "
@@ -465,8 +490,8 @@ def check_finite(run: Run, value: torch.Tensor, what: str, name: str, step: int)
         flag = run.accelerator.gather(flag).min()
     if not bool(flag):
         last = run.last_checkpoint or "none (no checkpoint was written yet)"
-        raise NonFiniteError(f"non-finite {what} ({float(value.detach()):g}) at step {step} in network {name!r}; the run "
-                             f"stopped, its last good checkpoint is {last}")
+        raise NonFiniteError(f"non-finite {what} ({float(value.detach()):g}) at step {step + 1} (counted as in the log) in "
+                             f"network {name!r}; the run stopped, its last good checkpoint is {last}")
 
 
 def split_loss(out) -> tuple[torch.Tensor, dict[str, float]]:
@@ -555,13 +580,14 @@ def finish(run: Run, log) -> Path:
 def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) -> tuple[Run, int]:
     """Everything before the first step: checks, accelerator, networks, restore, run files, ``on_start``."""
     check_tensorboard(cfg)
-    ckpt = resolve_resume(Path(cfg.output_dir), resume)
+    check_output_dir(cfg.output_dir, "output_dir")
+    ckpt = resolve_resume(Path(cfg.output_dir), resume, log)
     check_resume_config(cfg, ckpt)
     cls, _ = objective_options(cfg.objective)
     accelerator = make_accelerator(cfg, cls.find_unused_parameters)
     run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
     step = restore(run, ckpt, log)
-    open_run_files(run, step)
+    open_run_files(run, step, log)
     with torch.no_grad():
         run.objective.on_start(run.ctx, step)
     for net in run.nets.values():

@@ -292,3 +292,48 @@ def test_train_classifier_batch_size_zero(tmp_path, capsys):
     message = refused(load_script("train_classifier").main, ["--batch-size", "0", "--out", str(tmp_path / "c.safetensors")], capsys)
     assert "--epochs and --batch-size must be at least 1, got 30 and 0" in message
     assert not (tmp_path / "c.safetensors").exists()
+
+
+# -- the trainer's own guards (resume, max_steps, metrics, guidance) ------------------------------------------
+TEACHER_TINY = ["dataset=ring8", "arch=mlp", "model={hidden: 16, layers: 1}", "class_conditional=false", "batch_size=16",
+                "max_steps=4", "checkpoint_every=2", "log_every=2"]
+
+
+def test_train_teacher_no_resume_into_a_folder_with_checkpoints_is_refused(tmp_path, capsys):
+    main = load_script("train_teacher").main
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "teachers" / "ring8_mlp.yaml")
+    out = tmp_path / "t"
+    assert main(["--config", cfg, "--output-dir", str(out), "--set", *TEACHER_TINY]) == 0
+    before = snapshot(out)
+    message = refused(main, ["--config", cfg, "--output-dir", str(out), "--no-resume", "--set", *TEACHER_TINY, "max_steps=2"], capsys)
+    assert "already has checkpoints" in message and snapshot(out) == before
+    message = refused(main, ["--config", cfg, "--output-dir", str(out), "--set", *TEACHER_TINY, "lr=0.01", "max_steps=6"], capsys)
+    assert "differs from the one checkpoint" in message and "optim.lr" in message and snapshot(out) == before
+    for script, extra in (("train_teacher", ["--config", cfg, "--set", *TEACHER_TINY]), ("distill", distill_argv(tmp_path / "d"))):
+        message = refused(load_script(script).main, [*extra, "--output-dir", str(tmp_path / "zero"), "--max-steps", "0"], capsys)
+        assert "'max_steps' must be at least 1, got 0" in message
+
+
+def test_partial_metrics_line_is_dropped_with_a_note(tmp_path):
+    out = tmp_path / "r"
+    assert run(tiny_cfg(out, "max_steps=8"), stop_at=4) is None
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "netw')  # what a kill mid-write leaves
+    messages = []
+    run(tiny_cfg(out, "max_steps=8"), resume="latest", log=messages.append)
+    assert any("dropped an unreadable line" in m for m in messages)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(r)["step"] for r in rows] == [2, 4, 6, 8]
+
+
+def test_guidance_with_an_unconditional_teacher_names_the_key_before_any_file(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    from conftest import save_teacher_folder
+    from teachers.toy_mlp import ToyMLP
+
+    teacher = save_teacher_folder(tmp_path / "uncond", ToyMLP(dim=2, hidden=8, layers=1), DDPMScheduler())
+    out = tmp_path / "g"
+    message = refused(load_script("distill").main, distill_argv(out, f"teacher={teacher}", "objective.guidance_scale=2.0"), capsys)
+    assert "'objective.guidance_scale' needs a class-conditional teacher with an unconditional mode" in message
+    assert not out.exists()

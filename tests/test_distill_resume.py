@@ -56,7 +56,7 @@ def test_run_folder_with_checkpoints_needs_resume(tmp_path):
 
 def test_nan_loss_stops_with_step_and_network_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "nan", "debug_nan_step=6")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 6 in network 'student'.*step-4"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 7 \(counted as in the log\) in network 'student'.*step-4"):
         run(cfg)
     assert [p.name for p in complete_checkpoints(tmp_path / "nan" / "checkpoints")] == ["step-4"]
     assert not (tmp_path / "nan" / "student.safetensors").exists()
@@ -72,7 +72,7 @@ def test_nan_gradient_is_caught_too(tmp_path, monkeypatch):
         return value + (0.0 * value).sqrt() if batch.step == 5 else value
 
     monkeypatch.setattr(ConsistencyDistillation, "loss", loss_with_nan_gradient)
-    with pytest.raises(NonFiniteError, match=r"gradient norm .* at step 5 in network 'student'"):
+    with pytest.raises(NonFiniteError, match=r"gradient norm .* at step 6 \(counted as in the log\) in network 'student'"):
         run(tiny_cfg(tmp_path / "nan_grad"))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import load_script, save_teacher_folder
-from distill_helpers import ROOT, RING8, TINY, run, same_tensors, subprocess_env, tensors, tiny_cfg
+from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tensors, tiny_cfg
 from toy_objectives import NoOptions  # noqa: F401  (registers the toy objectives)
 
 from distill.config import ConfigError

@@ -61,6 +61,9 @@ class ConsistencyDistillation(Objective):
         else:
             self.ts = make_grid(self.schedule, options.num_scales - 1, options.grid, final="t_min")
         self.denoiser = teacher.denoise
+        if options.guidance_scale is not None and not (teacher.num_classes and teacher.has_uncond):
+            raise ConfigError(f"config key 'objective.guidance_scale' needs a class-conditional teacher with an unconditional "
+                              f"mode; {teacher.name!r} has {teacher.num_classes} classes (set it to null)")
         if options.guidance_scale is not None:
             self.denoiser = classifier_free_guidance(teacher.denoise, options.guidance_scale)
 
