@@ -327,9 +327,9 @@ def test_partial_metrics_line_is_dropped_with_a_note(tmp_path):
 
 
 def test_guidance_with_an_unconditional_teacher_names_the_key_before_any_file(tmp_path, capsys):
+    from conftest import save_teacher_folder
     from diffusers import DDPMScheduler
 
-    from conftest import save_teacher_folder
     from teachers.toy_mlp import ToyMLP
 
     teacher = save_teacher_folder(tmp_path / "uncond", ToyMLP(dim=2, hidden=8, layers=1), DDPMScheduler())
