@@ -458,7 +458,7 @@ def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
         batch.cond = run.data[1][idx].to(acc.device) if cfg.student.class_conditional else None
     if run.cache is not None:
         idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
-        batch.traj = run.cache.rows(idx)
+        batch.traj = run.cache.rows(idx, run.objective.cache_keys)
         if batch.cond is None and cfg.student.class_conditional:
             batch.cond = batch.traj["label"].to(acc.device)
     nets = {n: unwrap(m) for n, m in run.nets.items()}

@@ -113,28 +113,49 @@ def generate(teacher, out: str | Path, *, log=print, **settings) -> Path:
     return out
 
 
+KEYS = ("noise", "states", "sample", "label")
+
+
 class TrajectoryCache:
-    """A complete cache, loaded into memory (the sizes this workbench trains on)."""
+    """A complete cache, read lazily: shards are opened memory-mapped on first use and ``rows`` reads only the
+    rows and keys asked for, so a 100k-sample cache is never loaded whole into each process."""
 
     def __init__(self, folder: str | Path):
-        from safetensors.torch import load_file
-
         self.folder = Path(folder)
         if not (self.folder / MANIFEST).is_file():
             raise FileNotFoundError(f"{str(self.folder)!r} is not a trajectory cache (no {MANIFEST})")
-        self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        m, parts = self.manifest, []
+        self.manifest = m = json.loads((self.folder / MANIFEST).read_text())
         for k in range(m["num_shards"]):
             if not shard_complete(_shard_path(self.folder, k), _shard_count(m, k)):
                 raise ValueError(f"trajectory cache {str(self.folder)!r} is incomplete (shard {k} missing or truncated); "
                                  f"rerun scripts/make_trajectories.py with the same arguments to finish it")
-            parts.append(load_file(str(_shard_path(self.folder, k))))
-        self.data = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         self.ts = torch.tensor(m["ts"], dtype=torch.float64)
-        self.num_samples = m["num_samples"]
+        self.num_samples, self.shard_size = m["num_samples"], m["shard_size"]
+        self._open: dict[int, object] = {}
 
-    def rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: value[indices] for key, value in self.data.items()}
+    def _shard(self, k: int):
+        if k not in self._open:
+            from safetensors import safe_open
+
+            self._open[k] = safe_open(str(_shard_path(self.folder, k)), "pt")
+        return self._open[k]
+
+    def rows(self, indices, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The cache rows ``indices`` (global sample numbers, in that order), only ``keys`` (default: all)."""
+        keys = tuple(keys or KEYS)
+        unknown = sorted(set(keys) - set(KEYS))
+        if unknown:
+            raise ValueError(f"unknown trajectory keys {unknown}; allowed: {', '.join(KEYS)}")
+        picked: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+        for i in torch.as_tensor(indices).tolist():
+            shard, local = divmod(int(i), self.shard_size)
+            f = self._shard(shard)
+            for key in keys:
+                picked[key].append(f.get_slice(key)[local:local + 1])
+        return {key: torch.cat(parts) for key, parts in picked.items()}
+
+    def __getstate__(self):  # open shard handles are not picklable; reopen after a copy
+        return {**self.__dict__, "_open": {}}
 
 
 def open_cache(folder: str | Path, **expect) -> TrajectoryCache:

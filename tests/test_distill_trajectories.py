@@ -19,7 +19,7 @@ def test_cache_holds_noise_every_grid_state_and_the_solver_output(tmp_path):
     m = cache.manifest
     assert m["teacher_hash"] == teacher.hash and m["solver"] == "euler" and m["nfe"] == 4 and m["num_shards"] == 3
     assert len(m["ts"]) == 5 and m["ts"][0] == teacher.schedule.t_max and m["ts"][-1] == teacher.schedule.t_min
-    d = cache.data
+    d = cache.rows(torch.arange(10))
     assert d["states"].shape == (10, 5, 2) and d["noise"].shape == (10, 2) and bool((d["label"] == -1).all())
     assert torch.equal(d["states"][:, -1], d["sample"])
     assert torch.allclose(d["states"][:, 0], d["noise"] * float(teacher.schedule.init_noise_scale(m["ts"][0])))
@@ -27,9 +27,25 @@ def test_cache_holds_noise_every_grid_state_and_the_solver_output(tmp_path):
     assert torch.equal(expect, d["sample"][4:8])
 
 
+def test_rows_are_read_lazily_in_the_order_asked_and_only_the_keys_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    cache = TrajectoryCache(generate(load_teacher("gmm:ring8"), tmp_path / "c", log=lambda m: None, **SETTINGS))
+    assert cache._open == {}  # nothing read at opening
+    whole = {k: torch.cat([load_file(str(tmp_path / "c" / f"shard-0000{i}.safetensors"))[k] for i in range(3)])
+             for k in ("noise", "sample", "label", "states")}
+    idx = torch.tensor([9, 0, 5, 4, 9])
+    rows = cache.rows(idx, ("noise", "label"))
+    assert set(rows) == {"noise", "label"} and torch.equal(rows["noise"], whole["noise"][idx])
+    assert torch.equal(cache.rows(idx)["states"], whole["states"][idx])
+    assert sorted(cache._open) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"unknown trajectory keys \['x'\]; allowed: noise, states, sample, label"):
+        cache.rows(idx, ("x",))
+
+
 def test_generation_resumes_redoing_only_missing_or_truncated_shards(tmp_path):
     teacher = load_teacher("gmm:ring8")
-    first = TrajectoryCache(generate(teacher, tmp_path / "c", log=lambda m: None, **SETTINGS)).data
+    first = TrajectoryCache(generate(teacher, tmp_path / "c", log=lambda m: None, **SETTINGS)).rows(torch.arange(10))
     (tmp_path / "c" / "shard-00001.safetensors").unlink()  # never written
     shard2 = tmp_path / "c" / "shard-00002.safetensors"
     shard2.write_bytes(shard2.read_bytes()[:100])  # killed mid-write (not via the atomic rename, but anyway)
@@ -38,7 +54,7 @@ def test_generation_resumes_redoing_only_missing_or_truncated_shards(tmp_path):
     messages = []
     generate(teacher, tmp_path / "c", log=messages.append, **SETTINGS)
     assert messages == ["shard 2/3: 4 trajectories", "shard 3/3: 2 trajectories"]
-    again = TrajectoryCache(tmp_path / "c").data
+    again = TrajectoryCache(tmp_path / "c").rows(torch.arange(10))
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 

@@ -137,6 +137,7 @@ class Objective:
     Options: ClassVar[type] = object  # a dataclass of method options, validated from config ``objective``
     find_unused_parameters: ClassVar[bool] = False  # some trained parameters unused on some steps (DDP)
     supports_accumulation: ClassVar[bool] = True  # losses may be computed on micro-batches
+    cache_keys: ClassVar[tuple[str, ...] | None] = None  # trajectory-cache keys ``batch.traj`` holds; None: all
 
     def __init__(self, options, ctx: Context):
         self.o, self.ctx = options, ctx

@@ -47,6 +47,7 @@ class ConsistencyDistillation(Objective):
     name = "consistency"
     needs = frozenset({"teacher", "data"})
     Options = ConsistencyOptions
+    cache_keys = ("states", "label")
 
     def __init__(self, options: ConsistencyOptions, ctx):
         super().__init__(options, ctx)
