@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import load_script, save_teacher_folder
 from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tensors, tiny_cfg
-from toy_objectives import NoOptions  # noqa: F401  (registers the toy objectives)
+from toy_objectives import ToyVSD  # registers the toy objectives
 
 from distill.config import ConfigError
 from distill.train import lr_lambda
@@ -100,20 +100,34 @@ def test_fake_score_and_discriminator_objective_resumes_bit_identically_and_expo
     student = tensors(tmp_path / "full" / "student.safetensors")
     others = tensors(tmp_path / "full" / "networks.safetensors")
     assert not any(k.startswith(("fake_score", "disc")) for k in student)
-    assert {k.split(".")[0] for k in others} == {"fake_score", "disc"}
+    assert {k.split(".")[0] for k in others} == {"fake_score", "disc", "counter"}
     teacher = load_teacher(tmp_path / "toy_teacher")
     assert not torch.equal(others["fake_score.net.mlp.inp.weight"], teacher.unet.mlp.inp.weight)  # the copy trained
     rows = _metrics(tmp_path / "full")
     assert {"dm", "gan"} <= set(next(r for r in rows if r["network"] == "student"))  # named components logged
     assert {"real_logit", "fake_logit"} <= set(next(r for r in rows if r["network"] == "disc"))
     assert next(r for r in rows if r["network"] == "disc")["lr"] == 1e-3  # its own declared lr
+    assert float(others["counter.seen"]) == 3 * 32  # a checkpointed helper: 3 student updates of batch 32
+    assert ToyVSD.started[-1] == (4, 2 * 32)  # on_start ran after the restore, with the restored statistics
+
+
+def test_init_also_takes_other_networks_and_helpers_from_the_parent_run(tmp_path):
+    run(_vsd(tmp_path, "r1"))
+    parent = tensors(tmp_path / "r1" / "networks.safetensors")
+    run(_vsd(tmp_path, "r2", f"init_from={tmp_path / 'r1'}", "init_also=[fake_score, counter]", "max_steps=1"))
+    child = tensors(tmp_path / "r2" / "networks.safetensors")  # one step: only the student updated
+    assert all(torch.equal(child[k], parent[k]) for k in parent if k.startswith("fake_score."))
+    assert float(child["counter.seen"]) == 96 + 32  # the parent's count, plus this run's one update
+    assert not torch.equal(child["disc.body.0.weight"], parent["disc.body.0.weight"])  # not asked for: fresh
+    with pytest.raises(ConfigError, match=r"'init_also' names \['critic'\]; allowed: fake_score, disc, counter"):
+        run(_vsd(tmp_path, "r3", f"init_from={tmp_path / 'r1'}", "init_also=[critic]"))
 
 
 def test_fake_score_and_discriminator_objective_on_two_processes(tmp_path):
     teacher = _toy_teacher(tmp_path)
     done = _launch2(tmp_path / "two", f"teacher={teacher}", "objective={name: test_vsd}", "max_steps=6", port=29535)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "two" / "networks.safetensors").is_file()
+    assert float(tensors(tmp_path / "two" / "networks.safetensors")["counter.seen"]) == 2 * 32  # reduced over both ranks
 
 
 def test_per_network_settings_and_parameter_groups_from_the_config(tmp_path):
@@ -251,3 +265,23 @@ def test_one_conversion_for_teachers_students_and_copies(make_teacher_folder):
         assert all(p.requires_grad for p in copy_.parameters()) and not any(p.requires_grad for p in teacher.unet.parameters())
     with pytest.raises(ValueError, match="has no network to copy"):
         teacher_copy(load_teacher("gmm:ring8"))
+
+
+def test_lora_disabled_runs_the_frozen_base_network(make_teacher_folder):
+    from distill.roles import lora_disabled
+    from distill.run_config import LoraSettings, StudentConfig
+
+    folder, _, _ = make_teacher_folder(prediction_type="epsilon")
+    teacher = load_teacher(folder)
+    student = build_student(StudentConfig(arch="teacher", parameterization="denoiser"), teacher,
+                            LoraSettings(rank=2, alpha=2, target_modules=["conv1", "conv2"]))
+    with torch.no_grad():
+        for n, p in student.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([100.0, 700.0], dtype=torch.float64)
+    adapted = student(x, t)
+    with lora_disabled(student.net):
+        base = student(x, t)
+    assert torch.allclose(base, teacher.denoise(x, t), atol=1e-5) and not torch.allclose(adapted, base)
+    assert torch.equal(student(x, t), adapted)  # enabled again on leaving

@@ -59,16 +59,36 @@ class PartialCritic(Objective):
         return F.softplus(-real) + F.softplus(fake)
 
 
+class Counter(nn.Module):
+    """A helper with running statistics (checkpointed by the trainer): samples seen over all processes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+
 class ToyVSD(Objective):
     name = "test_vsd"
     needs = frozenset({"teacher", "data"})
     Options = NoOptions
+    started: list = []  # (step, seen) at each on_start, for the tests
 
     def __init__(self, options, ctx):
         super().__init__(options, ctx)
         self.fake = ctx.teacher_copy(trainable=True)
         self.head = ctx.discriminator_head(self.fake, hidden=8)
         self.schedule = ctx.teacher.schedule
+        self.counter = Counter()
+
+    def helpers(self):
+        return {"counter": self.counter}
+
+    def on_start(self, ctx, step):
+        ToyVSD.started.append((step, float(self.counter.seen)))
+
+    def after_update(self, name, nets, step):
+        if name == "student":  # all-reduced across processes: every rank holds the global count
+            self.counter.seen += self.ctx.reduce(torch.tensor(float(self._last_size), device=self.ctx.device), "sum").cpu()
 
     def networks(self):
         return [Network("student", self.ctx.student, every=3, offset=0), Network("fake_score", self.fake, every=3, offset=1),
@@ -92,6 +112,7 @@ class ToyVSD(Objective):
             real = nets["disc"](self.fake.features(x_real, t, batch.cond)[1])
             fake = nets["disc"](self.fake.features(x_fake, t, batch.cond)[1])
             return {"loss": F.softplus(-real) + F.softplus(fake), "real_logit": real.mean(), "fake_logit": fake.mean()}
+        self._last_size = batch.size
         x_t, t = self._noised(x, batch)
         with torch.no_grad():
             grad = nets["fake_score"](x_t, t, batch.cond) - self.ctx.teacher.denoise(x_t, t, batch.cond)
