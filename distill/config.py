@@ -149,7 +149,8 @@ def check_values(cfg, prefix: str = "") -> None:
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
         if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"config key {key!r} is {value!r}; allowed: {', '.join(map(str, f.metadata['choices']))}")
+            allowed = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
+            raise ConfigError(f"config key {key!r} is {value!r}; allowed: {allowed}")
         if "min" in f.metadata and value is not None and value < f.metadata["min"]:
             raise ConfigError(f"config key {key!r} must be at least {f.metadata['min']}, got {value!r}")
         if "max" in f.metadata and value is not None and value > f.metadata["max"]:

@@ -100,12 +100,13 @@ class RunConfig:
     max_steps: int = at_least(1000, 1)
     ema_decay: float | None = at_least(0.999, 0.0, 1.0)  # EMA of the student for export (--ema); null: none
     grad_clip: float | None = at_least(1.0, 0.0)  # max global grad norm per network; null: no clipping
-    mixed_precision: str = choice("no", ("no", "fp16", "bf16"))
+    mixed_precision: str | None = choice(None, (None, "no", "fp16", "bf16"))  # null: the launcher's (accelerate launch --mixed_precision)
     checkpoint_every: int = at_least(500, 1)
     keep_checkpoints: int = at_least(2, 1)
     log_every: int = at_least(50, 1)
     seed: int = 0
-    tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard (needs tensorboard)
+    log_with: list = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ... (main process only)
+    tensorboard: bool = False  # shorthand for log_with: [tensorboard] (scalars in <output_dir>/tensorboard)
     output_dir: str = "runs/distill"
     debug_nan_step: int | None = None  # debug: make the loss non-finite at this step (tests the guard)
 

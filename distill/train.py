@@ -61,6 +61,7 @@ from distill.checkpoint import (
 )
 from distill.config import ConfigError
 from distill.export import STUDENT_FILE
+from distill.launch import launch_warning
 from distill.objectives.base import Batch, Context, Network, Objective, ema_update, unwrap
 from distill.paths import check_output_dir
 from distill.run_config import NetworkOptim, RunConfig, objective_options
@@ -95,7 +96,7 @@ def lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[int
 
 
 # keys a resume may change: the run length and how it is logged and checkpointed
-RESUME_FREE_KEYS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "output_dir",
+RESUME_FREE_KEYS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "log_with", "output_dir",
                     "debug_nan_step")
 
 
@@ -145,7 +146,7 @@ class Run:
     ctx: Context | None = None
     data: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: object = None
-    writer: object = None
+    trackers: bool = False  # accelerate trackers initialised (log_with / tensorboard)
     last_checkpoint: Path | None = None
     history: dict[str, list] = field(default_factory=dict)
 
@@ -153,28 +154,64 @@ class Run:
 # -- setup --------------------------------------------------------------------------------------------
 def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # a loss that leaves trained parameters unused on some steps (a GAN head off during warm-up) must say so to
     # DDP, or the next step fails with "Expected to have finished reduction in the prior iteration"
     find_unused = find_unused_parameters if cfg.ddp.find_unused_parameters is None else cfg.ddp.find_unused_parameters
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused, static_graph=cfg.ddp.static_graph)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available() and not deepspeed,
+                              kwargs_handlers=[ddp], log_with=trackers(cfg) or None, project_config=project)
     check_world_size(accelerator.num_processes)
+    warning = launch_warning(accelerator.num_processes)
+    if warning and accelerator.is_main_process:
+        print(warning, flush=True)
+    cfg.mixed_precision = str(accelerator.mixed_precision)  # the launcher's when the config left it null
+    if deepspeed and accelerator.state.deepspeed_plugin is None:
+        raise ConfigError("the launch asked for DeepSpeed but accelerate did not set it up (is deepspeed installed? "
+                          "pip install -e '.[deepspeed]'); refusing to run without it")
     chunks = accelerator.num_processes * cfg.gradient_accumulation_steps
     if cfg.batch_size % chunks:
         raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the {accelerator.num_processes} "
                           f"process(es) x {cfg.gradient_accumulation_steps} gradient accumulation step(s)")
+    if accelerator.state.deepspeed_plugin is not None:
+        configure_deepspeed(cfg, accelerator)
     return accelerator
 
 
+def configure_deepspeed(cfg: RunConfig, accelerator) -> None:
+    """DeepSpeed needs the micro-batch size (we feed no DataLoader) and does its own accumulation: ours is refused."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if cfg.gradient_accumulation_steps != 1 or ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+        raise ConfigError("under DeepSpeed set gradient_accumulation_steps to 1 in both the run config and the DeepSpeed "
+                          "config (raise batch_size or the number of processes instead)")
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // accelerator.num_processes
+
+
+def trackers(cfg: RunConfig) -> list[str]:
+    """The accelerate trackers the config asks for, each checked to be installed (a clear error otherwise)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = list(dict.fromkeys([*cfg.log_with, *(["tensorboard"] if cfg.tensorboard else [])]))
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"config key 'log_with' names {name!r}; allowed: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if not LOGGER_TYPE_TO_CLASS[name].requires_logging_directory and name != "tensorboard":
+            continue
+        if name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("config key 'tensorboard' is true but the tensorboard package is not installed "
+                                  "(pip install -e '.[tensorboard]', or set tensorboard: false)") from None
+    return names
+
+
 def check_tensorboard(cfg: RunConfig) -> None:
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("config key 'tensorboard' is true but the tensorboard package is not installed "
-                              "(pip install tensorboard, or set tensorboard: false)") from None
+    trackers(cfg)
 
 
 def build_objective(cfg: RunConfig, ctx: Context) -> Objective:
@@ -403,6 +440,8 @@ def restore(run: Run, ckpt: Path | None, log) -> int:
 def open_run_files(run: Run, step: int, log=print) -> None:
     """config.yaml, metrics.jsonl (lines after ``step`` from an interrupted run dropped), TensorBoard."""
     if not run.accelerator.is_main_process:
+        if trackers(run.cfg):
+            run.accelerator.init_trackers("")  # a no-op off the main process, but every rank must call it
         return
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
@@ -418,10 +457,12 @@ def open_run_files(run: Run, step: int, log=print) -> None:
             if row is not None and row["step"] <= step:
                 kept.append(line)
         metrics.write_text("".join(line + "\n" for line in kept))
-    if run.cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
 
-        run.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=step + 1)
+    names = trackers(run.cfg)
+    if names:
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(dataclasses.asdict(run.cfg)).items()}
+        run.accelerator.init_trackers("", config=flat, init_kwargs={"tensorboard": {"purge_step": step + 1}})
+        run.trackers = True
 
 
 def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log) -> None:
@@ -438,9 +479,8 @@ def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log
             parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))
             log(f"step {step}/{run.cfg.max_steps} {name}: loss {row['loss']:.5f} grad_norm {row['grad_norm']:.3g} "
                 f"lr {row['lr']:.2e} {seconds:.3f} s/step" + (f" [{parts}]" if parts else ""))
-            if run.writer is not None:
-                for key in (*keys, "lr"):
-                    run.writer.add_scalar(f"{name}/{key}", row[key], step)
+            if run.trackers:
+                run.accelerator.log({f"{name}/{key}": row[key] for key in (*keys, "lr")}, step=step)
     run.history = {}
 
 
@@ -526,7 +566,8 @@ def update_network(run: Run, name: str, batches: list[Batch]) -> dict:
     with only_training(run, name):
         loss, parts = backward_micro_batches(run, name, batches)
     clip = settings.grad_clip if settings.grad_clip is not None else float("inf")
-    norm = acc.clip_grad_norm_(run.trainable[name], clip)
+    norm = acc.clip_grad_norm_(run.trainable[name], clip)  # a float or None under DeepSpeed
+    norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
     if norm is not None and cfg.mixed_precision != "fp16":
         check_finite(run, norm, "gradient norm", name, step)
     lr = set_learning_rate(run.opts[name], settings, step, cfg.max_steps)
@@ -535,7 +576,12 @@ def update_network(run: Run, name: str, batches: list[Batch]) -> dict:
     run.objective.after_update(name, run.nets, step)
     if name == "student" and run.ema is not None:
         ema_update(run.ema, unwrap(run.nets["student"]), cfg.ema_decay)
-    return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan"), **parts, "lr": lr}
+    stats = {"loss": loss.detach().float(), **{k: torch.tensor(v) for k, v in parts.items()}}
+    if acc.num_processes > 1:  # the logged loss is the global batch's, not rank 0's share
+        keys = list(stats)
+        means = acc.reduce(torch.stack([stats[k].reshape(()) for k in keys]).to(acc.device), reduction="mean")
+        stats = dict(zip(keys, means.cpu()))
+    return {**{k: float(v) for k, v in stats.items()}, "grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
 
 
 # -- checkpoints and the end ---------------------------------------------------------------------------
@@ -570,8 +616,8 @@ def finish(run: Run, log) -> Path:
     if run.accelerator.is_main_process:
         write_students(run, run.out, final=True)
         log(f"saved {run.out / STUDENT_FILE}")
-    if run.writer is not None:
-        run.writer.close()
+    if run.trackers:
+        run.accelerator.end_training()
     run.accelerator.wait_for_everyone()
     return run.out
 
@@ -582,9 +628,9 @@ def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) 
     check_tensorboard(cfg)
     check_output_dir(cfg.output_dir, "output_dir")
     ckpt = resolve_resume(Path(cfg.output_dir), resume, log)
-    check_resume_config(cfg, ckpt)
     cls, _ = objective_options(cfg.objective)
     accelerator = make_accelerator(cfg, cls.find_unused_parameters)
+    check_resume_config(cfg, ckpt)
     run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
     step = restore(run, ckpt, log)
     open_run_files(run, step, log)

@@ -30,6 +30,9 @@ def ensure_env() -> Path:
     if not stamp.exists():
         print("installing the project and its dependencies (first run: a few minutes)", flush=True)
         subprocess.check_call([str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-e", ".[dev]"], cwd=ROOT)
+        # the deepspeed extra builds against the installed torch, so it goes in without build isolation
+        subprocess.check_call([str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-build-isolation",
+                               "-e", ".[deepspeed]"], cwd=ROOT)
         for old in VENV.glob(".installed-*"):
             old.unlink()
         stamp.write_text("ok\n")
