@@ -95,15 +95,30 @@ def resolve_student_file(src: str | Path, ema: bool = False, log=None) -> Path:
                             f"under checkpoints/, or in a checkpoint folder")
 
 
+def diffusers_scheduler(student):
+    """The ``FewStepScheduler`` that samples ``student`` in a diffusers pipeline."""
+    from students.diffusers_scheduler import FewStepScheduler
+
+    timesteps = {str(k): student.sampling_timesteps(k).tolist() for k in student.sampling_steps}
+    return FewStepScheduler(schedule=student.schedule.config(), prediction_type=student.prediction_type,
+                            time_scale=student.time_scale, parameterization=student.parameterization,
+                            sigma_data=student.sigma_data, sampler=student.sampler, sampling_timesteps=timesteps)
+
+
 def check_diffusers_exportable(student) -> None:
     """Raise ValueError (one sentence) unless ``save_diffusers`` can save ``student``: call it before writing anything."""
     if not hasattr(student.net, "save_pretrained"):
         raise ValueError(f"only diffusers networks can be saved as a diffusers folder (--diffusers), not "
                          f"{type(student.net).__name__}")
+    if len(student.conditions):
+        raise ValueError(f"a student with extra inputs ({', '.join(student.conditions)}) cannot be sampled by a stock "
+                         f"diffusers pipeline, whose UNet call passes none; use students.load_student instead")
 
 
 def save_diffusers(student, folder: str | Path) -> Path:
-    """Save a UNet student as a diffusers folder: ``unet/`` (LoRA merged) + ``student.json`` (the metadata)."""
+    """Save a UNet student as a pipeline folder stock diffusers loads: ``unet/`` (LoRA merged), ``scheduler/`` (the
+    project's ``FewStepScheduler``, which samples exactly as ``Student.sample``), ``model_index.json``
+    (``ConsistencyModelPipeline``) and ``student.json`` (the student file's metadata)."""
     check_diffusers_exportable(student)
     net = merged_copy(student.net) if has_lora(student.net) else student.net
     folder = Path(folder)
@@ -113,6 +128,10 @@ def save_diffusers(student, folder: str | Path) -> Path:
         net.save_pretrained(tmp / "unet")
         meta = {**student.metadata(), "format": FORMAT, "network_class": type(net).__name__, "lora": "null"}
         (tmp / "student.json").write_text(json.dumps(meta, indent=1))
+        diffusers_scheduler(student).save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "ConsistencyModelPipeline", "unet": ["diffusers", type(net).__name__],
+                 "scheduler": ["students.diffusers_scheduler", "FewStepScheduler"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:

@@ -1,9 +1,14 @@
 """Export a trained student to one safetensors file (LoRA merged), optionally also as a diffusers folder.
 
     python scripts/export.py RUN_DIR_or_CHECKPOINT --out student.safetensors [--ema] [--diffusers DIR] [--keep-lora]
+                             [--peft DIR]
 
 A run folder gives its final student (or, mid-run, its latest complete checkpoint's); --ema takes the
 EMA weights. Load the result with ``students.load_student(path)`` and sample with ``.sample(noise, steps)``.
+``--diffusers DIR`` writes a pipeline folder stock diffusers loads (``ConsistencyModelPipeline`` with the
+project's ``FewStepScheduler``, see ``students.diffusers_scheduler``). A LoRA student from a checkpoint (where
+the adapter is not merged) can keep it separate (``--keep-lora``) and be written as a PEFT adapter (``--peft DIR``,
+loadable with ``PeftModel.from_pretrained(base, DIR)``); a merged source is refused for both.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import sys
 
 from distill.export import check_diffusers_exportable, read_student_file, resolve_student_file, save_diffusers, save_student
+from distill.lora import has_lora, save_peft_adapter
 from distill.paths import check_output_dir, check_output_file
 from students import load_student
 
@@ -31,13 +37,19 @@ def main(argv=None) -> int:
     p.add_argument("--ema", action="store_true", help="export the EMA of the student")
     p.add_argument("--diffusers", default=None, metavar="DIR", help="also save a UNet student as a diffusers folder")
     p.add_argument("--keep-lora", action="store_true", help="keep a LoRA adapter separate instead of merging it")
+    p.add_argument("--peft", default=None, metavar="DIR", help="also write the LoRA adapter in PEFT's layout")
     args = p.parse_args(argv)
     try:
         check_output_file(args.out, "--out")
         if args.diffusers:
             check_output_dir(args.diffusers, "--diffusers")
+        if args.peft:
+            check_output_dir(args.peft, "--peft")
         src = resolve_student_file(args.source, ema=args.ema, log=print)
         student = load_student(src)
+        if (args.keep_lora or args.peft) and not has_lora(student.net):
+            raise ValueError(f"--keep-lora / --peft need an unmerged LoRA adapter, but {str(src)!r} holds merged weights (a "
+                             f"finished run merges it): export from a checkpoint folder (checkpoints/step-N) instead")
         if args.diffusers:
             check_diffusers_exportable(student)  # before --out is written
         _, meta = read_student_file(src)
@@ -45,6 +57,8 @@ def main(argv=None) -> int:
         save_student(student, args.out, merge_lora=not args.keep_lora, training_config=config)
         if args.diffusers:
             save_diffusers(student, args.diffusers)
+        if args.peft:
+            save_peft_adapter(student.net, student.info["lora"], args.peft, base_model=student.info.get("teacher"))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

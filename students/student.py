@@ -36,6 +36,26 @@ SAMPLERS = ("consistency", "ode")
 MAX_SAMPLING_STEPS = 4
 
 
+def boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency parameterization at times ``t`` (module doc), float64."""
+    def sigma_tilde(t_):
+        log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t_, dtype=torch.float64).cpu())
+        return (log_s - log_a).exp()
+
+    s = sigma_tilde(t) - float(sigma_tilde(torch.tensor([schedule.t_min]))[0])
+    sd2 = sigma_data**2
+    return sd2 / (s**2 + sd2), s / (s**2 + sd2).sqrt()
+
+
+def parameterize(parameterization: str, schedule: Schedule, sigma_data: float, x: torch.Tensor, t: torch.Tensor,
+                 d: torch.Tensor) -> torch.Tensor:
+    """f(x, t) from the data prediction d = D_theta(x, t): d itself, or c_skip x + c_out d (module doc)."""
+    if parameterization == "denoiser":
+        return d
+    c_skip, c_out = boundary(schedule, t, sigma_data)
+    return append_dims(c_skip, x.ndim).to(x) * x + append_dims(c_out, x.ndim).to(x) * d
+
+
 class Student(NetDenoiser):
     def __init__(self, net: nn.Module, *, schedule: Schedule, prediction_type: str = "sample",
                  parameterization: str = "consistency", sigma_data: float = 0.5, time_scale: float = 1.0,
@@ -49,18 +69,11 @@ class Student(NetDenoiser):
         self.sampling_grid, self.sampler, self.sampler_solver = sampling_grid, sampler, sampler_solver
         self.sampling_steps = tuple(sampling_steps or range(1, MAX_SAMPLING_STEPS + 1))  # step counts the file records
         self.info = dict(info or {})  # teacher hash, data shape, lineage ... (strings in the saved metadata)
-        self._sigma_tilde_min = float(self._sigma_tilde(torch.tensor([schedule.t_min]))[0])
 
     # -- the map (x_t, t) -> sample ------------------------------------------------------------------
-    def _sigma_tilde(self, t: torch.Tensor) -> torch.Tensor:
-        log_a, log_s = self.schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu())
-        return (log_s - log_a).exp()
-
     def boundary(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) at process times ``t`` [B], float64."""
-        s = self._sigma_tilde(t) - self._sigma_tilde_min
-        sd2 = self.sigma_data**2
-        return sd2 / (s**2 + sd2), s / (s**2 + sd2).sqrt()
+        return boundary(self.schedule, t, self.sigma_data)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, *, raw: bool = False,
                 **extra) -> torch.Tensor:
@@ -68,11 +81,7 @@ class Student(NetDenoiser):
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
         if raw:
             return self.raw(x, t, cond, **extra)
-        d = self.denoise(x, t, cond, **extra)
-        if self.parameterization == "denoiser":
-            return d
-        c_skip, c_out = self.boundary(t)
-        return append_dims(c_skip, x.ndim).to(x) * x + append_dims(c_out, x.ndim).to(x) * d
+        return parameterize(self.parameterization, self.schedule, self.sigma_data, x, t, self.denoise(x, t, cond, **extra))
 
     # -- sampling ---------------------------------------------------------------------------------------
     def sampling_timesteps(self, steps: int) -> torch.Tensor:

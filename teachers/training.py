@@ -92,7 +92,8 @@ def save_teacher_folder(model, cfg: TeacherConfig, num_classes: int, out: Path, 
     model.save_pretrained(tmp / "unet")
     DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                   prediction_type=cfg.prediction_type, clip_sample=False).save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", type(model).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
+    library = "diffusers" if type(model).__module__.startswith("diffusers") else type(model).__module__  # ToyMLP: ours
+    index = {"_class_name": "DDPMPipeline", "unet": [library, type(model).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     meta = {"num_classes": num_classes, "null_class_label": num_classes if (cfg.class_conditional and num_classes) else None,
             "config": dataclasses.asdict(cfg), **info}

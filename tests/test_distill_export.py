@@ -103,6 +103,24 @@ def test_lora_cd_on_a_unet_teacher_trains_only_the_adapter_and_export_merges(tmp
             assert err <= 1e-6 * expect.abs().max(), (path, err)  # merged float32 weights round: compare to the output scale (~1e2)
     assert not torch.allclose(load_student(path)(x, t), build_student(cfg.student, teacher)(x, t), atol=1e-4)
 
+    # the adapter in PEFT's own layout: written at the end of the run, and by export --peft from a checkpoint
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
+    assert _export_cli()([str(tmp_path / "r" / "checkpoints" / "step-3"), "--out", str(tmp_path / "k.safetensors"),
+                          "--keep-lora", "--peft", str(tmp_path / "peft")]) == 0
+    for adapter_dir in (tmp_path / "r" / "lora_adapter", tmp_path / "peft"):
+        assert (adapter_dir / "adapter_config.json").is_file()
+        base = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
+        peft_net = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        with torch.no_grad():
+            ours = student.net(x.float(), t.float()).sample
+            theirs = peft_net(x.float(), t.float()).sample
+        assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
+    # a finished run's files are merged: keeping the adapter from them is refused
+    assert _export_cli()([str(tmp_path / "r"), "--out", str(tmp_path / "m.safetensors"), "--keep-lora"]) == 1
+    assert not (tmp_path / "m.safetensors").exists()
+
 
 def test_unet_student_as_a_diffusers_folder(tmp_path, unet_teacher):
     from diffusers import UNet2DModel
@@ -118,3 +136,41 @@ def test_unet_student_as_a_diffusers_folder(tmp_path, unet_teacher):
     with torch.no_grad():
         assert torch.equal(unet(x, t).sample, student.net(x, t).sample)
     assert (tmp_path / "dif" / "student.json").is_file()
+
+
+@pytest.mark.parametrize("sampler", ["consistency", "ode"])
+def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tmp_path, sampler):
+    """ConsistencyModelPipeline.from_pretrained(folder) with the exported FewStepScheduler reproduces
+    Student.sample at 1 and at several steps, from the same generator (initial noise, then re-noising draws)."""
+    from diffusers import ConsistencyModelPipeline, DDPMScheduler
+
+    teacher = save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=4), DDPMScheduler(prediction_type="v_prediction"),
+                                  teacher_json={"num_classes": 3, "null_class_label": 3})
+    parameterization = "consistency" if sampler == "consistency" else "denoiser"
+    cfg = tiny_cfg(tmp_path / "r", f"teacher={teacher}", "student.arch=teacher", "student.model={}", "student.class_conditional=true",
+                   f"student.sampler={sampler}", f"student.parameterization={parameterization}", "student.sampling_grid=uniform")
+    student = build_student(cfg.student, load_teacher(teacher)).eval()
+    from distill.export import save_diffusers
+
+    with torch.no_grad():
+        for p in student.net.parameters():  # a non-trivial network, not the random init only
+            p.add_(0.01 * torch.randn_like(p))
+    save_diffusers(student, tmp_path / "pipe")
+    pipe = ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.tensor([0, 2, 1])
+    for steps in (1, 3):
+        ours = student.sample(torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(7)), steps, cond=labels,
+                              generator=_after_noise(7, (3, 1, 8, 8)))
+        theirs = pipe(batch_size=3, num_inference_steps=steps, class_labels=labels, output_type="pt",
+                      generator=torch.Generator().manual_seed(7)).images
+        assert torch.allclose(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=1e-6), (steps, (theirs - (ours / 2 + 0.5).clamp(0, 1)).abs().max())
+    with pytest.raises(ValueError, match="records sampling times for 1, 2, 3, 4 steps, not 6"):
+        pipe(batch_size=1, num_inference_steps=6, class_labels=[0])
+
+
+def _after_noise(seed, shape):
+    """A generator in the state the pipeline's is in after drawing the initial noise (re-noising draws follow)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(shape, generator=g)
+    return g

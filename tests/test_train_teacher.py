@@ -65,3 +65,12 @@ def test_nested_set_overrides_merge_into_the_model_block():
 
     cfg = load_config("configs/teachers/ring8_mlp.yaml", parse_overrides(["model.hidden=32", "max_steps=7"]))
     assert cfg.model == {"hidden": 32, "layers": 3} and cfg.max_steps == 7
+
+
+def test_toy_mlp_teacher_folder_loads_in_stock_diffusers(tmp_path):
+    from diffusers import DDPMPipeline
+
+    folder = train(_cfg(tmp_path, "mlp", dataset="ring8", arch="mlp", model={"hidden": 16, "layers": 1}, class_conditional=False,
+                        batch_size=16, max_steps=2), log=lambda m: None)
+    pipe = DDPMPipeline.from_pretrained(folder, local_files_only=True)
+    assert type(pipe.unet).__name__ == "ToyMLP" and pipe.unet.config.dim == 2

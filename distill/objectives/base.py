@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 DATA_KINDS = ("teacher", "data", "trajectories", "pairs")
+LORA_ADAPTER = "lora_adapter"  # a LoRA run's adapter folder (PEFT layout) in the run folder
 
 
 @dataclass
@@ -171,10 +172,13 @@ class Objective:
         """Write the run's product into ``folder`` (a checkpoint, or the run folder when ``final``): by default the
         student file and its EMA, LoRA merged only at the end (``distill.export``)."""
         from distill.export import EMA_FILE, STUDENT_FILE, save_student
+        from distill.lora import has_lora, save_peft_adapter
 
         save_student(student, folder / STUDENT_FILE, merge_lora=final, training_config=training_config)
         if ema is not None:
             save_student(ema, folder / EMA_FILE, merge_lora=final, training_config=training_config)
+        if final and has_lora(student.net):  # the adapter alone, in PEFT's layout, beside the merged files
+            save_peft_adapter(student.net, student.info["lora"], folder / LORA_ADAPTER, base_model=student.info.get("teacher"))
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
