@@ -131,9 +131,17 @@ def hf_dataset(name: str, split: str = "train", image_column: str = "image", lab
     return HFImageDataset(ds, image_column, label_column, resolution, channels, f"hf:{name}")
 
 
+HF_OPTIONS = ("image_column", "label_column", "resolution", "channels")
+
+
 def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int = 0, **options) -> Dataset:
     """A dataset by name (see the module doc). ``n`` and ``seed`` are for the generated 2-D toys."""
     if name.startswith("hf:"):
+        unknown = sorted(set(options) - set(HF_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown dataset option(s) {unknown} for {name!r}; allowed: {', '.join(HF_OPTIONS)}")
+        if options.get("channels", 3) not in (1, 3):
+            raise ValueError(f"dataset option 'channels' is {options['channels']!r}; allowed: 1, 3")
         return hf_dataset(name[3:], split, **options)
     if options:
         raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
@@ -154,3 +162,35 @@ def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return data.x, data.labels
     pairs = [data[i] for i in range(len(data))]
     return torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()
+
+
+class IndexedData:
+    """Batches of a dataset by index for the trainer: in-memory tensors for the small built-in sets, and for HF
+    datasets (memory-mapped Arrow tables) only the rows of each batch decoded, so a large image dataset is never
+    loaded whole into each process."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+        self.tensors = dataset_tensors(data) if isinstance(data, TensorDataset) else None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensors is not None:
+            return self.tensors[0][idx], self.tensors[1][idx]
+        pairs = [self.data[int(i)] for i in idx]
+        return torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()
+
+
+def dataset_for(name: str, data_shape, split: str = "train", **options) -> Dataset:
+    """``load_dataset`` for a model of ``data_shape``: an ``hf:`` dataset's ``resolution`` / ``channels`` default to
+    the model's, and samples of another shape are refused with the options that fix it."""
+    if name.startswith("hf:") and len(data_shape) == 3:
+        options = {"channels": data_shape[0], "resolution": data_shape[1], **options}
+    data = load_dataset(name, split, **options)
+    if tuple(data.data_shape) != tuple(data_shape):
+        fix = " (set dataset_options.resolution / channels)" if name.startswith("hf:") else ""
+        raise ValueError(f"dataset {name!r} gives samples of shape {list(data.data_shape)} but the model expects "
+                         f"{list(data_shape)}{fix}")
+    return data

@@ -144,7 +144,7 @@ class Run:
     ema: nn.Module | None
     out: Path
     ctx: Context | None = None
-    data: tuple[torch.Tensor, torch.Tensor] | None = None
+    data: object = None  # distill.data.IndexedData
     cache: object = None
     trackers: bool = False  # accelerate trackers initialised (log_with / tensorboard)
     last_checkpoint: Path | None = None
@@ -376,9 +376,9 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
     if cfg.init_also and not resuming:
         load_init_also(run, cfg.init_also)
     if "data" in objective.needs:
-        from distill.data import dataset_tensors, load_dataset
+        from distill.data import IndexedData, dataset_for
 
-        run.data = dataset_tensors(load_dataset(cfg.dataset, "train"))
+        run.data = IndexedData(dataset_for(cfg.dataset, teacher.data_shape, "train", **cfg.dataset_options))
     return run
 
 
@@ -493,9 +493,10 @@ def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
     chunk = micro * acc.num_processes + acc.process_index
     batch = Batch(step, step_generator(cfg.seed, step, chunk), acc.device, per)
     if run.data is not None:
-        idx = batch_indices(step, cfg.batch_size, len(run.data[0]), cfg.seed)[chunk * per:(chunk + 1) * per]
-        batch.x0 = run.data[0][idx].to(acc.device)
-        batch.cond = run.data[1][idx].to(acc.device) if cfg.student.class_conditional else None
+        idx = batch_indices(step, cfg.batch_size, len(run.data), cfg.seed)[chunk * per:(chunk + 1) * per]
+        x0, labels = run.data.batch(idx)
+        batch.x0 = x0.to(acc.device)
+        batch.cond = labels.to(acc.device) if cfg.student.class_conditional else None
     if run.cache is not None:
         idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
         batch.traj = run.cache.rows(idx, run.objective.cache_keys)

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from distill.grids import CLEAN_FINALS, make_grid
 from distill.solvers import get_solver, sample
@@ -90,7 +91,7 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def generate(teacher, out: str | Path, *, log=print, **settings) -> Path:
+def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **settings) -> Path:
     """Make (or finish) the cache in ``out``; ``settings`` are those of ``cache_settings``."""
     from safetensors.torch import save_file
 
@@ -100,16 +101,19 @@ def generate(teacher, out: str | Path, *, log=print, **settings) -> Path:
         check_match(out, json.loads((out / MANIFEST).read_text()), m)
     else:
         _write_json(out / MANIFEST, m)
-    for k in range(m["num_shards"]):
+    todo = [k for k in range(m["num_shards"]) if not shard_complete(_shard_path(out, k), _shard_count(m, k))]
+    done = m["num_samples"] - sum(_shard_count(m, k) for k in todo)
+    bar = tqdm(total=m["num_samples"], initial=done, desc="trajectories", unit="traj", mininterval=5, disable=not progress)
+    for k in todo:
         path, count = _shard_path(out, k), _shard_count(m, k)
-        if shard_complete(path, count):
-            continue
         with torch.no_grad():
             tensors = make_shard(teacher, m, k)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "shard": str(k), "count": str(count)})
         os.replace(tmp, path)
+        bar.update(count)
         log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
+    bar.close()
     return out
 
 

@@ -1,6 +1,6 @@
 """Make (or finish) a trajectory cache: teacher ODE trajectories, every grid state, sharded safetensors.
 
-    python scripts/make_trajectories.py --teacher gmm:ring8 --solver heun --nfe 17 --num-samples 10000 --out DIR
+    python scripts/make_trajectories.py --teacher gmm:ring8 --solver heun --nfe 34 --num-samples 10000 --out DIR
         [--shard-size 1024] [--grid logsnr] [--final t_min] [--guidance-scale W --class-labels] [--seed 0]
 
 Rerunning the same command resumes: complete shards are kept, missing or truncated ones redone. A folder

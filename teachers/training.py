@@ -29,6 +29,7 @@ ARCHS = ("unet", "mlp")
 @dataclass
 class TeacherConfig:
     dataset: str = "mnist16"  # a name for distill.data.load_dataset
+    dataset_options: dict = field(default_factory=dict)  # hf: datasets: image_column, label_column, resolution, channels
     arch: str = "unet"  # unet (diffusers UNet2DModel) | mlp (teachers.toy_mlp.ToyMLP)
     model: dict = field(default_factory=dict)  # keyword arguments of the model class
     prediction_type: str = "v_prediction"  # epsilon | sample | v_prediction
@@ -119,7 +120,7 @@ def run_config(cfg: TeacherConfig):
                                                                      "space": "raw"},
                      student=StudentConfig(arch="teacher", prediction_type=cfg.prediction_type, parameterization="denoiser",
                                            class_conditional=cfg.class_conditional, sampler="ode"),
-                     dataset=cfg.dataset, optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
+                     dataset=cfg.dataset, dataset_options=dict(cfg.dataset_options), optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
                      batch_size=cfg.batch_size, max_steps=cfg.max_steps, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                      mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, seed=cfg.seed, output_dir=cfg.output_dir)
@@ -135,7 +136,7 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     from distill.train import train as train_run
     from students.student import Student
 
-    data = load_dataset(cfg.dataset, "train")
+    data = load_dataset(cfg.dataset, "train", **cfg.dataset_options)
     num_classes = data.num_classes if cfg.class_conditional else 0
     teacher = UntrainedTeacher(cfg, data.data_shape, num_classes)
 

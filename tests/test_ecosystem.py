@@ -73,3 +73,40 @@ def test_tensorboard_through_accelerate_trackers(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert [e.step for e in acc.Scalars("student/loss")] == [2, 4]
+
+
+def _grey_imagefolder(root, size=20, per_class=6):
+    """Two classes of small grey PNGs (an imagefolder layout): dark and bright squares, made here."""
+    from PIL import Image
+
+    for label, level in (("dark", 40), ("bright", 210)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("L", (size, size), level + 3 * i)
+            img.save(root / label / f"{i}.png")
+    return root
+
+
+def test_grey_imagefolder_trains_a_16x16x1_teacher_and_is_distilled(tmp_path):
+    from conftest import load_script
+
+    folder = _grey_imagefolder(tmp_path / "digits")
+    unet = "{block_out_channels: [8, 16], down_block_types: [DownBlock2D, DownBlock2D], up_block_types: [UpBlock2D, UpBlock2D], " \
+           "layers_per_block: 1, norm_num_groups: 4}"
+    teacher_main = load_script("train_teacher").main
+    assert teacher_main(["--config", str(ROOT / "configs" / "teachers" / "mnist16.yaml"), "--output-dir", str(tmp_path / "t"),
+                         "--set", f"dataset=hf:{folder}", "dataset_options={resolution: 16, channels: 1}", f"model={unet}",
+                         "batch_size=4", "max_steps=2", "checkpoint_every=2", "warmup_steps=1"]) == 0
+    teacher = tmp_path / "t" / "teacher"
+    from teachers import load_teacher
+
+    t = load_teacher(teacher)
+    assert t.data_shape == (1, 16, 16) and t.num_classes == 2
+    distill = load_script("distill").main
+    cd = str(ROOT / "configs" / "distill" / "cd_mnist16.yaml")
+    sets = [f"teacher={teacher}", f"dataset=hf:{folder}", "batch_size=4", "checkpoint_every=2", "objective.num_scales=4"]
+    assert distill(["--config", cd, "--output-dir", str(tmp_path / "d"), "--max-steps", "2", "--set", *sets]) == 0  # shape from the teacher
+    assert (tmp_path / "d" / "student.safetensors").is_file()
+    assert distill(["--config", cd, "--output-dir", str(tmp_path / "bad"), "--max-steps", "2", "--set", *sets,
+                    "dataset_options={resolution: 8}"]) == 1
+    assert not (tmp_path / "bad").exists()
