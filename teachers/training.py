@@ -120,7 +120,8 @@ def run_config(cfg: TeacherConfig):
                                                                      "space": "raw"},
                      student=StudentConfig(arch="teacher", prediction_type=cfg.prediction_type, parameterization="denoiser",
                                            class_conditional=cfg.class_conditional, sampler="ode"),
-                     dataset=cfg.dataset, dataset_options=dict(cfg.dataset_options), optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
+                     dataset=cfg.dataset, dataset_options=dict(cfg.dataset_options),
+                     optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
                      batch_size=cfg.batch_size, max_steps=cfg.max_steps, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
                      mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, seed=cfg.seed, output_dir=cfg.output_dir)
