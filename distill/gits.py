@@ -42,7 +42,7 @@ def cost_matrix(states, denoised, schedule, fine_ts, metric: str = "l2") -> torc
     cost = torch.full((n, n), float("inf"), dtype=torch.float64)
     for i in range(n - 1):
         for j in range(i + 1, n):
-            diff = (ddim_step(states[i], denoised[i], pts[i], pts[j]) - states[j]).flatten(2).double()
+            diff = (ddim_step(states[i], denoised[i], pts[i], pts[j]) - states[j]).flatten(1).double()
             per_sample = diff.abs().mean(-1) if metric == "l1" else diff.pow(2).mean(-1).sqrt()
             cost[i, j] = per_sample.mean()
     return cost
