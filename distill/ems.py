@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -180,6 +181,7 @@ class EmsRun:
         units = [("l", j) for j in range(n)] + [("sb", j) for j in range(n)]
         todo = [u for u in units if u[1] not in self.state[u[0]]]
         l = l_d = None
+        clock = time.perf_counter()
         with _sdpa_math(), tqdm(total=len(units), initial=len(units) - len(todo), desc="EMS", disable=not progress) as bar:
             for kind, j in todo:
                 if kind == "l":
@@ -189,6 +191,9 @@ class EmsRun:
                         l = torch.stack([self.state["l"][i] for i in range(n)])
                         l_d = self.l_derivative(l)
                     self.state["sb"][j] = self.sb_at(j, l, l_d)
+                now = time.perf_counter()
+                self.state["minutes"] = self.state.get("minutes", 0.0) + (now - clock) / 60  # preparation cost, all runs
+                clock = now
                 self._save_state()
                 bar.update(1)
         l = torch.stack([self.state["l"][i] for i in range(n)])

@@ -78,3 +78,30 @@ def load_json(path: str | Path, kind: str, teacher=None) -> dict:
         raise ValueError(f"cannot read {path} as a {kind} JSON file ({e})") from None
     check_teacher(data, teacher, path, kind)
     return data
+
+
+def teacher_data(teacher, data: str | None, split: str = "train", n: int = 20_000, seed: int = 0, unconditional: bool = False):
+    """(x0 [N, ...], labels [N] or None) to prepare ``teacher`` with: exact samples of an analytic teacher (``data``
+    None), or a dataset from ``distill.data`` (mnist16, hf:<name or folder>). Labels go with a class-conditional
+    teacher unless ``unconditional``."""
+    if data is None:
+        if not hasattr(teacher, "sample_data"):
+            raise ValueError(f"teacher {teacher.name!r} has no exact sampler: name a dataset with --data (mnist16, hf:<name or folder>)")
+        g = torch.Generator().manual_seed(seed)
+        cond = None
+        if teacher.num_classes and not unconditional:
+            cond = torch.randint(0, teacher.num_classes, (n,), generator=g)
+        return teacher.sample_data(n, g, cond=cond), cond
+    from distill.data import dataset_tensors, load_dataset
+
+    options = {}
+    if data.startswith("hf:"):
+        options = {"resolution": teacher.data_shape[-1], "channels": teacher.data_shape[0]}
+    x0, labels = dataset_tensors(load_dataset(data, split, **options))
+    if tuple(x0.shape[1:]) != tuple(teacher.data_shape):
+        raise ValueError(f"dataset {data!r} has samples of shape {list(x0.shape[1:])}; teacher {teacher.name!r} makes "
+                         f"{list(teacher.data_shape)}")
+    use_labels = teacher.num_classes and not unconditional
+    if use_labels and bool((labels < 0).any()):
+        raise ValueError(f"dataset {data!r} has unlabelled samples; the class-conditional teacher needs labels (or --unconditional)")
+    return x0, (labels if use_labels else None)
