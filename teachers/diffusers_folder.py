@@ -128,6 +128,19 @@ class DiffusersTeacher(Teacher):
             return out
         return combine_x0(out, x, *self._x0_coefficients(t, x.ndim))
 
+    def _denoise_features(self, x, t, cond):
+        """(x0_hat, the UNet mid block's output [B, C, H, W]) from one call (AMED's bottleneck feature)."""
+        block = getattr(self.unet, "mid_block", None)
+        if block is None:
+            return super()._denoise_features(x, t, cond)
+        seen = []
+        handle = block.register_forward_hook(lambda module, args, out: seen.append(out))
+        try:
+            d = self._denoise(x, t, cond)
+        finally:
+            handle.remove()
+        return d, seen[-1].to(x.dtype)
+
     def _x0_coefficients(self, t: torch.Tensor, ndim: int):
         """Conversion coefficients at times ``t``; computed once per distinct time when the whole batch shares
         one (a stride-0 tensor, as solvers pass), which saves a dozen small tensor ops per network call."""

@@ -83,11 +83,12 @@ def _option_value(value: str):
 
 def parse_solvers(text: str) -> list[str]:
     """'euler,heun' -> the names, checked against the registry; 'all': every solver (the stochastic ones draw
-    their noise per sample, as the initial noise); 'deterministic': every deterministic solver."""
+    their noise per sample, as the initial noise); 'deterministic': every deterministic solver. Both leave out the
+    solvers that need a prepared file (AMED: run them with --variant)."""
     from distill.solvers import SOLVERS
 
     if text in ("all", "deterministic"):
-        return sorted(s for s in SOLVERS if text == "all" or not SOLVERS[s].stochastic)
+        return sorted(s for s in SOLVERS if (text == "all" or not SOLVERS[s].stochastic) and not SOLVERS[s].needs)
     names = [s for s in text.split(",") if s]
     for name in names:
         get_solver(name)  # unknown name: ValueError listing the valid ones
