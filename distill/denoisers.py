@@ -27,9 +27,9 @@ class CountingDenoiser:
         self.denoiser = denoiser
         self.nfe = 0
 
-    def __call__(self, x, t, cond=None):
+    def __call__(self, x, t, cond=None, **kwargs):
         self.nfe += 1
-        return self.denoiser(x, t, cond)
+        return self.denoiser(x, t, cond, **kwargs)  # kwargs: optional parts of the contract (return_features)
 
 
 def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoiser:

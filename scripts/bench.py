@@ -4,6 +4,8 @@
         --num-samples 5000 --seed 0 --out results/mnist16
     python scripts/bench.py --teacher gmm:ring8 --solvers all --nfe 3,5,10,20 --num-samples 1000 --out results/gmm
     python scripts/bench.py --plot-only --out results/mnist16
+    python scripts/bench.py --teacher mnist16 --solvers "" --variant v3=dpm_solver_v3:ems=runs/prepared/<hash>/ems.safetensors \
+        --nfe 2,3,4,5 --num-samples 2000 --out results/mnist16_fast
 
 Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor), fid_vs_nfe.png, fid_vs_nfe.md (the
 table) and samples/<method>.png.
@@ -41,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="gmm:<preset>[@schedule], a zoo name (mnist16) or a local diffusers folder")
     p.add_argument("--solvers", default="all", help=f"comma-separated, 'all' ({', '.join(sorted(SOLVERS))}), or 'deterministic' (all but "
                    f"{', '.join(sorted(s for s in SOLVERS if SOLVERS[s].stochastic))})")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=SOLVER:key=value,...",
+                   help="a solver with named options under its own label, run with the solvers (repeatable), e.g. "
+                   "v3=dpm_solver_v3:ems=runs/prepared/<hash>/ems.safetensors; the label must name the settings, "
+                   "as cells already in the CSV under it are skipped")
     p.add_argument("--nfe", default=lib.DEFAULT_NFE, help="comma-separated NFE values")
     p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid of the solvers")
     p.add_argument("--final", default="direct", choices=("direct", "clean"),
@@ -153,6 +159,8 @@ def main(argv=None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} needs a GPU, but torch sees none; use --device cpu")
         solvers = lib.parse_solvers(args.solvers)
+        variants = {label: (solver, opts) for label, solver, opts in map(lib.parse_variant, args.variant)}
+        solvers += [v for v in variants if v not in solvers]
         nfes = lib.parse_int_list(args.nfe, "--nfe")
         student_paths = [p for p in args.students.split(",") if p]
         student_steps = lib.parse_int_list(args.student_steps, "--student-steps") if student_paths else []
@@ -161,13 +169,13 @@ def main(argv=None) -> int:
             teacher.to(args.device)
         cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, grid=args.grid, final=args.final,
                           guidance_scale=args.guidance_scale, unconditional=args.unconditional, save_images=args.save_images,
-                          device=args.device)
+                          device=args.device, variants=variants)
         cfg.validate(teacher)
         metric = make_metric(teacher, cfg, args)
         students = load_students(student_paths, teacher, args.allow_other_teacher)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    cells = lib.plan_cells(solvers, nfes, list(students), student_steps)
+    cells = lib.plan_cells(solvers, nfes, list(students), student_steps, variants=variants)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "commands.txt", "a") as f:
         f.write("python scripts/bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "\n")

@@ -30,8 +30,17 @@ class Teacher:
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def denoise(self, x: torch.Tensor, t, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x0_hat = E[x0 | x_t = x] at process time ``t`` (float, or a tensor of shape [] or [B])."""
+    def _denoise_features(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None):
+        """(x0_hat, features [B, ...]) from one evaluation. Teachers with a network bottleneck return it (diffusers
+        UNets: the mid block's output); the default, for teachers without one (analytic mixtures), is x0_hat itself."""
+        d = self._denoise(x, t, cond)
+        return d, d
+
+    def denoise(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, *, return_features: bool = False):
+        """x0_hat = E[x0 | x_t = x] at process time ``t`` (float, or a tensor of shape [] or [B]).
+
+        ``return_features=True`` (optional part of the contract, used by AMED) returns ``(x0_hat, features)`` from the
+        same evaluation: the model's bottleneck features (see ``_denoise_features``)."""
         if tuple(x.shape[1:]) != tuple(self.data_shape):
             raise ValueError(
                 f"teacher {self.name!r} expects x of shape [B, {', '.join(map(str, self.data_shape))}], got {list(x.shape)}"
@@ -40,7 +49,8 @@ class Teacher:
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}], got {list(t.shape)}")
-        return self._denoise(x, t, self._check_cond(cond, x.shape[0]))
+        cond = self._check_cond(cond, x.shape[0])
+        return self._denoise_features(x, t, cond) if return_features else self._denoise(x, t, cond)
 
     def _check_cond(self, cond, batch: int):
         if cond is None:

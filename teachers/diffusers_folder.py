@@ -122,6 +122,13 @@ class DiffusersTeacher(Teacher):
             cond = torch.full((x.shape[0],), -1, dtype=torch.long)
         return self.model.denoise(x, t, cond)
 
+    def _denoise_features(self, x, t, cond):
+        """(x0_hat, the network's bottleneck output: a UNet's mid block [B, C, H, W]) from one call (AMED's feature)."""
+        if self.num_classes and cond is None:
+            cond = torch.full((x.shape[0],), -1, dtype=torch.long)
+        d, features = self.model.features(x, t, cond)
+        return d, features.to(x.dtype)
+
     def to(self, *args, **kwargs) -> "DiffusersTeacher":
         self.model.to(*args, **kwargs)
         return self

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,13 +52,43 @@ def parse_int_list(text: str, option: str = "--nfe") -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """'LABEL=SOLVER:key=value,key=value' -> (label, solver, options): a solver with named options (a prepared file,
+    a searched grid, a hand-off level) benchmarked under its own label. Values: int, float, true/false or text."""
+    label, eq, rest = text.partition("=")
+    solver, _, opts = rest.partition(":")
+    if not eq or not re.fullmatch(r"[A-Za-z0-9._+-]+", label) or not solver:
+        raise ValueError(f"cannot parse --variant {text!r}: expected LABEL=SOLVER[:key=value,...] with a label of "
+                         "letters, digits and ._+-")
+    get_solver(solver)
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"cannot parse option {item!r} of --variant {label}: expected key=value")
+        options[key] = _option_value(value)
+    return label, solver, options
+
+
+def _option_value(value: str):
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_solvers(text: str) -> list[str]:
     """'euler,heun' -> the names, checked against the registry; 'all': every solver (the stochastic ones draw
-    their noise per sample, as the initial noise); 'deterministic': every deterministic solver."""
+    their noise per sample, as the initial noise); 'deterministic': every deterministic solver. Both leave out the
+    solvers that need a prepared file (AMED: run them with --variant)."""
     from distill.solvers import SOLVERS
 
     if text in ("all", "deterministic"):
-        return sorted(s for s in SOLVERS if text == "all" or not SOLVERS[s].stochastic)
+        return sorted(s for s in SOLVERS if (text == "all" or not SOLVERS[s].stochastic) and not SOLVERS[s].needs)
     names = [s for s in text.split(",") if s]
     for name in names:
         get_solver(name)  # unknown name: ValueError listing the valid ones
@@ -78,6 +108,7 @@ class BenchConfig:
     unconditional: bool = False  # a class-conditional teacher sampled with label -1 instead of labels 0..K-1 in turn
     save_images: bool = False  # also write one PNG per sample under images/<cell>/
     device: str = "cpu"  # where the noise goes (the teacher must already be there)
+    variants: dict = field(default_factory=dict)  # label -> (solver, options): solvers with named options (--variant)
 
     def validate(self, teacher) -> None:
         if self.num_samples < 2 or self.batch_size < 1:
@@ -137,14 +168,14 @@ def method_stem(kind: str, method: str) -> str:
 
 
 def plan_cells(solvers: list[str], nfes: list[int], students: list[str] = (), student_steps: list[int] = (),
-               log: Callable[[str], None] = print) -> list[Cell]:
+               log: Callable[[str], None] = print, variants: dict | None = None) -> list[Cell]:
     """Every (solver, NFE) the solver can spend exactly (others skipped with a note), then every (student, steps).
-    A k-step student spends k NFE."""
-    cells = []
+    A k-step student spends k NFE. ``variants`` (label -> (solver, options)) are cells under their label."""
+    cells, variants = [], variants or {}
     for s in solvers:
         for n in nfes:
             try:
-                cells.append(Cell(s, "solver", n, get_solver(s).steps_for_nfe(n, True)))
+                cells.append(Cell(s, "solver", n, get_solver(variants.get(s, (s,))[0]).steps_for_nfe(n, True)))
             except ValueError as e:
                 log(f"note: cell skipped: {e}")
     return cells + [Cell(name, "student", k, k) for name in students for k in student_steps]
@@ -177,7 +208,8 @@ def student_teacher_hash(student) -> str:
 def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch.Tensor, float]:
     """The ``cfg.num_samples`` samples of one cell (on the CPU) and the wall seconds spent sampling them."""
     dtype = torch.float64 if is_analytic(teacher) else torch.float32
-    stochastic = cell.kind == "solver" and get_solver(cell.method).stochastic
+    solver, variant_options = cfg.variants.get(cell.method, (cell.method, {}))
+    stochastic = cell.kind == "solver" and get_solver(solver).stochastic
     out, seconds = [], 0.0
     with torch.inference_mode():
         for start in range(0, cfg.num_samples, cfg.batch_size):
@@ -190,8 +222,8 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
             options = {"noises": [z.to(cfg.device) for z in step_noises]} if stochastic else {}
             t0 = time.perf_counter()
             if cell.kind == "solver":
-                x = sample(teacher, noise, solver=cell.method, nfe=cell.nfe, grid=cfg.grid, final=cfg.final, cond=cond,
-                           guidance_scale=cfg.guidance_scale, **options)
+                kwargs = {"grid": cfg.grid, "final": cfg.final, "guidance_scale": cfg.guidance_scale, **variant_options}
+                x = sample(teacher, noise, solver=solver, nfe=cell.nfe, cond=cond, **kwargs, **options)
             else:
                 x = student_sample(student, noise, cell.steps, cond, seed=cfg.seed + start)
             if x.is_cuda:

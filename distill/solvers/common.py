@@ -12,7 +12,8 @@ from distill.schedules import Schedule
 
 @dataclass(frozen=True)
 class Point:
-    """One grid time with its coefficients as Python floats (float64)."""
+    """One grid time with its coefficients as Python floats (float64), or, for a time that differs per sample
+    (``sample_point``: AMED's predicted intermediate times), as tensors shaped to broadcast against x."""
 
     t: float
     alpha: float
@@ -21,7 +22,17 @@ class Point:
 
     @property
     def clean(self) -> bool:
-        return self.sigma == 0.0
+        return isinstance(self.sigma, float) and self.sigma == 0.0
+
+
+def sample_point(schedule: Schedule, lam: torch.Tensor, x: torch.Tensor) -> Point:
+    """A per-sample Point at log-SNR ``lam`` [B] (finite): t [B] for the denoiser, coefficients [B, 1, ...] in x's dtype.
+    Differentiable in ``lam`` (AMED trains through it)."""
+    t = schedule.t_of_lam(lam)
+    log_a, log_s = schedule.log_alpha_sigma(t)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    col = lambda v: v.reshape(shape).to(device=x.device, dtype=x.dtype)  # noqa: E731
+    return Point(t, col(log_a.exp()), col(log_s.exp()), col(log_a - log_s))
 
 
 def grid_points(schedule: Schedule, ts: torch.Tensor) -> list[Point]:
@@ -34,6 +45,8 @@ def grid_points(schedule: Schedule, ts: torch.Tensor) -> list[Point]:
 
 def t_batch(p: Point, x: torch.Tensor) -> torch.Tensor:
     """The [B] time tensor a denoiser is called with."""
+    if isinstance(p.t, torch.Tensor):  # a per-sample point
+        return p.t.to(x.device)
     # one value seen by the whole batch: an expanded (stride-0) tensor, which teachers may use to compute
     # their coefficients once per time (``teachers.diffusers_folder.DiffusersTeacher``)
     return torch.tensor(p.t, dtype=torch.float64, device=x.device).expand(x.shape[0])
@@ -45,6 +58,8 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, cur: Point, nxt: Point) -> torc
     if nxt.clean:
         return x0
     h = nxt.lam - cur.lam
+    if isinstance(h, torch.Tensor):  # per-sample points
+        return x * (nxt.sigma / cur.sigma) - x0 * (nxt.alpha * torch.expm1(-h))
     return torch.add(x * (nxt.sigma / cur.sigma), x0, alpha=-(nxt.alpha * math.expm1(-h)))
 
 
@@ -118,12 +133,16 @@ def exp_step(x: torch.Tensor, cur: Point, nxt: Point, terms: list[torch.Tensor],
     k, _, ell = exp_chart(cur, predict)
     k_n, m_n, ell_n = exp_chart(nxt, predict)
     h = ell_n - ell
-    phi_1 = math.expm1(h)
+    per_sample = isinstance(h, torch.Tensor)
+    phi_1 = torch.expm1(h) if per_sample else math.expm1(h)
     phi_2 = phi_1 / 2 if midpoint else phi_1 / h - 1
     phi_3 = (phi_1 / h - 1) / h - 0.5
     out = x * (k_n / k)
     for w, term in zip((phi_1, phi_2, phi_3), terms):
-        out = out.add_(term, alpha=-(m_n * w))  # one fused op; ``out`` is a fresh tensor
+        if per_sample:
+            out = out - term * (m_n * w)
+        else:
+            out = out.add_(term, alpha=-(m_n * w))  # one fused op; ``out`` is a fresh tensor
     return out
 
 

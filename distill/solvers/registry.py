@@ -19,6 +19,7 @@ class SolverSpec:
     order: int  # global order of accuracy of the deterministic method
     nfe: Callable[[int, bool], int] = _one_per_step  # NFE of a `steps`-step solve (clean_final: last step denoises)
     stochastic: bool = False
+    needs: str = ""  # an option without a default (a prepared file): left out of the bench's "all"
 
     def steps_for_nfe(self, nfe: int, clean_final: bool) -> int:
         """The number of steps that spends exactly ``nfe`` evaluations, or a clear error."""
@@ -33,13 +34,14 @@ class SolverSpec:
         raise ValueError(f"solver {self.name!r} cannot spend exactly {nfe} NFE with {ending}; nearest possible: {near}")
 
 
-def register(name: str, *, order: int, nfe: Callable[[int, bool], int] = _one_per_step, stochastic: bool = False):
+def register(name: str, *, order: int, nfe: Callable[[int, bool], int] = _one_per_step, stochastic: bool = False,
+             needs: str = ""):
     """Decorator adding a solver function to ``SOLVERS`` under ``name``."""
 
     def deco(fn):
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is already registered")
-        SOLVERS[name] = SolverSpec(name, fn, order, nfe, stochastic)
+        SOLVERS[name] = SolverSpec(name, fn, order, nfe, stochastic, needs)
         return fn
 
     return deco

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from distill.denoisers import CountingDenoiser, classifier_free_guidance
-from distill.grids import CLEAN_FINALS, explicit_grid, make_grid
+from distill.grids import CLEAN_FINALS, GRIDS, explicit_grid, make_grid
 from distill.schedules import Schedule
 from distill.solvers.registry import get_solver
 
@@ -35,6 +36,20 @@ def _model_parts(model, schedule):
     raise TypeError("model must be a teacher (with .denoise and .schedule) or a denoiser callable with schedule=")
 
 
+def _load_prepared(options: dict, teacher) -> dict:
+    """Solver options given as file paths (``ems``, ``amed``), loaded and checked against the teacher."""
+    out = dict(options)
+    if isinstance(out.get("ems"), (str, Path)):
+        from distill.solvers.dpm_v3 import EMS
+
+        out["ems"] = EMS.load(out["ems"], teacher)
+    if isinstance(out.get("amed"), (str, Path)):
+        from distill.amed import AmedPredictor
+
+        out["amed"] = AmedPredictor.load(out["amed"], teacher)
+    return out
+
+
 def sample(
     model,
     noise: torch.Tensor,
@@ -49,6 +64,8 @@ def sample(
     schedule: Schedule | None = None,
     callback=None,
     return_info: bool = False,
+    teleport=None,
+    handoff_sigma: float | None = None,
     **options,
 ):
     """Solve the probability-flow ODE from standard-normal ``noise`` and return x0.
@@ -59,19 +76,50 @@ def sample(
     the denoised sample after a step from t_min; ``"direct"`` ends on it straight from the last spaced time
     (no step spent below t_min, see ``distill.grids``); ``final="t_min"`` stops at t_min. x_T = noise * sqrt(alpha_T^2 + sigma_T^2).
     With ``return_info=True`` also returns ``{"nfe": counted, "ts": grid}``.
+
+    ``grid`` may also be the path of a GITS grid file (``scripts/gits_search.py``), which holds one searched grid
+    per step count. ``teleport`` (a ``distill.teleport.GaussianFit`` or its file) with ``handoff_sigma`` (an EDM
+    noise level sigma / alpha) jumps from t_max to that level with the closed-form Gaussian solution and spends
+    the NFE on a grid from there (with ``timesteps=``, to timesteps[0]); the jump costs no NFE. Solver options
+    ``ems`` and ``amed`` may be file paths: they are loaded and checked against the teacher.
     """
     spec = get_solver(solver)
     denoiser, schedule = _model_parts(model, schedule)
+    teacher = model if hasattr(model, "hash") else None
     if (nfe is None) == (timesteps is None):
         raise ValueError("give exactly one of nfe= and timesteps=")
     if guidance_scale is not None:
         denoiser = classifier_free_guidance(denoiser, guidance_scale)
+    t_start = None
+    if teleport is not None:
+        from distill.teleport import GaussianFit, gaussian_flow, handoff_time
+
+        if guidance_scale is not None:
+            raise ValueError("teleport has no closed form under classifier-free guidance; drop guidance_scale or teleport")
+        fit = teleport if isinstance(teleport, GaussianFit) else GaussianFit.load(teleport, teacher)
+        if timesteps is None:
+            if handoff_sigma is None:
+                raise ValueError("teleport needs handoff_sigma (the noise level sigma/alpha where the solver takes over)")
+            t_start = handoff_time(schedule, handoff_sigma)
+    elif handoff_sigma is not None:
+        raise ValueError("handoff_sigma is an option of teleport; give teleport= too")
     if timesteps is not None:
         ts = explicit_grid(schedule, timesteps, final=final)
+    elif grid not in GRIDS and str(grid).endswith(".json"):
+        from distill.gits import load_grid
+
+        if t_start is not None:
+            raise ValueError("a searched grid file fixes its own start; use teleport with timesteps= or a grid kind")
+        ts = load_grid(grid, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), final, teacher)
     else:
-        ts = make_grid(schedule, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), grid, final=final)
+        ts = make_grid(schedule, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), grid, final=final, t_max=t_start)
+    options = _load_prepared(options, teacher)
     counted = CountingDenoiser(denoiser)
-    x_T = noise * float(schedule.init_noise_scale(ts[0]))
+    if teleport is not None:
+        x_T = noise * float(schedule.init_noise_scale(schedule.t_max))
+        x_T = gaussian_flow(fit, x_T, schedule, schedule.t_max, float(ts[0]), cond)  # 0 NFE
+    else:
+        x_T = noise * float(schedule.init_noise_scale(ts[0]))
     x0 = spec.fn(counted, x_T, ts, schedule=schedule, cond=cond, callback=callback, **options)
     if nfe is not None and counted.nfe != nfe:
         raise RuntimeError(f"solver {solver!r} spent {counted.nfe} NFE where its registry entry promised {nfe}")
