@@ -156,7 +156,7 @@ class _EulerStudent:
 class _MeanMetric:
     reference_id = "stub"
 
-    def __call__(self, x):
+    def __call__(self, x, labels=None):
         return {"fid": float(x.abs().mean())}
 
     def check(self, n):

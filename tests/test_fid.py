@@ -88,5 +88,18 @@ def test_bootstrap_spread_matches_the_spread_over_fresh_draws():
     boot = [bootstrap_fid_std(draw(), ref, resamples=100, seed=i) for i in range(3)]
     assert all(0.6 < b / float(fresh) < 1.6 for b in boot), (boot, float(fresh))
     assert bootstrap_fid_std(ref[:500], ref, seed=0) == bootstrap_fid_std(ref[:500], ref, seed=0)  # seeded
+
+    # two classes far apart, 250 samples of each on every draw (as a bench cell's labels i mod K): the stratified
+    # bootstrap keeps the counts and matches the fresh draws; resampling the counts too overstates the spread
+    labels, shift = torch.arange(500) % 2, torch.zeros(8, dtype=torch.float64)
+    shift[0] = 6.0
+
+    def draw_classes():
+        return draw() + labels[:, None] * shift
+
+    fresh = torch.tensor([frechet_distance(*feature_statistics(draw_classes()), *feature_statistics(ref)) for _ in range(40)]).std()
+    x = draw_classes()
+    strat = bootstrap_fid_std(x, ref, resamples=100, strata=labels)
+    assert 0.6 < strat / float(fresh) < 1.6 and bootstrap_fid_std(x, ref, resamples=100) > 2 * strat, (strat, float(fresh))
     with pytest.raises(ValueError, match="at least 2 bootstrap resamples"):
         bootstrap_fid_std(ref[:10], ref, resamples=1)

@@ -236,10 +236,12 @@ class FidMetric:
         x = torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=-1.0)  # a diverged sample is a bad image, not a crash
         return compute_features(x, extractor=self.extractor, weights_path=self.weights_path)
 
-    def __call__(self, x: torch.Tensor, memorization: bool = True) -> dict:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None, memorization: bool = True) -> dict:
+        """The metrics of samples ``x``; ``labels``, the class each sample was asked for, keep the class counts fixed in
+        the bootstrap (they are fixed on fresh noise seeds too: sample i always has label i mod K)."""
         gen = self.features(x)
         out = feature_metrics(gen, self.ref_features, kid_subset_size=self.kid_subset_size)
-        out["fid_std"] = bootstrap_fid_std(gen, self.ref_features, resamples=self.bootstrap) if self.bootstrap else ""
+        out["fid_std"] = bootstrap_fid_std(gen, self.ref_features, resamples=self.bootstrap, strata=labels) if self.bootstrap else ""
         if memorization and self.memorization is not None:
             out.update(self.memorization(x))
         return out
@@ -278,7 +280,7 @@ class ExactMetric:
                                          cond=labels_for(self.teacher, cfg, 0, cfg.num_samples), guidance_scale=cfg.guidance_scale)
         return self._problem
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         return exact_metrics(self.problem, x)
 
     def check(self, num_samples: int) -> None:
@@ -347,7 +349,7 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
               student_columns: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run every cell not yet in ``out/fid_vs_nfe.csv`` (then the data rows), rewriting the CSV after each.
 
-    ``metric(x) -> {column: value}`` with ``reference_id``, ``check(n)``, ``data_kinds()`` and ``data_row(kind, n)``
+    ``metric(x, labels=) -> {column: value}`` with ``reference_id``, ``check(n)``, ``data_kinds()`` and ``data_row(kind, n)``
     (``FidMetric``, ``ExactMetric``); ``students`` maps a student cell's method name to an object with
     ``.sample(noise, steps=, cond=)``, ``student_columns`` to extra columns of its rows (path, training cost).
     """
@@ -381,7 +383,8 @@ def run_cell(teacher, cell: Cell, cfg: BenchConfig, metric, out: Path, student, 
         save_cell_samples(x, cell, out)
     if cfg.save_images:
         save_png_folder(x, out / "images" / cell.name)
-    return {"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe), "steps": str(cell.steps), **metric(x),
+    labels = labels_for(teacher, cfg, 0, cfg.num_samples)
+    return {"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe), "steps": str(cell.steps), **metric(x, labels=labels),
             "seconds_per_sample": seconds / len(x), "teacher": teacher.name}
 
 

@@ -201,14 +201,21 @@ def feature_metrics(gen: torch.Tensor, ref: torch.Tensor, *, kid_subset_size: in
             "precision": prc["precision"], "recall": prc["recall"]}
 
 
-def bootstrap_fid_std(gen: torch.Tensor, ref: torch.Tensor, *, resamples: int = 100, seed: int = 0) -> float:
+def bootstrap_fid_std(gen: torch.Tensor, ref: torch.Tensor, *, resamples: int = 100, seed: int = 0,
+                      strata: torch.Tensor | None = None) -> float:
     """The spread of FID over the generated set: the standard deviation of FID over ``resamples`` bootstrap
-    resamples of ``gen`` (drawn with replacement, same size) against the fixed reference statistics. It stands
-    for the change on fresh noise seeds (tested against independent draws in tests/test_fid.py)."""
+    resamples of ``gen`` (drawn with replacement, same size) against the fixed reference statistics. With
+    ``strata`` (e.g. the class labels a benchmark assigns by sample index) each stratum is resampled within
+    itself, so its count stays fixed as it does on fresh noise seeds. It stands for the change on fresh noise
+    seeds (tested against independent draws in tests/test_fid.py)."""
     if resamples < 2:
         raise ValueError(f"need at least 2 bootstrap resamples, got {resamples}")
     mu_ref, cov_ref = feature_statistics(ref)
+    groups = [torch.arange(len(gen))] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
     g = torch.Generator().manual_seed(seed)
-    values = [frechet_distance(*feature_statistics(gen[torch.randint(len(gen), (len(gen),), generator=g)]), mu_ref, cov_ref)
-              for _ in range(resamples)]
+
+    def resample() -> torch.Tensor:
+        return torch.cat([idx[torch.randint(len(idx), (len(idx),), generator=g)] for idx in groups])
+
+    values = [frechet_distance(*feature_statistics(gen[resample()]), mu_ref, cov_ref) for _ in range(resamples)]
     return float(torch.tensor(values).std())
