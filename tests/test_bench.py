@@ -298,3 +298,44 @@ def test_student_rows_carry_their_cost_and_the_cost_plot_draws_them(tmp_path, di
     assert plot_cost(rows, tmp_path / "cost.png", {"wall_seconds": 2520, "hardware": "1 CPU thread"})
     assert (tmp_path / "cost.png").stat().st_size > 10_000
     assert not plot_cost([r for r in rows if r["kind"] != "student"], tmp_path / "none.png")  # no costed student: no plot
+
+
+class _DataRowsMetric(_MeanMetric):
+    """Records the sizes the data rows are asked for and refuses sample counts above its pools' size."""
+
+    def __init__(self, pool_size):
+        self.pool_size, self.asked = pool_size, []
+
+    def check(self, n):
+        if n > self.pool_size:
+            raise ValueError(f"fewer than the {n} samples per cell")
+
+    def data_kinds(self):
+        return ["floor", "training"]
+
+    def data_row(self, kind, n):
+        self.asked.append((kind, n))
+        return {"method": kind, "fid": 1.0}
+
+
+def test_floor_and_training_rows_share_the_cells_sample_count_and_reference(tmp_path, digit_teacher):
+    teacher = load_teacher(digit_teacher)
+    metric = _DataRowsMetric(pool_size=12)
+    rows = run_bench(teacher, plan_cells(["euler"], [1]), BenchConfig(num_samples=9, seed=0, batch_size=9), metric, tmp_path)
+    assert metric.asked == [("floor", 9), ("training", 9)]
+    assert {(r["num_samples"], r["reference_id"], r["protocol"]) for r in rows} == {("9", "stub", "2")} and len(rows) == 3
+    with pytest.raises(ValueError, match="fewer than the 13 samples per cell"):  # before any sampling
+        run_bench(teacher, plan_cells(["euler"], [1]), BenchConfig(num_samples=13, seed=0), metric, tmp_path / "b")
+    assert not (tmp_path / "b" / "fid_vs_nfe.csv").exists()
+
+
+def test_rows_of_the_old_protocol_are_not_reused(tmp_path, digit_teacher):
+    teacher = load_teacher(digit_teacher)
+    cells, cfg = plan_cells(["euler"], [1]), BenchConfig(num_samples=4, seed=0, batch_size=4)
+    (row,) = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path)
+    with open(tmp_path / "fid_vs_nfe.csv", "w", newline="") as f:  # the same cell, written before the protocol column
+        w = csv.DictWriter(f, fieldnames=[k for k in row if k != "protocol"], extrasaction="ignore")
+        w.writeheader()
+        w.writerow(row)
+    rows = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path)
+    assert [r["protocol"] for r in rows] == ["1", "2"]  # measured again under protocol 2, the old row marked as such
