@@ -541,13 +541,17 @@ def plot_cost(rows: list[dict], path: str | Path, teacher_cost: dict | None = No
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(6 * len(axes_keys), 4.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], axes_keys.items()):
         scale = 1 / 3600 if key == "cost_wall_seconds" else 1
+        xs = [_value(r, key) * scale for r in points if r.get(key, "") != ""]
+        if teacher_cost and key == "cost_wall_seconds" and teacher_cost.get("wall_seconds"):
+            xs.append(float(teacher_cost["wall_seconds"]) * scale)
+        ax.set_xlim(min(xs) / 3, max(xs) * 3)  # a decade of room around a single point
         for i, r in enumerate(points):
             if r.get(key, "") != "":
                 ax.errorbar(_value(r, key) * scale, _value(r, "fid"), yerr=_value(r, "fid_std") if r.get("fid_std") else None,
                             marker="*DPXs^vph"[i % 9], ms=11, mec="k", color=f"C{i % 10}", capsize=2,
                             label=f"{r['method']} ({r['steps']} step{'s' if r['steps'] != '1' else ''})")
         if teacher_cost and key == "cost_wall_seconds" and teacher_cost.get("wall_seconds"):
-            ax.axvline(float(teacher_cost["wall_seconds"]) / 3600, color="0.3", ls="-.", lw=1,
+            ax.axvline(float(teacher_cost["wall_seconds"]) / 3600, color="C3", ls="-", lw=1,
                        label=f"teacher's own training ({teacher_cost.get('hardware', '?')})")
         best = converged(cells)
         if best is not None:
@@ -555,6 +559,7 @@ def plot_cost(rows: list[dict], path: str | Path, teacher_cost: dict | None = No
         if "floor" in data:
             ax.axhline(_value(data["floor"], "fid"), color="k", ls="--", lw=1, label=data["floor"]["method"])
         ax.set_xscale("log")
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
         ax.set_xlabel(label)
         ax.set_ylabel("FID")
         ax.grid(True, which="both", alpha=0.3)
