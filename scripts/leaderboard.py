@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         text = leaderboard_markdown(rows, str(args.results), command)
         readme = None
         if args.readme is not None:
-            lines = [line.rsplit(" | ", 1)[0] + " |" for line in leaderboard_table(rows, str(args.results))[:2 + args.readme_rows]]
+            lines = leaderboard_table(rows, str(args.results), commands=False)[:2 + args.readme_rows]
             block = "\n".join(lines) + f"\n\nThe full table, with every student and the command of each row: [{args.out}]({args.out}).\n"
             readme = replace_block(args.readme.read_text(), block)
     except (FileNotFoundError, ValueError) as e:

@@ -68,7 +68,8 @@ def test_leaderboard_rows_commands_and_readme_block(bench_folder, tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("<!-- /leaderboard -->\nend\n") and "old" not in text
     assert "| best solver at 8 NFE: `unipc` | 8 | 9.30 +- 0.30 |" in text and "student `cd`" not in text  # the top rows, then a link
-    assert "scripts/bench.py" not in text and "| entry | NFE | FID |" in text and "LEADERBOARD.md" in text
+    assert "scripts/bench.py" not in text and "LEADERBOARD.md" in text
+    assert "| entry | NFE | FID | KID | precision | recall | copy rate | closer to train | training cost |\n" + "|---" * 9 + "|\n" in text
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no leaderboard block in the README"):
         _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--readme", str(readme)])

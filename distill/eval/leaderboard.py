@@ -73,16 +73,17 @@ def leaderboard_rows(rows: list[dict]) -> list[tuple[str, dict]]:
     return entries
 
 
-def leaderboard_table(rows: list[dict], out: str) -> list[str]:
-    """The markdown table's lines."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def leaderboard_table(rows: list[dict], out: str, commands: bool = True) -> list[str]:
+    """The markdown table's lines (without the command column when ``commands`` is false)."""
+    columns = COLUMNS if commands else COLUMNS[:-1]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     any_cell = converged(current_rows(rows)[0]) or current_rows(rows)[0][-1]  # data rows: any bench command on the folder
     for label, r in leaderboard_rows(rows):
         command = bench_command(r if r["kind"] in ("solver", "student") else any_cell, out)
         values = [label, r.get("nfe", "") if r["kind"] in ("solver", "student") else "", with_spread(r, "fid", 2),
                   _cell(r, "kid", 2), _cell(r, "precision"), _cell(r, "recall"), _cell(r, "copy_rate"), _cell(r, "closer_to_train"),
                   cost_text(r), f"`{command}`"]
-        lines.append("| " + " | ".join(values) + " |")
+        lines.append("| " + " | ".join(values[:len(columns)]) + " |")
     return lines
 
 
