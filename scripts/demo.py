@@ -7,7 +7,7 @@ Stages (each is one of the project's scripts, shown as it runs; a stage already 
 interrupted demo continues where it stopped):
 1. scripts/distill.py --config configs/distill/cd_mnist16.yaml, shortened (batch 32, --max-steps steps)
 2. scripts/export.py -> OUT/student.safetensors
-3. scripts/tune_steps.py: the 2-step sampling time by a greedy FID search on the held-out split
+3. scripts/tune_steps.py: the 2-step sampling time by a greedy FID search on the tune split
 4. scripts/bench.py: the student at 1 and 2 steps against euler, dpmpp_2m and unipc at NFE 1, 2, 4, 8
    (--num-samples per cell, class-conditional) -> OUT/bench/fid_vs_nfe.{csv,png}
 """

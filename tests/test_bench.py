@@ -45,27 +45,38 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
     monkeypatch.setattr(DiffusersTeacher, "_denoise", lambda self, x, t, c: calls.append(len(x)) or denoise(self, x, t, c))
     out = tmp_path / "out"
     argv = ["--teacher", str(digit_teacher), "--solvers", "euler,heun", "--nfe", "2,3", "--num-samples", "20", "--batch-size", "8",
-            "--fid-cache", str(tmp_path / "cache"), "--save-images", "--out", str(out)]
+            "--fid-cache", str(tmp_path / "cache"), "--bootstrap", "10", "--save-images", "--out", str(out)]
     _bench().main(argv)
     assert "'heun' cannot spend exactly 2 NFE" in capsys.readouterr().out
     rows = _rows(out)
-    cells = [r for r in rows if r["kind"] != "floor"]
+    cells = [r for r in rows if r["kind"] not in ("floor", "training")]
     assert [(r["method"], r["kind"], r["nfe"]) for r in cells] == [("euler", "solver", "2"), ("euler", "solver", "3"),
                                                                    ("heun", "solver", "3")]
     assert len(calls) == (2 + 3 + 3) * 3 and sum(calls) == (2 + 3 + 3) * 20  # 3 batches of 8, 8, 4 per cell
     teacher_hash = load_teacher(digit_teacher).hash
     for r in cells:
         assert float(r["fid"]) > 0 and float(r["kid"]) == float(r["kid"]) and float(r["seconds_per_sample"]) > 0
+        assert float(r["fid_std"]) > 0 and 0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1
+        assert 0 <= float(r["copy_rate"]) <= 1 and 0 <= float(r["closer_to_train"]) <= 1
         assert (r["num_samples"], r["seed"], r["labels"], r["teacher_hash"]) == ("20", "0", "cycle", teacher_hash)
-        assert r["reference_id"].startswith("mnist16-classifier-ref-") and r["ode_rmse"] == ""
+        assert r["reference_id"].startswith("mnist16-classifier-ref-") and r["ode_rmse"] == "" and r["protocol"] == "2"
     (floor,) = [r for r in rows if r["kind"] == "floor"]
-    assert floor["method"] == "data floor (heldout vs train)" and floor["num_samples"] == "20"
+    (training,) = [r for r in rows if r["kind"] == "training"]
+    assert floor["method"] == "data floor (floor vs reference)" and training["method"] == "training data"
+    for data_row in (floor, training):  # the cells' sample count and reference
+        assert (data_row["num_samples"], data_row["reference_id"]) == ("20", cells[0]["reference_id"])
     assert 0 < float(floor["fid"]) < min(float(r["fid"]) for r in cells)  # real digits beat a random UNet
+    assert float(training["copy_rate"]) == 1.0 and floor["copy_rate"] == ""  # training digits are copies by definition
+    from distill.data import load_dataset
+
+    same_reference = fid_kid(load_dataset("mnist16", "floor").x[:20], load_dataset("mnist16", "reference").x, kid_subset_size=20)
+    assert float(floor["fid"]) == pytest.approx(same_reference["fid"], rel=1e-4)  # measured against the cells' reference
     assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and (out / "samples" / "solver-euler.png").is_file()
     table = (out / "fid_vs_nfe.md").read_text().splitlines()
     fid = {(r["method"], r["nfe"]): float(r["fid"]) for r in cells}
-    assert table[0] == "| fid | 2 | 3 |" and table[2] == f"| `euler` | {fid['euler', '2']:.1f} | {fid['euler', '3']:.1f} |"
-    assert table[3] == f"| `heun` | - | {fid['heun', '3']:.1f} |" and table[-1].startswith("data floor (heldout vs train) (20 samples)")
+    std = {(r["method"], r["nfe"]): float(r["fid_std"]) for r in cells}
+    assert table[0] == "| fid | 2 | 3 |" and table[3] == f"| `heun` | - | {fid['heun', '3']:.1f} +- {std['heun', '3']:.1f} |"
+    assert table[-2].startswith("data floor (floor vs reference) (20 samples): ") and table[-1].startswith("training data (20 samples)")
     pngs = sorted((out / "images" / "solver-heun_nfe3").glob("*.png"))
     assert len(pngs) == 20 and pngs[0].name == "000000.png"
 
@@ -145,11 +156,14 @@ class _EulerStudent:
 class _MeanMetric:
     reference_id = "stub"
 
-    def __call__(self, x):
+    def __call__(self, x, labels=None):
         return {"fid": float(x.abs().mean())}
 
-    def floor_size(self, n):
-        return 0
+    def check(self, n):
+        pass
+
+    def data_kinds(self):
+        return []
 
 
 def test_every_cell_starts_from_the_same_noise_and_labels(tmp_path, digit_teacher):
@@ -225,11 +239,103 @@ def rgb_teacher(tmp_path):
     (["--teacher", "RGB", "--reference-dataset", "hf:cifar10"], r"needs --inception-weights PATH"),
     (["--teacher", "RGB", "--reference-dataset", "hf:cifar10", "--inception-weights", "nope.pth"], r"no Inception weights file"),
     (["--teacher", "RGB"], r"3-channel images: measure it with torch-fidelity's Inception"),
+    (["--teacher", "mnist16", "--num-samples", "2001", "--fid-cache", "CACHE"],
+     r"has 2000 images, fewer than the 2001 samples per cell; allowed: --num-samples up to 2000"),
+    (["--teacher", "mnist16", "--reference", "test"], r"unknown mnist16 split 'test'; allowed: train, heldout, reference, floor, tune"),
 ])
 def test_bench_bad_input_exits_with_a_sentence(tmp_path, rgb_teacher, args, message):
     base = {"--teacher": "gmm:ring8", "--nfe": "2", "--num-samples": "8", "--out": str(tmp_path / "x")}
     for k, v in zip(args[::2], args[1::2]):
-        base[k] = str(rgb_teacher) if v == "RGB" else v
+        base[k] = str(rgb_teacher) if v == "RGB" else str(tmp_path / "cache") if v == "CACHE" else v
     with pytest.raises(SystemExit, match=message):
         _bench().main([a for kv in base.items() for a in kv])
     assert not (tmp_path / "x").exists()
+
+
+def _student_file(path, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path), metadata=metadata or {})
+    return str(path)
+
+
+COST = {"steps": 4000, "batch_size": 64, "wall_seconds": 5580, "hardware": "1 CPU thread", "teacher_nfe": 512000,
+        "trained_params": 652449}
+
+
+def test_student_cost_comes_from_the_file_then_the_cost_option_then_a_sidecar(tmp_path):
+    import json
+
+    cli = _bench()
+    own = _student_file(tmp_path / "own.safetensors", {"training_cost": json.dumps(COST)})
+    (tmp_path / "other.json").write_text(json.dumps({**COST, "steps": 1}))
+    assert cli.student_cost(own, str(tmp_path / "other.json")) == COST  # the file's own record wins
+    bare = _student_file(tmp_path / "bare.safetensors")
+    assert cli.student_cost(bare, None) == {}
+    (tmp_path / "bare.cost.json").write_text(json.dumps({**COST, "steps": 2}))
+    assert cli.student_cost(bare, None)["steps"] == 2  # the sidecar beside the file
+    assert cli.student_cost(bare, str(tmp_path / "other.json"))["steps"] == 1  # --cost before the sidecar
+    (tmp_path / "bad.json").write_text(json.dumps({"hours": 3}))
+    with pytest.raises(ValueError, match=r"unknown cost keys \['hours'\]; allowed: steps, batch_size, wall_seconds, hardware"):
+        cli.student_cost(bare, str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="no cost file at"):
+        cli.student_cost(bare, str(tmp_path / "missing.json"))
+
+
+def test_student_rows_carry_their_cost_and_the_cost_plot_draws_them(tmp_path, digit_teacher):
+    from distill.eval.bench import markdown_table, plot_cost, read_bench_rows
+
+    teacher = load_teacher(digit_teacher)
+    cells = plan_cells(["euler"], [1, 2], ["euler-student"], [1, 2])
+    columns = {"euler-student": {"student_path": "s.safetensors", **{f"cost_{k}": v for k, v in COST.items()}}}
+    run_bench(teacher, cells, BenchConfig(num_samples=6, seed=0, batch_size=6), _MeanMetric(), tmp_path,
+              students={"euler-student": _EulerStudent(teacher)}, student_columns=columns)
+    rows = read_bench_rows(tmp_path / "fid_vs_nfe.csv")
+    students = [r for r in rows if r["kind"] == "student"]
+    assert len(students) == 2 and all(r["cost_teacher_nfe"] == "512000" and r["student_path"] == "s.safetensors" for r in students)
+    assert all(r["cost_steps"] == "" for r in rows if r["kind"] == "solver")
+    assert "`euler-student` (student)" in markdown_table(rows)
+    assert plot_cost(rows, tmp_path / "cost.png", {"wall_seconds": 2520, "hardware": "1 CPU thread"})
+    assert (tmp_path / "cost.png").stat().st_size > 10_000
+    assert not plot_cost([r for r in rows if r["kind"] != "student"], tmp_path / "none.png")  # no costed student: no plot
+
+
+class _DataRowsMetric(_MeanMetric):
+    """Records the sizes the data rows are asked for and refuses sample counts above its pools' size."""
+
+    def __init__(self, pool_size):
+        self.pool_size, self.asked = pool_size, []
+
+    def check(self, n):
+        if n > self.pool_size:
+            raise ValueError(f"fewer than the {n} samples per cell")
+
+    def data_kinds(self):
+        return ["floor", "training"]
+
+    def data_row(self, kind, n):
+        self.asked.append((kind, n))
+        return {"method": kind, "fid": 1.0}
+
+
+def test_floor_and_training_rows_share_the_cells_sample_count_and_reference(tmp_path, digit_teacher):
+    teacher = load_teacher(digit_teacher)
+    metric = _DataRowsMetric(pool_size=12)
+    rows = run_bench(teacher, plan_cells(["euler"], [1]), BenchConfig(num_samples=9, seed=0, batch_size=9), metric, tmp_path)
+    assert metric.asked == [("floor", 9), ("training", 9)]
+    assert {(r["num_samples"], r["reference_id"], r["protocol"]) for r in rows} == {("9", "stub", "2")} and len(rows) == 3
+    with pytest.raises(ValueError, match="fewer than the 13 samples per cell"):  # before any sampling
+        run_bench(teacher, plan_cells(["euler"], [1]), BenchConfig(num_samples=13, seed=0), metric, tmp_path / "b")
+    assert not (tmp_path / "b" / "fid_vs_nfe.csv").exists()
+
+
+def test_rows_of_the_old_protocol_are_not_reused(tmp_path, digit_teacher):
+    teacher = load_teacher(digit_teacher)
+    cells, cfg = plan_cells(["euler"], [1]), BenchConfig(num_samples=4, seed=0, batch_size=4)
+    (row,) = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path)
+    with open(tmp_path / "fid_vs_nfe.csv", "w", newline="") as f:  # the same cell, written before the protocol column
+        w = csv.DictWriter(f, fieldnames=[k for k in row if k != "protocol"], extrasaction="ignore")
+        w.writeheader()
+        w.writerow(row)
+    rows = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path)
+    assert [r["protocol"] for r in rows] == ["1", "2"]  # measured again under protocol 2, the old row marked as such

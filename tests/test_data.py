@@ -48,7 +48,21 @@ def test_bad_names_fail_clearly(monkeypatch):
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; allowed: ring8, moons"):
         load_dataset("mnist")
     with pytest.raises(ValueError, match="unknown split 'test'; allowed: train, heldout"):
-        load_dataset("mnist16", "test")
+        load_dataset("ring8", "test")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="is not in the local HF cache .* pass a local image folder as hf:"):
         load_dataset("hf:someone/no-such-dataset-xyz")
+
+
+def test_mnist16_benchmark_splits_are_disjoint_and_sized_for_2000_sample_cells():
+    from distill.data import mnist16_indices
+
+    idx = {s: set(mnist16_indices(s).tolist()) for s in ("train", "heldout", "reference", "floor", "tune")}
+    assert {s: len(v) for s, v in idx.items()} == {"train": 4000, "heldout": 1000, "reference": 2000, "floor": 2000, "tune": 1000}
+    assert idx["reference"] | idx["tune"] | (idx["floor"] - idx["heldout"]) == idx["train"]
+    assert not idx["reference"] & idx["floor"] and not idx["reference"] & idx["tune"] and not idx["tune"] & idx["floor"]
+    assert idx["heldout"] <= idx["floor"]  # the floor starts with the digits no model trained on
+    floor = load_dataset("mnist16", "floor")
+    assert torch.equal(floor.x[:MNIST16_HELDOUT], load_dataset("mnist16", "heldout").x)
+    with pytest.raises(ValueError, match=r"unknown mnist16 split 'test'; allowed: train, heldout, reference, floor, tune"):
+        load_dataset("mnist16", "test")

@@ -51,3 +51,55 @@ def test_committed_classifier_is_accurate():
     assert acc > 0.95
     digits, noise = held.x[:200], torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert fid_kid(noise, digits, kid_subset_size=100)["fid"] > 100  # in the committed feature space's units
+
+
+def test_fid_kid_precision_recall_agree_with_torch_fidelity_calculate_metrics():
+    """feature_metrics (torch-fidelity's metric functions on our features) = calculate_metrics(prc=True) itself."""
+    import torch_fidelity
+
+    from distill.eval.fid import EXTRACTOR, ImageTensorDataset, compute_features, feature_metrics, register_mnist16_extractor
+
+    register_mnist16_extractor()
+    noise = torch.rand(300, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gen = torch.cat([load_dataset("mnist16", "heldout").x[:300], noise])  # half digits, half noise: precision ~ 0.5
+    ref = load_dataset("mnist16", "reference").x[:500]
+    theirs = torch_fidelity.calculate_metrics(input1=ImageTensorDataset(gen), input2=ImageTensorDataset(ref), fid=True, kid=True,
+                                              prc=True, feature_extractor=EXTRACTOR, cuda=False, verbose=False, save_cpu_ram=True,
+                                              kid_subset_size=200)
+    ours = feature_metrics(compute_features(gen), compute_features(ref), kid_subset_size=200)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+    assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert abs(ours["precision"] - theirs["precision"]) <= 1 / 600 and abs(ours["recall"] - theirs["recall"]) <= 1 / 500
+    assert 0.4 < ours["precision"] < 0.6 and ours["recall"] > 0.5  # the noise half lies outside the digits' manifold
+
+
+def test_bootstrap_spread_matches_the_spread_over_fresh_draws():
+    """FID's bootstrap standard deviation on one generated set ~ its standard deviation over 40 independent sets."""
+    from distill.eval.fid import bootstrap_fid_std, feature_statistics, frechet_distance
+
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(20000, 8, generator=g, dtype=torch.float64)
+    mix = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+
+    def draw():
+        return torch.randn(500, 8, generator=g, dtype=torch.float64) @ mix + 0.2
+
+    fresh = torch.tensor([frechet_distance(*feature_statistics(draw()), *feature_statistics(ref)) for _ in range(40)]).std()
+    boot = [bootstrap_fid_std(draw(), ref, resamples=100, seed=i) for i in range(3)]
+    assert all(0.6 < b / float(fresh) < 1.6 for b in boot), (boot, float(fresh))
+    assert bootstrap_fid_std(ref[:500], ref, seed=0) == bootstrap_fid_std(ref[:500], ref, seed=0)  # seeded
+
+    # two classes far apart, 250 samples of each on every draw (as a bench cell's labels i mod K): the stratified
+    # bootstrap keeps the counts and matches the fresh draws; resampling the counts too overstates the spread
+    labels, shift = torch.arange(500) % 2, torch.zeros(8, dtype=torch.float64)
+    shift[0] = 6.0
+
+    def draw_classes():
+        return draw() + labels[:, None] * shift
+
+    fresh = torch.tensor([frechet_distance(*feature_statistics(draw_classes()), *feature_statistics(ref)) for _ in range(40)]).std()
+    x = draw_classes()
+    strat = bootstrap_fid_std(x, ref, resamples=100, strata=labels)
+    assert 0.6 < strat / float(fresh) < 1.6 and bootstrap_fid_std(x, ref, resamples=100) > 2 * strat, (strat, float(fresh))
+    with pytest.raises(ValueError, match="at least 2 bootstrap resamples"):
+        bootstrap_fid_std(ref[:10], ref, resamples=1)

@@ -57,6 +57,7 @@ def test_tune_steps_script_writes_the_times_into_the_student(tmp_path, mnist16_s
     before, after = load_student(mnist16_student), load_student(out)
     t2 = after.sampling_timesteps(2).tolist()
     assert t2[0] == 999.0 and 0 < t2[1] < 999 and after.info["sampling_search"]["num_samples"] == 40
+    assert after.info["sampling_search"]["reference"] == "mnist16:tune"  # not data the benchmark reports on
     assert torch.equal(after.sampling_timesteps(3), before.sampling_timesteps(3))  # untuned step counts keep theirs
     noise = torch.randn(2, 1, 16, 16)
     labels = torch.tensor([3, 7])

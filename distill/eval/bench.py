@@ -3,12 +3,15 @@
 A *cell* is one method (a solver, or a student) at one NFE. Every cell draws sample i from noise seed
 (seed + i) with its own generator (stochastic solvers draw their step noise from it too), so the noise
 depends neither on the method nor on the batch size, and class labels cycle 0..K-1 (or are all -1,
-unconditional). Image teachers are measured by FID / KID
-through ``fid_kid`` (the reference statistics cached under a content-hash name, which is the rows'
-``reference_id``); analytic teachers (``gmm:*``) by exact metrics (``solver_error.exact_metrics``). Each
-cell appends one row to ``fid_vs_nfe.csv``, written atomically; a cell already there with the same
-settings is skipped. A ``floor`` row holds the data floor: a second data split (exact samples for
-analytic teachers) measured like a cell. The plot and the sample grids are drawn from the files alone.
+unconditional). Image teachers are measured by ``FidMetric``: FID with its bootstrap spread, KID, precision
+and recall against one reference set (named by its content hash, the rows' ``reference_id``) through
+torch-fidelity's metric functions, and two memorization statistics (``distill.eval.memorization``); analytic
+teachers (``gmm:*``) by exact metrics (``solver_error.exact_metrics``). Each cell appends one row to
+``fid_vs_nfe.csv``, written atomically; a cell already there with the same settings is skipped. Data rows
+measure real images like a cell, with the cells' sample count and reference: ``floor`` (real images in no
+other role; exact samples for analytic teachers) and ``training`` (the model's own training images, what a
+copying model would score). Student rows carry their training cost. The plots and the sample grids are drawn
+from the files alone.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from distill.eval.fid import EXTRACTOR, fid_kid, reference_cache_name, uint8_images
+from distill.eval.fid import EXTRACTOR, bootstrap_fid_std, compute_features, feature_metrics, reference_cache_name, uint8_images
+from distill.eval.memorization import Memorization
 from distill.eval.solver_error import exact_metrics, make_problem, read_rows, write_rows
 from distill.grids import FINALS, GRIDS
 from distill.solvers import get_solver, per_sample_noises, sample
@@ -31,11 +35,18 @@ from distill.solvers import get_solver, per_sample_noises, sample
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
 PNG = "fid_vs_nfe.png"
+COST_PNG = "fid_vs_cost.png"
+TEACHER_COST = "teacher_cost.json"  # the teacher's own training cost (keys of COST_KEYS), read by the cost plot
 TABLE = "fid_vs_nfe.md"
-FIELDS = ["method", "kind", "nfe", "steps", "fid", "kid", "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample",
-          "guidance_scale", "grid", "final", "labels", "teacher", "teacher_hash", "reference_id", "student_teacher_hash"]
+PROTOCOL = "2"  # issue #13: floor and training rows at the cells' N, bootstrap spread, precision/recall, memorization, cost
+COST_KEYS = ("steps", "batch_size", "wall_seconds", "hardware", "teacher_nfe", "trained_params")  # of a student's training_cost
+FIELDS = ["method", "kind", "nfe", "steps", "fid", "fid_std", "kid", "precision", "recall", "copy_rate", "closer_to_train",
+          "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample", "guidance_scale", "grid", "final", "labels",
+          "teacher", "teacher_hash", "reference_id", "protocol", "student_path", "student_teacher_hash",
+          *(f"cost_{k}" for k in COST_KEYS)]
 # settings shared by every row of one benchmark; a cell is done when a row has its kind, method, NFE and these
-CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id")
+CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id", "protocol")
+DATA_KINDS = ("floor", "training")  # rows of real data, measured like a cell at the cells' sample count
 EXACT_METRICS = {"ode_rmse": "RMSE vs exact ODE solution", "swd": "sliced W2 to data", "nll": "NLL under the true density"}
 GRID_SAMPLES = 10  # samples kept per cell for the picture of each method (one per class for 10 classes)
 GRID_ROWS = 4  # NFEs shown in the picture of each method
@@ -235,26 +246,63 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
 
 # -- metrics -----------------------------------------------------------------------------------------
 class FidMetric:
-    """FID / KID against a reference set through ``fid_kid``; the floor is ``floor_set`` against the reference."""
+    """FID (with its bootstrap spread), KID, precision and recall against a reference set, and the memorization
+    statistics against a training and a held-out set; the data rows (``DATA_KINDS``) are real sets measured the
+    same way at the cells' sample count: the floor (real images in no other role) and the training data."""
 
     def __init__(self, reference: torch.Tensor, *, extractor: str = EXTRACTOR, weights_path: str | None = None,
-                 cache_root: str | None = None, kid_subset_size: int = 1000, floor_set: torch.Tensor | None = None,
-                 floor_name: str = "held-out data"):
-        self.reference, self.extractor, self.weights_path = reference, extractor, weights_path
-        self.cache_root, self.kid_subset_size = cache_root, kid_subset_size
-        self.floor_set, self.floor_name = floor_set, floor_name
+                 cache_root: str | None = None, kid_subset_size: int = 1000, bootstrap: int = 100,
+                 floor_set: torch.Tensor | None = None, floor_name: str = "held-out data",
+                 train_set: torch.Tensor | None = None, heldout_set: torch.Tensor | None = None):
+        self.extractor, self.weights_path, self.kid_subset_size, self.bootstrap = extractor, weights_path, kid_subset_size, bootstrap
         self.reference_id = reference_cache_name(reference, extractor)
+        self.ref_features = self.cached_features(reference, cache_root)
+        self.sets = {"floor": floor_set, "training": train_set}
+        self.names = {"floor": f"data floor ({floor_name})", "training": "training data"}
+        self.memorization = None if train_set is None or heldout_set is None else Memorization(train_set, heldout_set)
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    def cached_features(self, reference: torch.Tensor, cache_root: str | None) -> torch.Tensor:
+        """The reference's features, kept in ``cache_root/<reference_id>.pt`` (named by content) when given."""
+        path = Path(cache_root) / f"{self.reference_id}.pt" if cache_root else None
+        if path is not None and path.is_file():
+            return torch.load(path)
+        features = self.features(reference)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(features, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        return features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=-1.0)  # a diverged sample is a bad image, not a crash
-        return fid_kid(x, self.reference, extractor=self.extractor, kid_subset_size=self.kid_subset_size,
-                       weights_path=self.weights_path, cache_root=self.cache_root)
+        return compute_features(x, extractor=self.extractor, weights_path=self.weights_path)
 
-    def floor_size(self, num_samples: int) -> int:
-        return 0 if self.floor_set is None else min(num_samples, len(self.floor_set))
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None, memorization: bool = True) -> dict:
+        """The metrics of samples ``x``; ``labels``, the class each sample was asked for, keep the class counts fixed in
+        the bootstrap (they are fixed on fresh noise seeds too: sample i always has label i mod K)."""
+        gen = self.features(x)
+        out = feature_metrics(gen, self.ref_features, kid_subset_size=self.kid_subset_size)
+        out["fid_std"] = bootstrap_fid_std(gen, self.ref_features, resamples=self.bootstrap, strata=labels) if self.bootstrap else ""
+        if memorization and self.memorization is not None:
+            out.update(self.memorization(x))
+        return out
 
-    def floor(self, n: int) -> dict:
-        return {"method": f"data floor ({self.floor_name})", **self(self.floor_set[:n])}
+    def check(self, num_samples: int) -> None:
+        """Every data row has exactly the cells' sample count, or the run stops before any work."""
+        for kind, pool in self.sets.items():
+            if pool is not None and len(pool) < num_samples:
+                raise ValueError(f"the {self.names[kind]} set has {len(pool)} images, fewer than the {num_samples} samples per "
+                                 f"cell; allowed: --num-samples up to {len(pool)}, so that every row shares the sample count")
+
+    def data_kinds(self) -> list[str]:
+        return [k for k, pool in self.sets.items() if pool is not None]
+
+    def data_row(self, kind: str, n: int) -> dict:
+        """A real set of ``n`` images measured like a cell. The floor's memorization columns stay blank: half of its
+        images are training images (mnist16 has 1,000 unseen digits), which the statistics would flag by design."""
+        pool = self.sets[kind]
+        x = pool[:n] if kind == "floor" else pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:n]]
+        return {"method": self.names[kind], **self(x, memorization=kind == "training")}
 
 
 class ExactMetric:
@@ -273,13 +321,16 @@ class ExactMetric:
                                          cond=labels_for(self.teacher, cfg, 0, cfg.num_samples), guidance_scale=cfg.guidance_scale)
         return self._problem
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         return exact_metrics(self.problem, x)
 
-    def floor_size(self, num_samples: int) -> int:
-        return num_samples
+    def check(self, num_samples: int) -> None:
+        pass
 
-    def floor(self, n: int) -> dict:
+    def data_kinds(self) -> list[str]:
+        return ["floor"]
+
+    def data_row(self, kind: str, n: int) -> dict:
         return {"method": "data floor (exact samples)", "swd": self.problem.swd_floor, "nll": self.problem.nll_floor}
 
 
@@ -288,14 +339,19 @@ def run_config(teacher, cfg: BenchConfig, reference_id: str) -> dict[str, str]:
     """The CONFIG_FIELDS of this run's rows, as the CSV stores them."""
     scale = "" if cfg.guidance_scale is None else f"{cfg.guidance_scale:g}"
     return {"num_samples": str(cfg.num_samples), "seed": str(cfg.seed), "guidance_scale": scale, "grid": cfg.grid,
-            "final": cfg.final, "labels": label_mode(teacher, cfg), "teacher_hash": teacher.hash, "reference_id": reference_id}
+            "final": cfg.final, "labels": label_mode(teacher, cfg), "teacher_hash": teacher.hash, "reference_id": reference_id,
+            "protocol": PROTOCOL}
 
 
 def read_bench_rows(path: str | Path) -> list[dict]:
-    """The rows of a bench CSV; files written before the ``final`` column existed used ``final="clean"``."""
+    """The rows of a bench CSV; files written before the ``final`` column existed used ``final="clean"``, before
+    the ``protocol`` column protocol 1 (the floor at its own size, no spread); other missing columns are blank."""
     rows = read_rows(path)
     for r in rows:
         r.setdefault("final", "clean")
+        r.setdefault("protocol", "1")
+        for k in FIELDS:
+            r.setdefault(k, "")
     return rows
 
 
@@ -331,84 +387,121 @@ def save_cell_samples(x: torch.Tensor, cell: Cell, out: Path) -> None:
 
 
 def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | Path, *, students: dict | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
-    """Run every cell not yet in ``out/fid_vs_nfe.csv`` (then the data floor), rewriting the CSV after each.
+              student_columns: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every cell not yet in ``out/fid_vs_nfe.csv`` (then the data rows), rewriting the CSV after each.
 
-    ``metric(x) -> {column: value}`` with ``reference_id``, ``floor_size(n)`` and ``floor(n)`` (``FidMetric``,
-    ``ExactMetric``); ``students`` maps a student cell's method name to an object with ``.sample(noise, steps=, cond=)``.
+    ``metric(x, labels=) -> {column: value}`` with ``reference_id``, ``check(n)``, ``data_kinds()`` and ``data_row(kind, n)``
+    (``FidMetric``, ``ExactMetric``); ``students`` maps a student cell's method name to an object with
+    ``.sample(noise, steps=, cond=)``, ``student_columns`` to extra columns of its rows (path, training cost).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, students = out / CSV, students or {}
+    csv_path, students, student_columns = out / CSV, students or {}, student_columns or {}
+    metric.check(cfg.num_samples)
     rows = read_bench_rows(csv_path)
     config = run_config(teacher, cfg, metric.reference_id)
     todo = [c for c in cells if not has_row(rows, config, c.kind, c.method, c.nfe)]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {csv_path}; skipped")
     for cell in tqdm(todo, desc="FID vs NFE", disable=not todo):
-        x, seconds = generate(teacher, cell, cfg, students.get(cell.method))
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        if bad:
-            log(f"note: {cell.method} at {cell.nfe} NFE gave {bad} non-finite samples")
-        if is_image(teacher):
-            save_cell_samples(x, cell, out)
-        if cfg.save_images:
-            save_png_folder(x, out / "images" / cell.name)
-        rows.append({"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe), "steps": str(cell.steps), **metric(x),
-                     "seconds_per_sample": seconds / len(x), "teacher": teacher.name, **config,
-                     "student_teacher_hash": student_teacher_hash(students.get(cell.method))})
+        rows.append(run_cell(teacher, cell, cfg, metric, out, students.get(cell.method), log)
+                    | student_columns.get(cell.method, {}) | config)
         write_rows(csv_path, rows, FIELDS)
-    n_floor = metric.floor_size(cfg.num_samples)
-    floor_config = {**config, "num_samples": str(n_floor)}
-    if n_floor and not has_row(rows, floor_config, "floor"):
-        rows.append({**metric.floor(n_floor), "kind": "floor", "teacher": teacher.name, **floor_config})
-        write_rows(csv_path, rows, FIELDS)
+    for kind in metric.data_kinds():  # real data at the cells' sample count, against the same reference
+        if not has_row(rows, config, kind):
+            rows.append({**metric.data_row(kind, cfg.num_samples), "kind": kind, "teacher": teacher.name, **config})
+            write_rows(csv_path, rows, FIELDS)
     return rows
 
 
+def run_cell(teacher, cell: Cell, cfg: BenchConfig, metric, out: Path, student, log: Callable[[str], None]) -> dict:
+    """Sample one cell, keep its pictures, and return its row (without the run's settings)."""
+    x, seconds = generate(teacher, cell, cfg, student)
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    if bad:
+        log(f"note: {cell.method} at {cell.nfe} NFE gave {bad} non-finite samples")
+    if is_image(teacher):
+        save_cell_samples(x, cell, out)
+    if cfg.save_images:
+        save_png_folder(x, out / "images" / cell.name)
+    labels = labels_for(teacher, cfg, 0, cfg.num_samples)
+    return {"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe), "steps": str(cell.steps), **metric(x, labels=labels),
+            "seconds_per_sample": seconds / len(x), "teacher": teacher.name, "student_teacher_hash": student_teacher_hash(student)}
+
+
 # -- pictures ----------------------------------------------------------------------------------------
-def current_rows(rows: list[dict]) -> tuple[list[dict], dict | None, int]:
-    """The cell rows with the settings of the last cell row written, the matching floor row, and how many rows
-    of other settings there are."""
-    cells = [r for r in rows if r["kind"] != "floor"]
+def current_rows(rows: list[dict]) -> tuple[list[dict], dict[str, dict], int]:
+    """The cell rows with the settings of the last cell row written, the data rows (``DATA_KINDS``) of the same
+    settings by kind, and how many cell rows of other settings there are. Protocol 1 files kept their floor at its
+    own size; their floor is matched without the sample count."""
+    cells = [r for r in rows if r["kind"] not in DATA_KINDS]
     if not cells:
-        return [], None, len(rows)
+        return [], {}, len(rows)
     config = {k: cells[-1][k] for k in CONFIG_FIELDS}
     mine = [r for r in cells if all(r[k] == v for k, v in config.items())]
-    floors = [r for r in rows if r["kind"] == "floor" and all(r[k] == v for k, v in config.items() if k != "num_samples")]
-    return mine, (floors[-1] if floors else None), len(cells) - len(mine)
+    loose = config["protocol"] == "1"
+    data = {r["kind"]: r for r in rows if r["kind"] in DATA_KINDS
+            and all(r[k] == v for k, v in config.items() if not (loose and k == "num_samples"))}
+    return mine, data, len(cells) - len(mine)
 
 
 def _value(row: dict, key: str) -> float:
     return float(row[key]) if row.get(key, "") != "" else math.nan
 
 
+def with_spread(row: dict, key: str, digits: int = 1) -> str:
+    """'12.3' or, with a bootstrap spread, '12.3 +- 0.4'."""
+    text = f"{_value(row, key):.{digits}f}"
+    return text + (f" +- {_value(row, key + '_std'):.{digits}f}" if row.get(key + "_std", "") != "" else "")
+
+
+def converged(cells: list[dict], key: str = "fid") -> dict | None:
+    """The teacher's converged value: the best solver at the largest NFE run."""
+    solvers = [r for r in cells if r["kind"] == "solver"]
+    if not solvers:
+        return None
+    top = max(int(r["nfe"]) for r in solvers)
+    return min((r for r in solvers if int(r["nfe"]) == top), key=lambda r: _value(r, key))
+
+
 def markdown_table(rows: list[dict], key: str | None = None) -> str:
-    """A markdown table of ``key`` (default: fid, or swd for analytic teachers): a row per solver, then per
-    student, a column per NFE, '-' where a method has no cell; the data floor, if any, as a last line."""
-    cells, floor, _ = current_rows(rows)
+    """A markdown table of ``key`` (default: fid, or swd for analytic teachers; '+-' the bootstrap spread): a row
+    per solver, then per student, a column per NFE, '-' where a method has no cell; then the data rows."""
+    cells, data, _ = current_rows(rows)
     if not cells:
         raise ValueError("no benchmark cells to tabulate")
     key = key or ("fid" if cells[0].get("fid", "") != "" else "swd")
     nfes = sorted({int(r["nfe"]) for r in cells})
-    value = {(r["kind"], r["method"], int(r["nfe"])): _value(r, key) for r in cells}
+    value = {(r["kind"], r["method"], int(r["nfe"])): r for r in cells}
     lines = [f"| {key} | " + " | ".join(f"{n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     for kind in ("solver", "student"):
         for method in dict.fromkeys(r["method"] for r in cells if r["kind"] == kind):
             label = f"`{method}`" + (" (student)" if kind == "student" else "")
             vals = [value.get((kind, method, n)) for n in nfes]
-            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals) + " |")
-    if floor is not None and floor.get(key, "") != "":
-        lines.append(f"\n{floor['method']} ({floor['num_samples']} samples): {_value(floor, key):.2f}")
+            lines.append(f"| {label} | " + " | ".join("-" if r is None else with_spread(r, key) for r in vals) + " |")
+    lines.append("")
+    for row in data.values():
+        if row.get(key, "") != "":
+            lines.append(f"{row['method']} ({row['num_samples']} samples): {with_spread(row, key, 2)}  ")
     return "\n".join(lines) + "\n"
 
 
+def _draw_method(ax, pts: list[tuple[int, float, float]], **style) -> None:
+    """A line through (nfe, value) with error bars of the spread where there is one."""
+    x, y, err = zip(*pts)
+    if any(math.isfinite(e) for e in err):
+        ax.errorbar(x, y, yerr=[e if math.isfinite(e) else 0 for e in err], capsize=2, **style)
+    else:
+        ax.plot(x, y, **style)
+
+
 def plot_bench(rows: list[dict], path: str | Path) -> None:
-    """FID (or the exact metrics) vs NFE, log x: a line per solver, distinct markers per student, the teacher's
-    converged value (best solver at the largest NFE) and the data floor as horizontal lines."""
+    """FID (or the exact metrics) vs NFE, log x: a line per solver, distinct markers per student (error bars: the
+    bootstrap spread), the teacher's converged value (best solver at the largest NFE), the data floor and the
+    training data as horizontal lines."""
     from distill.eval.plots import plt
 
-    cells, floor, others = current_rows(rows)
+    cells, data, others = current_rows(rows)
     if not cells:
         raise ValueError("no benchmark cells to plot")
     exact = any(r.get("ode_rmse", "") != "" for r in cells)
@@ -418,20 +511,23 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
     markers = iter("*DPXs^vph" * 4)
     students = {m: next(markers) for m in dict.fromkeys(r["method"] for r in cells if r["kind"] == "student")}
     for ax, (key, title) in zip(axes[0], panels.items()):
+        def points(kind, method):
+            mine = [r for r in cells if r["kind"] == kind and r["method"] == method]
+            return sorted((int(r["nfe"]), _value(r, key), _value(r, key + "_std")) for r in mine)
+
         for i, method in enumerate(dict.fromkeys(r["method"] for r in solvers)):
-            pts = sorted((int(r["nfe"]), _value(r, key)) for r in solvers if r["method"] == method)
             # ten colours, then the same ones dashed, then dotted: no two solvers share a line
-            ax.plot(*zip(*pts), marker="o", ls=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", ms=3, label=method)
+            _draw_method(ax, points("solver", method), marker="o", ls=("-", "--", ":")[i // 10 % 3], color=f"C{i % 10}", ms=3, label=method)
         for method, marker in students.items():
-            pts = sorted((int(r["nfe"]), _value(r, key)) for r in cells if r["kind"] == "student" and r["method"] == method)
-            ax.plot(*zip(*pts), marker=marker, ls=":", ms=11, mec="k", label=f"{method} (student)")
-        if solvers:
-            top = max(int(r["nfe"]) for r in solvers)
-            best = min((r for r in solvers if int(r["nfe"]) == top), key=lambda r: _value(r, key))
-            ax.axhline(_value(best, key), color="0.4", ls="-.", lw=1, label=f"teacher converged ({best['method']}, {top} NFE)")
-        if floor is not None and floor.get(key, "") != "":
-            ax.axhline(_value(floor, key), color="k", ls="--", lw=1, label=f"{floor['method']}, {floor['num_samples']} samples")
-        values = [_value(r, key) for r in cells] + ([_value(floor, key)] if floor and floor.get(key, "") != "" else [])
+            _draw_method(ax, points("student", method), marker=marker, ls=":", ms=11, mec="k", label=f"{method} (student)")
+        best = converged(cells, key)
+        if best is not None:
+            ax.axhline(_value(best, key), color="0.4", ls="-.", lw=1, label=f"teacher converged ({best['method']}, {best['nfe']} NFE)")
+        for kind, row in data.items():
+            if row.get(key, "") != "":
+                ax.axhline(_value(row, key), color="k", ls="--" if kind == "floor" else ":", lw=1,
+                           label=f"{row['method']}, {row['num_samples']} samples")
+        values = [_value(r, key) for r in cells] + [_value(r, key) for r in data.values()]
         ticks = sorted({int(r["nfe"]) for r in cells})
         ax.set_xscale("log")
         if key == "nll":  # may be negative; symlog keeps diverged cells from flattening the rest
@@ -445,14 +541,75 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
         ax.set_ylabel(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    r0 = cells[-1]
-    guidance = f", guidance {r0['guidance_scale']}" if r0["guidance_scale"] else ""
-    hidden = f"; {others} rows of other settings not shown" if others else ""
-    fig.suptitle(f"{r0['teacher']}: {r0['num_samples']} samples, seed {r0['seed']}, labels {r0['labels']}{guidance}, "
-                 f"grid {r0['grid']} (final {r0.get('final', 'clean')}),\nreference {r0['reference_id']}{hidden}", fontsize=8)
+    fig.suptitle(_title(cells[-1], others), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _title(r0: dict, others: int) -> str:
+    guidance = f", guidance {r0['guidance_scale']}" if r0["guidance_scale"] else ""
+    hidden = f"; {others} rows of other settings not shown" if others else ""
+    spread = "; error bars: bootstrap spread" if r0.get("fid_std", "") != "" else ""
+    return (f"{r0['teacher']}: {r0['num_samples']} samples, seed {r0['seed']}, labels {r0['labels']}{guidance}, "
+            f"grid {r0['grid']} (final {r0.get('final', 'clean')}){spread},\nreference {r0['reference_id']}{hidden}")
+
+
+def student_points(cells: list[dict]) -> list[dict]:
+    """One row per student with a recorded training cost: its best FID over the step counts run."""
+    costed = [r for r in cells if r["kind"] == "student" and r.get("cost_wall_seconds", "") != ""]
+    best = {}
+    for r in costed:
+        if r["method"] not in best or _value(r, "fid") < _value(best[r["method"]], "fid"):
+            best[r["method"]] = r
+    return list(best.values())
+
+
+def plot_cost(rows: list[dict], path: str | Path, teacher_cost: dict | None = None) -> bool:
+    """FID against distillation cost, log x: one point per student (its best step count, bootstrap error bar) at its
+    training wall hours and, in a second panel, the teacher network evaluations it spent; the teacher's own
+    training time as a vertical line, its converged FID and the data floor as horizontal ones. False (nothing
+    drawn) when no student row records a cost."""
+    from distill.eval.plots import plt
+
+    cells, data, _ = current_rows(rows)
+    points = student_points(cells)
+    if not points:
+        return False
+    axes_keys = {"cost_wall_seconds": "training wall hours (hardware: see the table)",
+                 "cost_teacher_nfe": "teacher evaluations spent (images x NFE)"}
+    axes_keys = {k: v for k, v in axes_keys.items() if any(r.get(k, "") != "" for r in points)}
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6 * len(axes_keys), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], axes_keys.items()):
+        scale = 1 / 3600 if key == "cost_wall_seconds" else 1
+        xs = [_value(r, key) * scale for r in points if r.get(key, "") != ""]
+        if teacher_cost and key == "cost_wall_seconds" and teacher_cost.get("wall_seconds"):
+            xs.append(float(teacher_cost["wall_seconds"]) * scale)
+        ax.set_xlim(min(xs) / 3, max(xs) * 3)  # a decade of room around a single point
+        for i, r in enumerate(points):
+            if r.get(key, "") != "":
+                ax.errorbar(_value(r, key) * scale, _value(r, "fid"), yerr=_value(r, "fid_std") if r.get("fid_std") else None,
+                            marker="*DPXs^vph"[i % 9], ms=11, mec="k", color=f"C{i % 10}", capsize=2,
+                            label=f"{r['method']} ({r['steps']} step{'s' if r['steps'] != '1' else ''})")
+        if teacher_cost and key == "cost_wall_seconds" and teacher_cost.get("wall_seconds"):
+            ax.axvline(float(teacher_cost["wall_seconds"]) / 3600, color="C3", ls="-", lw=1,
+                       label=f"teacher's own training ({teacher_cost.get('hardware', '?')})")
+        best = converged(cells)
+        if best is not None:
+            ax.axhline(_value(best, "fid"), color="0.4", ls="-.", lw=1, label=f"teacher converged ({best['method']}, {best['nfe']} NFE)")
+        if "floor" in data:
+            ax.axhline(_value(data["floor"], "fid"), color="k", ls="--", lw=1, label=data["floor"]["method"])
+        ax.set_xscale("log")
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
+        ax.set_xlabel(label)
+        ax.set_ylabel("FID")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(cells[-1], 0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
 
 
 def save_method_grids(out: str | Path) -> list[Path]:

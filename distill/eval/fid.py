@@ -182,3 +182,40 @@ def fid_kid(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = 
         cache_root=cache_root, input2_cache_name=cache_name if cache_root else None, **kwargs,
     )
     return {"fid": float(metrics["frechet_inception_distance"]), "kid": float(metrics["kernel_inception_distance_mean"])}
+
+
+# -- metrics on features (torch-fidelity's own functions, so the numbers are calculate_metrics') -------
+def feature_metrics(gen: torch.Tensor, ref: torch.Tensor, *, kid_subset_size: int = 1000) -> dict:
+    """FID, KID (torch-fidelity's raw ``kernel_inception_distance_mean``, no scaling), precision and recall
+    (Kynkaanniemi et al. 2019, k = 3) of generated features ``gen`` [N, D] against reference features ``ref``,
+    computed by torch-fidelity's metric functions with ``calculate_metrics``' defaults."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    gen, ref = gen.detach().cpu(), ref.detach().cpu()
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), False)
+    kid = kid_features_to_metric(gen, ref, kid_subset_size=min(kid_subset_size, len(gen), len(ref)), verbose=False)
+    prc = prc_features_to_metric(gen, ref, save_cpu_ram=True, verbose=False)
+    return {"fid": fid["frechet_inception_distance"], "kid": kid["kernel_inception_distance_mean"],
+            "precision": prc["precision"], "recall": prc["recall"]}
+
+
+def bootstrap_fid_std(gen: torch.Tensor, ref: torch.Tensor, *, resamples: int = 100, seed: int = 0,
+                      strata: torch.Tensor | None = None) -> float:
+    """The spread of FID over the generated set: the standard deviation of FID over ``resamples`` bootstrap
+    resamples of ``gen`` (drawn with replacement, same size) against the fixed reference statistics. With
+    ``strata`` (e.g. the class labels a benchmark assigns by sample index) each stratum is resampled within
+    itself, so its count stays fixed as it does on fresh noise seeds. It stands for the change on fresh noise
+    seeds (tested against independent draws in tests/test_fid.py)."""
+    if resamples < 2:
+        raise ValueError(f"need at least 2 bootstrap resamples, got {resamples}")
+    mu_ref, cov_ref = feature_statistics(ref)
+    groups = [torch.arange(len(gen))] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
+    g = torch.Generator().manual_seed(seed)
+
+    def resample() -> torch.Tensor:
+        return torch.cat([idx[torch.randint(len(idx), (len(idx),), generator=g)] for idx in groups])
+
+    values = [frechet_distance(*feature_statistics(gen[resample()]), mu_ref, cov_ref) for _ in range(resamples)]
+    return float(torch.tensor(values).std())

@@ -9,7 +9,8 @@ next to the winner. The k-step times are therefore a prefix of the (k + 1)-step 
 
 The score is any ``score(timesteps) -> float`` (lower is better); ``fid_score`` builds the usual one:
 FID of the student's samples against a reference set through the workbench's extractor, on noise seeds
-and a reference split that the benchmark does not use, so the tuning does not fit the reported number.
+and a reference split that the benchmark does not use (mnist16: the ``tune`` split), so the tuning does not
+fit the reported number.
 """
 
 from __future__ import annotations

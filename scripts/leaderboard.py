@@ -1,0 +1,61 @@
+"""Write results/LEADERBOARD.md from a bench folder's CSV (never edit that file by hand).
+
+    python scripts/leaderboard.py --results results/mnist16 --out results/LEADERBOARD.md --readme README.md
+
+Every student and the best solver at 1, 2, 4 and 8 NFE with FID +- spread, KID, precision, recall, memorization
+and training cost; the data floor, the training data and the converged teacher at the same sample count; the
+command that makes each row (distill.eval.leaderboard). --readme also replaces the README's leaderboard block
+(between its two marker lines) with the table's first rows, without the commands.
+"""
+
+from __future__ import annotations
+
+import os as _os
+import sys as _sys
+
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from distill.eval.bench import CSV, read_bench_rows
+from distill.eval.leaderboard import leaderboard_markdown, leaderboard_table, replace_block
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results/mnist16"), help="a bench output folder")
+    p.add_argument("--out", type=Path, default=Path("results/LEADERBOARD.md"))
+    p.add_argument("--readme", type=Path, default=None, help="a README with a leaderboard block to refresh")
+    p.add_argument("--readme-rows", type=int, default=10, help="table rows shown in the README (without the command column)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python scripts/leaderboard.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    try:
+        if not (args.results / CSV).is_file():
+            raise FileNotFoundError(f"no {CSV} in {args.results}; run scripts/bench.py --out {args.results} first")
+        rows = read_bench_rows(args.results / CSV)
+        text = leaderboard_markdown(rows, str(args.results), command)
+        readme = None
+        if args.readme is not None:
+            lines = leaderboard_table(rows, str(args.results), commands=False)[:2 + args.readme_rows]
+            block = "\n".join(lines) + f"\n\nThe full table, with every student and the command of each row: [{args.out}]({args.out}).\n"
+            readme = replace_block(args.readme.read_text(), block)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    args.out.write_text(text)
+    if readme is not None:
+        args.readme.write_text(readme)
+    print(f"wrote {args.out}" + (f" and the leaderboard block of {args.readme}" if readme is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
