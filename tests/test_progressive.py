@@ -104,3 +104,70 @@ def test_progressive_run_resumes_bit_identically(tmp_path):
     run(tiny_cfg(tmp_path / "killed", "max_steps=10"), resume="latest")
     assert same_tensors(full / "student.safetensors", tmp_path / "killed" / "student.safetensors")
 
+
+
+# -- the halving rounds (scripts/progressive.py) ------------------------------------------------------------
+ROUND_SETS = [*TINY, "max_steps=8", "checkpoint_every=3"]
+
+
+def _rounds(out, **kw):
+    from conftest import load_script
+    from distill.config import parse_overrides
+
+    return load_script("progressive").run_rounds(str(CONFIG), out, parse_overrides(ROUND_SETS), 1, log=lambda m: None, **kw)
+
+
+def test_rounds_halve_chain_teachers_and_record_lineage(tmp_path):
+    files = _rounds(tmp_path / "chain")
+    assert [f.parent.name for f in files] == ["steps-4", "steps-2", "steps-1"]
+    from distill.train import file_sha256
+
+    for parent, child in zip(files, files[1:]):
+        s = load_student(child)
+        n = s.sampling_steps[0]
+        assert s.info["lineage"] == {"init_from": str(parent), "sha256": file_sha256(parent)}
+        assert s.info["teacher_hash"] == file_sha256(parent)  # the previous student taught it
+        # its grid is every other point of its teacher's (which is the parent's own grid)
+        assert s.sampling_timesteps(n).tolist() == load_student(parent).sampling_timesteps(2 * n)[::2].tolist()
+    import json
+
+    rows = json.loads((tmp_path / "chain" / "rounds.json").read_text())
+    assert [r["student_steps"] for r in rows] == [4, 2, 1] and all(r["updates"] == 8 for r in rows)
+
+
+def test_rounds_killed_mid_round_continue_bit_identically(tmp_path):
+    full = _rounds(tmp_path / "full")
+    out = tmp_path / "killed"
+    assert _rounds(out, stop_at=(2, 4)) == [out / "steps-4" / "student.safetensors"]  # stopped in round 2, step 4
+    assert not (out / "steps-2" / "student.safetensors").exists() and (out / "steps-2" / "checkpoints" / "step-4").is_dir()
+    resumed = _rounds(out)
+    for a, b in zip(full, resumed):
+        assert same_tensors(a, b), b
+    from distill.train import file_sha256
+
+    # the resumed round's file still records its parent (the engine re-derives the lineage on resume)
+    assert load_student(resumed[1]).info["lineage"] == {"init_from": str(resumed[0]), "sha256": file_sha256(resumed[0])}
+
+
+def test_rounds_cli_after_a_sigkill_mid_round(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distill_helpers import subprocess_env
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, str(ROOT / "scripts" / "progressive.py"), "--config", str(CONFIG), "--output-dir", str(out),
+           "--set", *TINY, "max_steps=60", "checkpoint_every=5"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "steps-2" / "checkpoints" / "step-10").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (out / "steps-2" / "student.safetensors").exists()
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round 1 (4 steps): done" in done.stdout and "round 2 (4 -> 2 steps): resuming" in done.stdout
+    assert (out / "steps-1" / "student.safetensors").is_file()
