@@ -112,6 +112,7 @@ ROUND_SETS = [*TINY, "max_steps=8", "checkpoint_every=3"]
 
 def _rounds(out, **kw):
     from conftest import load_script
+
     from distill.config import parse_overrides
 
     return load_script("progressive").run_rounds(str(CONFIG), out, parse_overrides(ROUND_SETS), 1, log=lambda m: None, **kw)
