@@ -8,11 +8,12 @@ from distill_helpers import ROOT, run, same_tensors
 from distill.config import ConfigError, parse_overrides
 from distill.eval.exact import ode_reference
 from distill.grids import explicit_grid
+from distill.losses import add_noise
 from distill.objectives.base import Batch, Context
-from distill.objectives.reflow import Reflow, ReflowOptions, first_order_path
+from distill.objectives.reflow import Reflow, ReflowOptions, phase_pair
 from distill.run_config import load_run_config
 from distill.solvers import SOLVERS
-from distill.solvers.common import grid_points
+from distill.solvers.common import ddim_step, grid_points
 from distill.trajectories import generate, open_cache
 from students import load_student
 from teachers import load_teacher
@@ -46,7 +47,8 @@ class AffineRegression(torch.nn.Module):
         pts = grid_points(self.schedule, torch.tensor([self.t_max, 0.0], dtype=torch.float64))
         for tt in t.unique().tolist():
             u = grid_points(self.schedule, torch.tensor([tt], dtype=torch.float64))[0]
-            x_u, x0 = first_order_path(self.noise, self.sample, pts[0], pts[1], u)
+            x0, eps = phase_pair(self.noise, self.sample, pts[0], pts[1])
+            x_u = add_noise(self.schedule, x0, eps, torch.tensor([tt], dtype=torch.float64))
             design = torch.cat([x_u, torch.ones(len(x_u), 1, dtype=x_u.dtype)], 1)
             w = torch.linalg.lstsq(design, x0).solution
             m = t == tt
@@ -92,22 +94,30 @@ def _as_net(denoiser, schedule):
     return net
 
 
-def test_the_path_is_rectified_diffusions_and_a_straight_line_for_rectified_flow():
+def _path(z, x_e, s, e, u, schedule):
+    x0, eps = phase_pair(z, x_e, s, e)
+    return add_noise(schedule, x0, eps, torch.tensor([u.t], dtype=torch.float64)), x0
+
+
+def test_the_path_is_the_ddim_line_rectified_diffusions_and_a_straight_line_for_rectified_flow():
     teacher = load_teacher("gmm:ring8@rectified_flow")
     g = torch.Generator().manual_seed(0)
     z, x0 = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
     s, e, u = grid_points(teacher.schedule, torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64))
-    x_u, target = first_order_path(z, x0, s, e, u)
+    x_u, target = _path(z, x0, s, e, u, teacher.schedule)
     assert torch.equal(target, x0) and torch.allclose(x_u, 0.3 * z + 0.7 * x0, atol=1e-15)
     vp = load_teacher("mnist16").schedule  # a VP teacher: x_u = alpha_u x0 + sigma_u eps_pair, eps_pair from z_T
     s, e, u = grid_points(vp, torch.tensor([999.0, -1.0, 500.0], dtype=torch.float64))
-    x_u, _ = first_order_path(z, x0, s, e, u)
-    eps = (z - s.alpha * x0) / s.sigma
-    assert torch.allclose(x_u, u.alpha * x0 + u.sigma * eps, atol=1e-12)
-    # a phase that ends before clean data: the line through z_s and x_e at both ends
-    s, e = grid_points(vp, torch.tensor([800.0, 400.0], dtype=torch.float64))
+    x_u, _ = _path(z, x0, s, e, u, vp)
+    assert torch.allclose(x_u, ddim_step(z, x0, s, u), atol=1e-12)
+    # a phase that ends before clean data: the DDIM line through z_s and x_e, read anywhere in between
+    s, e, u = grid_points(vp, torch.tensor([800.0, 400.0, 650.0], dtype=torch.float64))
     x_e = torch.randn(5, 2, generator=g, dtype=torch.float64)
-    assert torch.allclose(first_order_path(z, x_e, s, e, e)[0], x_e, atol=1e-12)
+    x_u, x0_star = _path(z, x_e, s, e, u, vp)
+    assert torch.allclose(_path(z, x_e, s, e, e, vp)[0], x_e, atol=1e-12)
+    assert torch.allclose(_path(z, x_e, s, e, s, vp)[0], z, atol=1e-12)
+    assert torch.allclose(x_u, ddim_step(z, x0_star, s, u), atol=1e-12)
+    assert torch.allclose(ddim_step(x_u, x0_star, u, e), x_e, atol=1e-12)  # the student's target jump lands on x_e
 
 
 def test_options_are_validated_with_one_sentence(tmp_path, ring8_pairs):

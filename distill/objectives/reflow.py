@@ -6,6 +6,7 @@ state z_T (its exact noise) with the teacher's sample x_0. The student is retrai
 parameterization and schedule on the first-order (DDIM) path through the pair:
 
     u ~ U(t_e, t_s],   x0* = the x0 with DDIM(z_s, x0, s -> e) = x_e,   x_u = DDIM(z_s, x0*, s -> u)
+                                           = alpha_u x0* + sigma_u eps*,  eps* = (z_s - alpha_s x0*) / sigma_s
     L = d( D_student(x_u, u), x0* )        (``denoising_loss`` in x0 space: l2 or pseudo_huber; ``raw``: own output)
 
 With one phase (s = t_max, e = clean) x0* is the pair's sample and x_u = alpha_u x0 + sigma_u eps_pair with
@@ -31,7 +32,8 @@ from distill.losses import DISTANCES, LOSS_SPACES, denoising_loss
 from distill.objectives.base import Batch, Network, Objective, register_objective
 from distill.objectives.diffusion import drop_labels
 from distill.objectives.progressive import check_ode_student, ddim_inverse
-from distill.solvers.common import ddim_step, grid_points
+from distill.param import eps_from_x0
+from distill.solvers.common import grid_points
 
 
 @dataclass
@@ -52,10 +54,11 @@ def phase_bounds(num_points: int, phases: int) -> list[int]:
     return [round(k * (num_points - 1) / phases) for k in range(phases + 1)]
 
 
-def first_order_path(z_s: torch.Tensor, x_e: torch.Tensor, s, e, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_u, x0*): the DDIM line from z_s at s that lands on x_e at e, read at u (``Point``s; x0* = x_e for a clean e)."""
+def phase_pair(z_s: torch.Tensor, x_e: torch.Tensor, s, e) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0*, eps*) of the DDIM line from z_s at s that lands on x_e at e (``Point``s; x0* = x_e for a clean e): a DDIM
+    step with a constant x0 keeps the implied eps, so the line is x_u = alpha_u x0* + sigma_u eps* for every u."""
     x0 = x_e if e.clean else ddim_inverse(z_s, x_e, s, e)
-    return (z_s if u.t == s.t else ddim_step(z_s, x0, s, u)), x0
+    return x0, eps_from_x0(x0, z_s, s.alpha, s.sigma)
 
 
 @register_objective
@@ -117,12 +120,10 @@ class Reflow(Objective):
         u = self._times(k, batch.g)
         cond = drop_labels(batch.cond, self.o.label_dropout, batch.g)
         z_s, x_e = z_s.to(batch.device), x_e.to(batch.device)
-        x_u, x0 = torch.empty_like(z_s), torch.empty_like(z_s)
-        pairs = torch.stack([k.double(), u], 1)
-        for kk, uu in pairs.unique(dim=0).tolist():
-            m = (pairs == torch.tensor([kk, uu], dtype=torch.float64)).all(1).to(batch.device)
-            s, e = self.points[self.bounds[int(kk)]], self.points[self.bounds[int(kk) + 1]]
-            point = grid_points(self.schedule, torch.tensor([uu], dtype=torch.float64))[0]
-            x_u[m], x0[m] = first_order_path(z_s[m], x_e[m], s, e, point)
-        return denoising_loss(nets["student"], x0, u.to(batch.device), None, cond, space=self.o.space,
-                              kind=self.o.distance, huber_c=self.o.huber_c, x_t=x_u)
+        x0, eps = torch.empty_like(z_s), torch.empty_like(z_s)
+        for kk in k.unique().tolist():
+            m = (k == kk).to(batch.device)
+            x0[m], eps[m] = phase_pair(z_s[m], x_e[m], self.points[self.bounds[kk]], self.points[self.bounds[kk + 1]])
+        # x_u = alpha_u x0* + sigma_u eps*: Rectified Diffusion's x_t from the pair (add_noise inside the shared loss)
+        return denoising_loss(nets["student"], x0, u.to(batch.device), eps, cond, space=self.o.space,
+                              kind=self.o.distance, huber_c=self.o.huber_c)
