@@ -46,7 +46,6 @@ class AffineRegression(torch.nn.Module):
         out = torch.empty_like(x)
         pts = grid_points(self.schedule, torch.tensor([self.t_max, 0.0], dtype=torch.float64))
         for tt in t.unique().tolist():
-            u = grid_points(self.schedule, torch.tensor([tt], dtype=torch.float64))[0]
             x0, eps = phase_pair(self.noise, self.sample, pts[0], pts[1])
             x_u = add_noise(self.schedule, x0, eps, torch.tensor([tt], dtype=torch.float64))
             design = torch.cat([x_u, torch.ones(len(x_u), 1, dtype=x_u.dtype)], 1)
