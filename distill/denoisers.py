@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from distill.param import combine_x0, x0_coefficients
+from distill.param import both_to_x0, combine_x0, x0_coefficients
 from distill.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -170,6 +170,9 @@ class NetDenoiser(nn.Module):
         out = self.raw(x, t, cond, **extra)
         if self.prediction_type == "sample":
             return out
+        if self.prediction_type == "both":  # two outputs (x, eps) mixed by their weights, in one place
+            log_a, log_s = self.schedule.log_alpha_sigma(t.cpu())
+            return both_to_x0(out, x, log_a.exp(), log_s.exp())
         return combine_x0(out, x, *self.x0_coefficients(t, x.ndim))
 
     def forward(self, x: torch.Tensor, t, cond: torch.Tensor | None = None, *, raw: bool = False, **extra) -> torch.Tensor:

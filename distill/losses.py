@@ -40,16 +40,19 @@ def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float | None 
 
 
 def denoising_loss(model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond=None, *, space: str = "raw",
-                   **extra) -> torch.Tensor:
+                   kind: str = "l2", huber_c: float | None = None, x_t: torch.Tensor | None = None, **extra) -> torch.Tensor:
     """Per-sample mean squared error of a ``NetDenoiser`` (``model``, possibly DDP-wrapped: it is called, so gradients
-    synchronise) at x_t = alpha x0 + sigma eps: on its raw output against the target of its parameterization
-    (``raw``: DDPM, Ho et al. 2020, Eq. 14, for epsilon; v for v-prediction), or on its data prediction (``x0``)."""
+    synchronise) at x_t = alpha x0 + sigma eps (or the given ``x_t``): on its raw output against the target of its
+    parameterization (``raw``: DDPM, Ho et al. 2020, Eq. 14, for epsilon; v for v-prediction), or on its data
+    prediction (``x0``, where ``kind`` may also be ``pseudo_huber``: ``distance``)."""
     from distill.objectives.base import unwrap
 
     net = unwrap(model)
-    x_t = add_noise(net.schedule, x0, eps, t)
+    x_t = add_noise(net.schedule, x0, eps, t) if x_t is None else x_t
     if space == "x0":
-        return (model(x_t, t, cond, **extra) - x0).pow(2).flatten(1).mean(1)
+        return distance(model(x_t, t, cond, **extra), x0, kind, huber_c)
+    if kind != "l2":
+        raise ValueError(f"the raw-output loss is l2 only, got {kind!r}; use space 'x0' for {kind!r}")
     if space != "raw":
         raise ValueError(f"unknown loss space {space!r}; allowed: {', '.join(LOSS_SPACES)}")
     a, s = alpha_sigma(net.schedule, t, x0)

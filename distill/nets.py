@@ -9,18 +9,18 @@ from torch import nn
 
 
 class TimeMLP(nn.Module):
-    """x [B, dim], t [B] -> output [B, dim]: residual SiLU MLP with sinusoidal time features (DDPM, Ho et al.
+    """x [B, dim], t [B] -> output [B, out_dim or dim]: residual SiLU MLP with sinusoidal time features (DDPM, Ho et al.
     2020) and an optional class embedding. Plain torch, so 2-D runs never import diffusers."""
 
     def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_features: int = 64,
-                 num_class_embeds: int | None = None, time_scale: float = 1.0):
+                 num_class_embeds: int | None = None, time_scale: float = 1.0, out_dim: int | None = None):
         super().__init__()
         self.config = {"dim": dim, "hidden": hidden, "layers": layers, "time_features": time_features,
-                       "num_class_embeds": num_class_embeds, "time_scale": time_scale}
+                       "num_class_embeds": num_class_embeds, "time_scale": time_scale, "out_dim": out_dim}
         self.inp = nn.Linear(dim + time_features, hidden)
         self.class_emb = nn.Embedding(num_class_embeds, hidden) if num_class_embeds else None
         self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers))
-        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, out_dim or dim))  # out_dim: 2 dim for a 'both' output
 
     def forward(self, x, t, class_labels=None):
         t = torch.as_tensor(t, device=x.device).float().expand(x.shape[0]) * self.config["time_scale"]

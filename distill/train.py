@@ -343,8 +343,10 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
     parent = resolve_parent(cfg, resuming)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     student = build_student(cfg.student, teacher, cfg.lora, **({"init_from": parent} if parent else {}))
-    if parent is not None:
-        student.info["lineage"] = {"init_from": str(parent), "sha256": cfg.init_from_sha256}
+    if parent is not None or (resuming and cfg.init_from):  # a resumed run's file keeps its lineage too
+        from distill.export import resolve_student_file
+
+        student.info["lineage"] = {"init_from": str(parent or resolve_student_file(cfg.init_from)), "sha256": cfg.init_from_sha256}
     cache = None
     if cfg.trajectories:
         from distill.trajectories import open_cache

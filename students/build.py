@@ -21,6 +21,13 @@ def _teacher_network(teacher):
     return copy.deepcopy(net).float().train().requires_grad_(True)
 
 
+def _both_outputs(cfg: StudentConfig, teacher) -> dict:
+    """A ``both`` network outputs x0 and eps: twice the channels (the first dimension of the data shape)."""
+    if cfg.prediction_type != "both":
+        return {}
+    return {"out_dim": 2 * teacher.data_shape[0]} if cfg.arch == "mlp" else {"out_channels": 2 * teacher.data_shape[0]}
+
+
 def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None, init_from: str | Path | None = None) -> Student:
     """A student for ``teacher``: a copy of its network (``arch: teacher``) or a fresh mlp / unet, with the
     weights of the student file ``init_from`` when given (loaded before a LoRA adapter is added)."""
@@ -32,7 +39,7 @@ def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None,
         null_label = getattr(teacher, "null_class_label", None)
     else:
         embeds = num_classes + 1 if num_classes else None  # + a null class for unconditional sampling
-        net = NETWORKS[cfg.arch](tuple(teacher.data_shape), embeds, **cfg.model)
+        net = NETWORKS[cfg.arch](tuple(teacher.data_shape), embeds, **cfg.model, **_both_outputs(cfg, teacher))
         prediction, time_scale, null_label = cfg.prediction_type, 1.0, (num_classes if num_classes else None)
     student = Student(net, schedule=teacher.schedule, prediction_type=prediction, parameterization=cfg.parameterization,
                       sigma_data=cfg.sigma_data, time_scale=time_scale, null_class_label=null_label,

@@ -14,7 +14,8 @@ def test_round_trip_from_the_true_x0(prediction_type, schedule):
     a, s = schedule.alpha(t), schedule.sigma(t)
     x = a[:, None] * x0 + s[:, None] * eps
     pred = from_x0(x0, prediction_type, x, a, s)
-    expected = {"epsilon": eps, "sample": x0, "v_prediction": a[:, None] * eps - s[:, None] * x0, "flow": eps - x0}
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": a[:, None] * eps - s[:, None] * x0, "flow": eps - x0,
+                "both": torch.cat([x0, eps], 1)}
     assert torch.allclose(pred, expected[prediction_type], atol=1e-12)
     assert torch.allclose(to_x0(pred, prediction_type, x, a, s), x0, atol=1e-12)
 
