@@ -474,8 +474,9 @@ def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log
         return
     with open(run.out / "metrics.jsonl", "a") as f:
         for name, rows in run.history.items():
-            keys = [k for k in rows[-1] if k != "lr"]
-            row = {"step": step, "network": name, **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
+            keys = [k for k in rows[-1] if k != "lr"]  # a component that starts mid-window (a GAN switched on late)
+            mean = lambda k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows)  # noqa: E731  is averaged where present
+            row = {"step": step, "network": name, **{k: mean(k) for k in keys},
                    "lr": rows[-1]["lr"], "seconds_per_step": seconds, "updates_averaged": len(rows)}
             f.write(json.dumps(row) + "\n")
             parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))

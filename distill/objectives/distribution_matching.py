@@ -1,0 +1,456 @@
+"""Distribution matching: VSD / Diff-Instruct, DMD, DMD2 and SiD (one family, several objectives).
+
+Networks: a one- (or few-) step generator G (the student), fed unit-variance noise at t_max (or at an
+intermediate time, ``start_sigma``); a fake score D_fake that learns the generator's distribution online with
+the denoising loss (a trainable copy of a network teacher, or a fresh ``TimeMLP`` on the teacher's schedule
+for analytic teachers); for DMD2 / SiDA a discriminator head on bottleneck features (of the fake score, or of
+the frozen teacher). With x = G(z), x_t = alpha_t x + sigma_t eps and D_real the (optionally guided) teacher:
+
+  vsd  (Wang et al. 2023, Eq. 9; Luo et al. 2023, Diff-Instruct, Eq. 3.5): grad_x = c(t) (D_fake - D_real)(x_t),
+       c(t) = 1 (x0 space, Diff-Instruct's code), alpha^2/sigma^2 (score space: the gradient of KL(q_t || p_t)),
+       or alpha/sigma (epsilon space, ProlificDreamer);
+  dmd  (Yin et al. 2024, Eq. 7-8): grad_x = (D_fake - D_real) / mean_d |x - D_real| plus a regression loss
+       on (noise, teacher ODE sample) pairs of a trajectory cache (Eq. 9; l2 here, LPIPS in the paper);
+  dmd2 (Yin et al. 2024b, Sec. 4): the DMD gradient without regression, k fake-score steps per generator step
+       (TTUR, Sec. 4.2) and a non-saturating GAN on noised real / fake samples (Sec. 4.3, Eq. 4);
+  sid  (Zhou et al. 2024, Eq. 23 / Algorithm 1): L = [(1 - a) ||D_real - D_fake||^2 + (D_real - D_fake).(D_fake - x)]
+       / mean_d |x - D_real|, gradients through x_t into both frozen networks; optionally a GAN term (SiDA).
+
+Every generator loss is written as per-sample values whose gradient in x is the method's; ``0.5 (x - sg[x - g])^2``
+(mean over dimensions) for the gradient-form methods, so its value is 0.5 mean g^2.
+Notes and pitfalls of the public code: ``../shared/ALGORITHMS.md`` sections 3-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from distill.config import ConfigError, at_least, choice
+from distill.denoisers import NetDenoiser, classifier_free_guidance
+from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
+from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
+
+FAKE_SCORES = ("auto", "teacher_copy", "mlp")
+TIME_SAMPLINGS = ("uniform", "karras")
+MULTISTEP_INPUTS = ("backward", "data")
+GAN_FEATURES = ("fake_score", "teacher")
+VSD_WEIGHTINGS = ("uniform", "snr", "eps")
+
+
+# -- options ----------------------------------------------------------------------------------------------
+def _range(default):
+    return field(default_factory=lambda: list(default))
+
+
+@dataclass
+class DMOptions:
+    """Options every objective of the family has (config ``objective:``)."""
+
+    fake_score: str = choice("auto", FAKE_SCORES)  # auto: teacher_copy for a network teacher, mlp for an analytic one
+    fake_hidden: int = at_least(128, 1)  # width of the mlp fake score
+    fake_layers: int = at_least(3, 1)  # residual blocks of the mlp fake score
+    fake_loss_space: str = choice("raw", LOSS_SPACES)  # fake-score denoising loss: the network's own target, or x0
+    time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t: uniform in t, or Karras rho-spacing in sigma/alpha
+    rho: float = at_least(7.0, 1.0)  # Karras rho of time_sampling karras
+    t_range: list = _range([0.02, 0.98])  # [lo, hi] of u for the generator loss (DMD: 2%-98% of the Karras grid)
+    fake_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u for the fake-score loss
+    critic_steps: int = at_least(1, 1)  # fake-score (and head) steps per generator step (TTUR)
+    generator_start_step: int = at_least(0, 0)  # the generator updates from this step on (fake-score warm-up)
+    start_sigma: float | None = at_least(None, 1e-6)  # generator input time as sigma/alpha (SiD: 2.5); null: t_max
+    generator_steps: int = at_least(1, 1, 4)  # k: a k-step generator (2-4: DMD2 backward simulation or noised data)
+    multistep_input: str = choice("backward", MULTISTEP_INPUTS)  # inputs of the later steps of a multi-step generator
+    guidance_scale: float | None = None  # classifier-free guidance of the teacher score (real score = guided teacher)
+
+    def __post_init__(self):
+        for key in ("t_range", "fake_t_range"):
+            check_unit_range(getattr(self, key), f"objective.{key}")
+
+
+@dataclass
+class GanOptions(DMOptions):
+    gan_g_weight: float = at_least(0.0, 0.0)  # generator GAN weight (DMD2: 3e-3)
+    gan_d_weight: float = at_least(0.0, 0.0)  # discriminator BCE weight in the fake-score loss (DMD2: 1e-2)
+    gan_start_step: int = at_least(0, 0)  # GAN terms from this step on (DMD2 adds the GAN late)
+    gan_features: str = choice("fake_score", GAN_FEATURES)  # head on the fake score's bottleneck, or the frozen teacher's
+    gan_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u at which real and fake are noised for the GAN
+    head_hidden: int = at_least(64, 1)  # width of the discriminator head
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_unit_range(self.gan_t_range, "objective.gan_t_range")
+
+
+@dataclass
+class VSDOptions(DMOptions):
+    weighting: str = choice("uniform", VSD_WEIGHTINGS)  # c(t): x0 space (Diff-Instruct), score space (snr), eps space
+    time_sampling: str = choice("uniform", TIME_SAMPLINGS)
+
+
+@dataclass
+class DMDOptions(DMOptions):
+    regression_weight: float = at_least(0.25, 0.0)  # lambda_reg of the (noise, teacher sample) regression (DMD, Eq. 9)
+
+
+@dataclass
+class DMD2Options(GanOptions):
+    critic_steps: int = at_least(5, 1)  # DMD2: dfake_gen_update_ratio 5
+    gan_g_weight: float = at_least(3e-3, 0.0)
+    gan_d_weight: float = at_least(1e-2, 0.0)
+
+
+@dataclass
+class SiDOptions(GanOptions):
+    alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is Uni-Instruct's SIM branch)
+    t_range: list = _range([0.0, 0.8])  # SiD: t ~ U[0, 800/1000] on the Karras grid
+    start_sigma: float | None = at_least(2.5, 1e-6)  # SiD: G(2.5 z, sigma = 2.5)
+
+
+def check_unit_range(value, key: str) -> None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or not 0.0 <= value[0] <= value[1] <= 1.0:
+        raise ConfigError(f"config key {key!r} is {value!r}; allowed: [lo, hi] with 0 <= lo <= hi <= 1")
+
+
+# -- time sampling ------------------------------------------------------------------------------------------
+def sigma_tilde(schedule, t) -> torch.Tensor:
+    """sigma(t) / alpha(t) (EDM's sigma), float64."""
+    log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).reshape(-1))
+    return (log_s - log_a).exp()
+
+
+def time_of_sigma_tilde(schedule, s: torch.Tensor) -> torch.Tensor:
+    return schedule.t_of_lam(-2.0 * s.log())  # lambda = log(alpha^2 / sigma^2)
+
+
+def times_of_u(schedule, u: torch.Tensor, kind: str, rho: float) -> torch.Tensor:
+    """u in [0, 1] -> process times: uniform in [t_min, t_max], or the Karras et al. (2022, Eq. 5) rho-spacing of
+    sigma/alpha between t_min (u = 0) and t_max (u = 1); integer timesteps on a discrete schedule."""
+    if kind == "uniform":
+        t = schedule.t_min + u * (schedule.t_max - schedule.t_min)
+    else:
+        lo, hi = (sigma_tilde(schedule, schedule.t_min) ** (1 / rho)), (sigma_tilde(schedule, schedule.t_max) ** (1 / rho))
+        t = time_of_sigma_tilde(schedule, (lo + u * (hi - lo)) ** rho).clamp(schedule.t_min, schedule.t_max)
+    return t.round() if getattr(schedule, "num_train_timesteps", None) is not None else t
+
+
+def sample_u(n: int, g: torch.Generator, lo_hi) -> torch.Tensor:
+    lo, hi = lo_hi
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+# -- networks --------------------------------------------------------------------------------------------------
+def mlp_fake_score(teacher, hidden: int, layers: int, num_classes: int) -> NetDenoiser:
+    """A fresh ``TimeMLP`` v-prediction denoiser on the teacher's schedule (for teachers without a network)."""
+    from distill.nets import TimeMLP
+
+    if len(teacher.data_shape) != 1:
+        raise ConfigError(f"objective.fake_score 'mlp' needs flat data; {teacher.name!r} has shape {list(teacher.data_shape)} "
+                          f"(use teacher_copy)")
+    net = TimeMLP(teacher.data_shape[0], hidden, layers, num_class_embeds=num_classes + 1 if num_classes else None,
+                  time_scale=1000.0 / float(teacher.schedule.t_max))
+    return NetDenoiser(net, teacher.schedule, "v_prediction", null_class_label=num_classes if num_classes else None)
+
+
+class Critic(nn.Module):
+    """The fake score D_fake and, for GAN objectives, a discriminator head: ``forward(x, t, cond)`` is D_fake;
+    ``forward(..., logits=True)`` returns (D_fake, logit per sample) from one network call, the head reading the
+    bottleneck of the fake score (or, with ``teacher_net``, of the frozen teacher: not a submodule)."""
+
+    def __init__(self, score: NetDenoiser, head: nn.Module | None = None, teacher_net: nn.Module | None = None):
+        super().__init__()
+        self.score, self.head = score, head
+        self._teacher_net = [teacher_net]  # a list: not registered, not checkpointed
+
+    @property
+    def schedule(self):
+        return self.score.schedule
+
+    @property
+    def prediction_type(self):
+        return self.score.prediction_type
+
+    def forward(self, x, t, cond=None, *, raw: bool = False, logits: bool = False):
+        if not logits:
+            return self.score(x, t, cond, raw=raw)
+        d, feats = self.score.features(x, t, cond)
+        if self._teacher_net[0] is not None:
+            feats = self._teacher_net[0].features(x, t, cond)[1]
+        return d, self.head(feats)
+
+
+# -- the family ----------------------------------------------------------------------------------------------
+class DistributionMatching(Objective):
+    """Shared machinery: generator sampling, the fake score and its loss, the GAN, the update schedule."""
+
+    needs = frozenset({"teacher"})
+    Options = DMOptions
+    has_gan = False
+    find_unused_parameters = True  # the head is unused before gan_start_step (and with GAN weights 0)
+    supports_accumulation = True
+    cache_keys = ("noise", "sample", "label")
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        self.teacher, self.student, self.schedule = ctx.teacher, ctx.student, ctx.teacher.schedule
+        self.num_classes = int(getattr(ctx.student, "info", {}).get("num_classes", 0) or 0)
+        self.real = self._real_denoiser(options)
+        score = self._fake_score(options)
+        self.fake = Critic(score, *self._head(options, score))
+        self.needs = frozenset({"teacher"} | self._data_needs())
+        self.ts = self._generator_times(options)
+        ctx.student.info["sampling_timesteps"] = {str(k): self.ts[:k].tolist() for k in range(1, len(self.ts) + 1)}
+
+    # -- construction ------------------------------------------------------------------------------------
+    def _real_denoiser(self, o):
+        if o.guidance_scale is None:
+            return self.teacher.denoise
+        if not (self.teacher.num_classes and self.teacher.has_uncond and self.num_classes):
+            raise ConfigError(f"config key 'objective.guidance_scale' needs a class-conditional teacher with an unconditional "
+                              f"mode and student.class_conditional: true; {self.teacher.name!r} has {self.teacher.num_classes} "
+                              f"classes (set it to null)")
+        return classifier_free_guidance(self.teacher.denoise, o.guidance_scale)
+
+    def _fake_score(self, o) -> NetDenoiser:
+        network_teacher = getattr(self.teacher, "model", None) is not None
+        kind = ("teacher_copy" if network_teacher else "mlp") if o.fake_score == "auto" else o.fake_score
+        if kind == "teacher_copy":
+            return self.ctx.teacher_copy(trainable=True)  # raises for an analytic teacher, naming the problem
+        return mlp_fake_score(self.teacher, o.fake_hidden, o.fake_layers, self.num_classes)
+
+    def _head(self, o, score) -> tuple:
+        """(head,) on the fake score's bottleneck, (head, teacher network) on the frozen teacher's, () without a GAN."""
+        if not self.has_gan:
+            return ()
+        if o.gan_features == "fake_score":
+            return (self.ctx.discriminator_head(score, hidden=o.head_hidden),)
+        net = getattr(self.teacher, "model", None)
+        if net is None:
+            raise ConfigError(f"config key 'objective.gan_features' is 'teacher' but {self.teacher.name!r} is analytic (no "
+                              f"network); allowed here: fake_score")
+        return self.ctx.discriminator_head(net, hidden=o.head_hidden), net
+
+    def _data_needs(self) -> set:
+        wants_real = (self.has_gan and (self.o.gan_g_weight > 0 or self.o.gan_d_weight > 0)) or \
+            (self.o.generator_steps > 1 and self.o.multistep_input == "data")
+        return {"data"} if wants_real and not hasattr(self.teacher, "sample_data") else set()
+
+    def _generator_times(self, o) -> torch.Tensor:
+        """t_1 = t_max (or the time of ``start_sigma``) > t_2 > ... of a k-step generator: the student's sampling times."""
+        ts = self.student.sampling_timesteps(o.generator_steps).clone().double()
+        if o.start_sigma is not None:
+            ts[0] = float(time_of_sigma_tilde(self.schedule, torch.tensor([float(o.start_sigma)], dtype=torch.float64))[0])
+            if len(ts) > 1 and not ts[0] > ts[1]:
+                raise ConfigError(f"config key 'objective.start_sigma' ({o.start_sigma}) puts the first generator time "
+                                  f"{float(ts[0]):g} at or below the second {float(ts[1]):g}; allowed: a larger start_sigma")
+        return ts
+
+    # -- the engine interface ------------------------------------------------------------------------------
+    def networks(self) -> list[Network]:
+        k = self.o.critic_steps
+        return [Network("student", self.student, every=k, offset=k - 1), Network("fake_score", self.fake)]
+
+    def updates(self, step: int) -> list[str]:
+        names = super().updates(step)
+        return [n for n in names if n != "student" or step >= self.o.generator_start_step]
+
+    def gan_on(self, step: int, weight: float) -> bool:
+        return self.has_gan and weight > 0 and step >= self.o.gan_start_step
+
+    def loss(self, name, nets, batch):
+        return self.generator_loss(nets, batch) if name == "student" else self.critic_loss(nets, batch)
+
+    # -- shared pieces --------------------------------------------------------------------------------------
+    def labels(self, batch: Batch) -> torch.Tensor | None:
+        if batch.cond is not None or not self.num_classes:
+            return batch.cond
+        return torch.randint(0, self.num_classes, (batch.size,), generator=batch.g).to(batch.device)
+
+    def real_samples(self, batch: Batch, cond) -> torch.Tensor:
+        if batch.x0 is not None:
+            return batch.x0
+        return self.teacher.sample_data(batch.size, generator=batch.g, cond=None if cond is None else cond.cpu()) \
+            .float().to(batch.device)
+
+    def times(self, batch: Batch, lo_hi) -> torch.Tensor:
+        return times_of_u(self.schedule, sample_u(batch.size, batch.g, lo_hi), self.o.time_sampling, self.o.rho).to(batch.device)
+
+    def generator_inputs(self, nets, batch: Batch, cond):
+        """(x_in, t_in): noise at t_1, or for a k-step generator the input of a random step j (the same for the batch):
+        j - 1 generator steps from noise without gradients, re-noised in between (DMD2's backward simulation), or
+        real data noised at t_j (FastGen's multi-step input)."""
+        ts = self.ts.to(batch.device)
+        x = batch.randn((batch.size, *self.teacher.data_shape)) * float(self.schedule.init_noise_scale(self.ts[0]))
+        j = int(torch.randint(0, len(ts), (1,), generator=batch.g)) if len(ts) > 1 else 0
+        if j and self.o.multistep_input == "data":
+            x = add_noise(self.schedule, self.real_samples(batch, cond), batch.randn(x.shape), ts[j].expand(batch.size))
+        elif j:
+            g = unwrap(nets["student"])
+            with torch.no_grad():
+                for i in range(j):
+                    x = g(x, ts[i].expand(batch.size), cond)
+                    x = add_noise(self.schedule, x, batch.randn(x.shape), ts[i + 1].expand(batch.size))
+        return x, ts[j].expand(batch.size)
+
+    def generate(self, nets, batch: Batch, cond, extra=None):
+        """x = G(x_in, t_in) [with gradients], and G on ``extra`` (x, t) rows in the same call (one DDP forward)."""
+        x_in, t_in = self.generator_inputs(nets, batch, cond)
+        if extra is None:
+            return nets["student"](x_in, t_in, cond), None
+        x2, t2, c2 = extra[:3]
+        cc = None if cond is None else torch.cat([cond, c2])
+        out = nets["student"](torch.cat([x_in, x2]), torch.cat([t_in, t2]), cc)
+        return out[:batch.size], out[batch.size:]
+
+    def noised(self, x, batch: Batch, lo_hi):
+        t = self.times(batch, lo_hi)
+        return add_noise(self.schedule, x, batch.randn(x.shape), t), t
+
+    # -- the fake score (and discriminator) step ------------------------------------------------------------
+    def critic_loss(self, nets, batch: Batch):
+        """Denoising loss of D_fake on sg[G(z)] (DMD, Eq. 6) [+ w_D (softplus(-l_real) + softplus(l_fake)), DMD2 Eq. 4]."""
+        cond = self.labels(batch)
+        with torch.no_grad():
+            x = self.generate(nets, batch, cond)[0]
+        t = self.times(batch, self.o.fake_t_range)
+        eps = batch.randn(x.shape)
+        if not self.gan_on(batch.step, getattr(self.o, "gan_d_weight", 0.0)):
+            fake = denoising_loss(nets["fake_score"], x, t, eps, cond, space=self.o.fake_loss_space)
+            return {"loss": fake, "fake_score": fake.mean()}
+        return self._critic_with_gan(nets, batch, x, t, eps, cond)
+
+    def _critic_with_gan(self, nets, batch, x, t, eps, cond):
+        """One fake-score call on [x_t for the denoising loss; noised real; noised fake] (one DDP forward)."""
+        real_t, t_r = self.noised(self.real_samples(batch, cond), batch, self.o.gan_t_range)
+        fake_t, t_f = self.noised(x, batch, self.o.gan_t_range)
+        x_t = add_noise(self.schedule, x, eps, t)
+        cc = None if cond is None else torch.cat([cond, cond, cond])
+        d, logit = nets["fake_score"](torch.cat([x_t, real_t, fake_t]), torch.cat([t, t_r, t_f]), cc, logits=True)
+        fake = self._denoising_error(d[:batch.size], x, x_t, t, eps)
+        l_real, l_fake = logit[batch.size:2 * batch.size], logit[2 * batch.size:]
+        gan_d = F.softplus(-l_real) + F.softplus(l_fake)  # non-saturating BCE (Goodfellow et al. 2014; DMD2, Eq. 4)
+        return {"loss": fake + self.o.gan_d_weight * gan_d, "fake_score": fake.mean(), "gan_d": gan_d.mean(),
+                "real_logit": l_real.mean(), "fake_logit": l_fake.mean()}
+
+    def _denoising_error(self, d, x, x_t, t, eps):
+        """The denoising loss of ``distill.losses.denoising_loss`` from a data prediction ``d`` already computed."""
+        if self.o.fake_loss_space == "x0":
+            return (d - x).pow(2).flatten(1).mean(1)
+        from distill.param import from_x0
+
+        a, s = alpha_sigma(self.schedule, t, x)
+        pt = self.fake.prediction_type
+        return (from_x0(d, pt, x_t, a, s) - from_x0(x, pt, x_t, a, s)).pow(2).flatten(1).mean(1)
+
+    # -- the generator step ------------------------------------------------------------------------------------
+    def generator_loss(self, nets, batch: Batch):
+        cond = self.labels(batch)
+        extra = self.regression_rows(batch)
+        x, x_reg = self.generate(nets, batch, cond, extra)
+        x_t, t = self.noised(x, batch, self.o.t_range)
+        terms = self.matching_loss(x, x_t, t, cond, nets)  # {"dm": [B], ...}
+        total = terms["dm"]
+        if x_reg is not None:
+            reg = (x_reg - extra[3]).pow(2).flatten(1).mean(1)
+            total, terms["regression"] = total + self.o.regression_weight * reg, reg
+        if self.gan_on(batch.step, getattr(self.o, "gan_g_weight", 0.0)):
+            fake_t, t_f = self.noised(x, batch, self.o.gan_t_range)
+            gan_g = F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1])  # non-saturating (DMD2, Eq. 5)
+            total, terms["gan_g"] = total + self.o.gan_g_weight * gan_g, gan_g
+        return {"loss": total, **{k: v.detach().mean() for k, v in terms.items()}}
+
+    def regression_rows(self, batch: Batch):
+        return None
+
+    def matching_loss(self, x, x_t, t, cond, nets) -> dict:
+        raise NotImplementedError
+
+
+def gradient_form(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample 0.5 mean_d (x - sg[x - g])^2: its gradient in x is g / d (the DMD loss form, Yin et al. 2024)."""
+    return 0.5 * (x - (x - g).detach()).pow(2).flatten(1).mean(1)
+
+
+def dmd_normaliser(x: torch.Tensor, d_real: torch.Tensor) -> torch.Tensor:
+    """sg[mean_d |x - D_real(x_t)|] per sample, shaped for broadcasting (DMD, Yin et al. 2024, Eq. 8)."""
+    w = (x - d_real).detach().abs().flatten(1).mean(1).clamp(min=1e-5)
+    return w.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@register_objective
+class VSD(DistributionMatching):
+    """VSD / Diff-Instruct: grad_x = c(t) (D_fake - D_real)(x_t), one fake-score step per generator step."""
+
+    name = "vsd"
+    Options = VSDOptions
+
+    def weight(self, t, x):
+        a, s = alpha_sigma(self.schedule, t, x)
+        return {"uniform": torch.ones_like(a), "snr": (a / s) ** 2, "eps": a / s}[self.o.weighting]
+
+    def matching_loss(self, x, x_t, t, cond, nets):
+        with torch.no_grad():
+            g = self.weight(t, x) * (nets["fake_score"](x_t, t, cond) - self.real(x_t, t, cond))
+        return {"dm": gradient_form(x, g)}
+
+
+@register_objective
+class DMD(DistributionMatching):
+    """DMD: normalised distribution-matching gradient + regression on a trajectory cache's (noise, sample) pairs."""
+
+    name = "dmd"
+    Options = DMDOptions
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        if options.regression_weight > 0:
+            if ctx.cache is None:
+                raise ConfigError("objective.regression_weight > 0 needs (noise, teacher sample) pairs: set config key "
+                                  "'trajectories' (scripts/make_trajectories.py), or regression_weight: 0")
+            self.needs = self.needs | {"trajectories"}
+
+    def matching_loss(self, x, x_t, t, cond, nets):
+        with torch.no_grad():
+            d_real = self.real(x_t, t, cond)
+            w = dmd_normaliser(x, d_real)
+            g = (nets["fake_score"](x_t, t, cond) - d_real) / w
+        return {"dm": gradient_form(x, g), "normaliser": w.flatten()}
+
+    def regression_rows(self, batch: Batch):
+        """(x_T, t_T, labels, teacher sample) of the cache rows (DMD, Eq. 9), or None without regression."""
+        if self.o.regression_weight == 0 or batch.traj is None:
+            return None
+        noise = batch.traj["noise"].to(batch.device)
+        t = torch.full((len(noise),), float(self.ctx.cache.ts[0]), dtype=torch.float64, device=batch.device)
+        label = batch.traj["label"].to(batch.device) if self.num_classes else None
+        x_t = noise * float(self.schedule.init_noise_scale(self.ctx.cache.ts[0]))
+        return x_t, t, label, batch.traj["sample"].to(batch.device)
+
+
+@register_objective
+class DMD2(DistributionMatching):
+    """DMD2: DMD without regression, TTUR (critic_steps fake-score steps per generator step) and a GAN."""
+
+    name = "dmd2"
+    Options = DMD2Options
+    has_gan = True
+    matching_loss = DMD.matching_loss
+
+
+@register_objective
+class SiD(DistributionMatching):
+    """SiD: score identity distillation's generator loss with its alpha, optionally with a GAN term (SiDA-like)."""
+
+    name = "sid"
+    Options = SiDOptions
+    has_gan = True
+
+    def matching_loss(self, x, x_t, t, cond, nets):
+        d_real, d_fake = self.real(x_t, t, cond), nets["fake_score"](x_t, t, cond)  # gradients through x_t
+        w = dmd_normaliser(x, d_real)
+        delta = d_real - d_fake
+        per = ((1 - self.o.alpha) * delta.pow(2) + delta * (d_fake - x)) / w  # Zhou et al. 2024, Eq. 23
+        return {"dm": per.flatten(1).mean(1), "normaliser": w.flatten()}
