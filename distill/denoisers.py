@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from distill.param import both_to_x0, combine_x0, x0_coefficients
+from distill.param import append_dims, both_to_x0, combine_x0, x0_coefficients
 from distill.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -43,14 +43,21 @@ def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoi
     w = float(guidance_scale)
 
     def guided(x, t, cond=None):
-        if cond is None:
-            raise ValueError("classifier-free guidance needs class labels (cond); got cond=None")
-        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-        c2 = torch.cat([cond, torch.full_like(cond, UNCOND)])
-        d_cond, d_uncond = denoiser(x2, t2, c2).chunk(2)
-        return d_uncond + w * (d_cond - d_uncond)
+        return guided_prediction(denoiser, x, t, cond, w)
 
     return guided
+
+
+def guided_prediction(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, w) -> torch.Tensor:
+    """D(x, t, none) + w (D(x, t, c) - D(x, t, none)) for a float ``w`` or one per sample ([B], as LCM's teacher
+    with w drawn per sample, Luo et al. 2023, Eq. 9); both halves in one batch (1 NFE)."""
+    if cond is None:
+        raise ValueError("classifier-free guidance needs class labels (cond); got cond=None")
+    x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+    c2 = torch.cat([cond, torch.full_like(cond, UNCOND)])
+    d_cond, d_uncond = denoiser(x2, t2, c2).chunk(2)
+    w = append_dims(w.to(x.device, d_cond.dtype), x.ndim) if isinstance(w, torch.Tensor) else w
+    return d_uncond + w * (d_cond - d_uncond)
 
 
 # -- networks seen as denoisers -------------------------------------------------------------------------
@@ -89,9 +96,10 @@ class ScalarEmbedding(nn.Module):
     layer whose output is added to the network's time embedding, so a fresh embedding changes nothing
     (as LCM's w-embedding, Luo et al. 2023, Sec. 4.2)."""
 
-    def __init__(self, out_features: int, features: int = 64, scale: float = 1000.0):
+    def __init__(self, out_features: int, features: int = 64, scale: float = 1000.0, default: float | None = None):
         super().__init__()
-        self.config = {"out_features": out_features, "features": features, "scale": scale}
+        # ``default``: the value used when a call does not pass this input (SLAM's gamma = 1 at sampling)
+        self.config = {"out_features": out_features, "features": features, "scale": scale, "default": default}
         self.proj = nn.Linear(features, out_features)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -124,11 +132,15 @@ class NetDenoiser(nn.Module):
         self._coefficient_cache: dict = {}
 
     # -- extra conditions -------------------------------------------------------------------------------
-    def add_condition(self, name: str, features: int = 64, scale: float = 1000.0) -> ScalarEmbedding:
-        """Add a zero-initialised embedding of the extra scalar input ``name`` (passed as a keyword)."""
+    def add_condition(self, name: str, features: int = 64, scale: float = 1000.0,
+                      default: float | None = None) -> ScalarEmbedding:
+        """Add a zero-initialised embedding of the extra scalar input ``name`` (passed as a keyword; ``default`` is
+        used when a call leaves it out). A network that already takes ``name`` keeps its trained embedding."""
+        if name in self.conditions:
+            return self.conditions[name]
         site = _site(self.net, CONDITION_SITES, "time-embedding")
         out = site.out_features if isinstance(site, nn.Linear) else site.linear_2.out_features
-        self.conditions[name] = ScalarEmbedding(out, features, scale).to(next(self.net.parameters()))
+        self.conditions[name] = ScalarEmbedding(out, features, scale, default).to(next(self.net.parameters()))
         if not self._hooked:
             site.register_forward_hook(self._add_pending)
             self._hooked = True
@@ -142,7 +154,9 @@ class NetDenoiser(nn.Module):
         if unknown:
             raise ValueError(f"extra conditions {unknown} are not inputs of this network; it takes: "
                              f"{', '.join(self.conditions) or 'none'}")
-        embeds = [self.conditions[k](torch.as_tensor(v).expand(batch)) for k, v in extra.items() if v is not None]
+        defaults = {k: emb.config.get("default") for k, emb in self.conditions.items()}
+        values = {**defaults, **{k: v for k, v in extra.items() if v is not None}}
+        embeds = [self.conditions[k](torch.as_tensor(v).expand(batch)) for k, v in values.items() if v is not None]
         return sum(embeds) if embeds else None
 
     # -- the map (x_t, t) -> x0 -------------------------------------------------------------------------
@@ -155,7 +169,7 @@ class NetDenoiser(nn.Module):
     def raw(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, **extra) -> torch.Tensor:
         """The network's own output at process times ``t`` [B] (float64), in ``x``'s dtype."""
         dtype = next(self.net.parameters()).dtype  # run the network in its own dtype
-        self._pending = self._embed(extra, x.shape[0]) if extra else None
+        self._pending = self._embed(extra, x.shape[0]) if extra or len(self.conditions) else None
         try:
             t_net = t if self.time_scale == 1.0 else t * self.time_scale
             out = self.net(x.to(dtype), t_net.to(dtype), class_labels=self.labels(cond, x))

@@ -3,6 +3,7 @@ per-sample distances, and a solver step taken per sample from its own time to it
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -62,9 +63,10 @@ def denoising_loss(model, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, 
 
 @torch.no_grad()
 def grouped_step(solver_fn, denoiser, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, schedule: Schedule,
-                 cond=None) -> torch.Tensor:
+                 cond=None, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One step of ``solver_fn`` from t_from[i] to t_to[i] for every sample i, samples sharing a pair of times
-    solved together on the two-point grid (a t_to at or below ``schedule.t_clean`` steps onto clean data)."""
+    solved together on the two-point grid (a t_to at or below ``schedule.t_clean`` steps onto clean data).
+    ``extra`` holds per-sample keyword inputs of the denoiser ([B] each, e.g. a guidance scale w)."""
     out = torch.empty_like(x)
     pairs = torch.stack([t_from.double().cpu(), t_to.double().cpu()], 1)
     for pair in pairs.unique(dim=0):
@@ -72,5 +74,6 @@ def grouped_step(solver_fn, denoiser, x: torch.Tensor, t_from: torch.Tensor, t_t
         t0, t1 = float(pair[0]), float(pair[1])
         grid = explicit_grid(schedule, [t0], final="clean") if t1 <= schedule.t_clean else \
             explicit_grid(schedule, [t0, t1], final="t_min")
-        out[m] = solver_fn(denoiser, x[m], grid, schedule=schedule, cond=None if cond is None else cond[m])
+        group = functools.partial(denoiser, **{k: v[m] for k, v in extra.items()}) if extra else denoiser
+        out[m] = solver_fn(group, x[m], grid, schedule=schedule, cond=None if cond is None else cond[m])
     return out

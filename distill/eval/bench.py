@@ -192,13 +192,17 @@ def plan_cells(solvers: list[str], nfes: list[int], students: list[str] = (), st
     return cells + [Cell(name, "student", k, k) for name in students for k in student_steps]
 
 
-def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor | None, seed: int) -> torch.Tensor:
+def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor | None, seed: int,
+                   guidance_scale: float | None = None) -> torch.Tensor:
     """The bench's one call into a student (DESIGN.md, contract 5): ``student.sample(noise, steps=k, cond=labels)``,
-    under torch's default generator seeded with ``seed`` (restored afterwards), so multistep re-noising repeats."""
+    under torch's default generator seeded with ``seed`` (restored afterwards), so multistep re-noising repeats.
+    A guidance-distilled student (one that takes ``w``) gets the bench's guidance scale as its input: still one
+    network call, 1 NFE, per step."""
     devices = [noise.device] if noise.is_cuda else []
+    takes_w = guidance_scale is not None and "w" in getattr(student, "conditions", {})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return student.sample(noise, steps=steps, cond=cond)
+        return student.sample(noise, steps=steps, cond=cond, **({"w": guidance_scale} if takes_w else {}))
 
 
 def check_student(teacher, name: str, student, allow_other_teacher: bool = False) -> None:
@@ -236,7 +240,7 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
                 kwargs = {"grid": cfg.grid, "final": cfg.final, "guidance_scale": cfg.guidance_scale, **variant_options}
                 x = sample(teacher, noise, solver=solver, nfe=cell.nfe, cond=cond, **kwargs, **options)
             else:
-                x = student_sample(student, noise, cell.steps, cond, seed=cfg.seed + start)
+                x = student_sample(student, noise, cell.steps, cond, seed=cfg.seed + start, guidance_scale=cfg.guidance_scale)
             if x.is_cuda:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
