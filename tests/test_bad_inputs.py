@@ -130,7 +130,7 @@ def test_unknown_student_model_key_names_the_allowed_ones(existing, capsys):
     before = snapshot(existing)
     message = refused(load_script("distill").main, distill_argv(existing, "student.model.hiden=16"), capsys)
     assert ("unknown student.model key(s) hiden for student arch 'mlp' (TimeMLP); allowed: hidden, layers, "
-            "time_features, time_scale") in message
+            "out_dim, time_features, time_scale") in message
     assert snapshot(existing) == before
 
 

@@ -20,7 +20,7 @@ from distill.run_config import load_run_config
     ({"max_steps": 0}, "config key 'max_steps' must be at least 1, got 0"),
     ({"ema_decay": 1.5}, "config key 'ema_decay' must be at most 1.0, got 1.5"),
     ({"mixed_precision": "fp8"}, "config key 'mixed_precision' is 'fp8'; allowed: null, no, fp16, bf16"),
-    ({"objective": {"name": "dmd"}}, "config key 'objective.name' is 'dmd'; allowed: consistency"),
+    ({"objective": {"name": "dmd3"}}, "config key 'objective.name' is 'dmd3'; allowed: .*consistency.*dmd2"),
     ({"objective": {"name": "consistency", "num_scale": 4}}, r"unknown config key\(s\) objective.num_scale; allowed under objective"),
     ({"objective": {"name": "consistency", "solver": "rk45"}}, "config key 'objective.solver' is 'rk45'; allowed: .*heun"),
     ({"objective": {"name": "consistency", "distance": "lpips"}}, "allowed: l2, pseudo_huber"),
