@@ -83,14 +83,16 @@ def check_world_size(num_processes: int, environ=os.environ) -> None:
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str) -> Callable[[int], float]:
-    """LR factor at a global step: linear warmup over ``warmup_steps`` times constant, cosine or linear decay to 0
-    at ``max_steps`` (the decay runs over the whole run, warm-up included)."""
+    """LR factor at a global step: linear warm-up over ``warmup_steps``, then constant, or cosine or linear decay
+    to 0 at ``max_steps`` over the steps after the warm-up, as diffusers' ``get_{cosine,linear}_schedule_with_warmup``
+    define it. One difference, on purpose: warm-up step s has factor (s + 1) / warmup (diffusers: s / warmup), so
+    the first update is not taken at LR 0."""
 
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        progress = min(step / max_steps, 1)
-        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
-        return warm * decay
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(max(step - warmup_steps, 0) / max(1, max_steps - warmup_steps), 1.0)
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}.get(schedule, 1.0)
 
     return factor
 

@@ -59,6 +59,18 @@ def test_linear_schedule_decays_to_zero():
     assert [f(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_schedules_follow_diffusers_after_the_warm_up(schedule):
+    """After the warm-up the factor is diffusers' get_scheduler's; during it, diffusers' factor one step later."""
+    from diffusers.optimization import get_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_scheduler(f"{schedule}_with_warmup" if schedule == "constant" else schedule, opt,
+                        num_warmup_steps=7, num_training_steps=50).lr_lambdas[0]
+    ours = lr_lambda(7, 50, schedule)
+    assert [ours(s) for s in range(7)] == pytest.approx([ref(s + 1) for s in range(7)], abs=1e-15)
+    assert [ours(s) for s in range(7, 51)] == pytest.approx([ref(s) for s in range(7, 51)], abs=1e-15)
+
+
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path):
     out = tmp_path / "r"
     assert run(tiny_cfg(out, "max_steps=8"), stop_at=4) is None
