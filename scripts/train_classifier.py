@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from distill.data import load_dataset
 from distill.eval.fid import Mnist16Classifier
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     steps = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps)
     t0 = time.time()
+    bar = tqdm(total=steps, desc="classifier", mininterval=2)
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(train), generator=g)
@@ -70,9 +72,12 @@ def main(argv=None) -> int:
             loss.backward()
             opt.step()
             sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         model.eval()
         print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} held-out accuracy {accuracy(model, held.x, held.labels):.4f}",
               flush=True)
+    bar.close()
     acc = accuracy(model, held.x, held.labels)
     meta = {"heldout_accuracy": f"{acc:.4f}", "heldout_size": str(len(held)), "train_size": str(len(train)),
             "command": "python scripts/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     score = fid_score(student, reference, num_samples=args.num_samples, seed=args.seed, labels=labels,
                       batch_size=args.batch_size)
     times, rows = greedy_timesteps(student.schedule, args.max_steps, score, candidate_times(student.schedule, args.candidates),
-                                   log=lambda line: print(line, flush=True))
+                                   log=lambda line: print(line, flush=True), progress=True)
     stored = {str(s): student.sampling_timesteps(s).tolist() for s in range(1, MAX_SAMPLING_STEPS + 1)}
     stored.update({str(s): t for s, t in times.items()})
     student.info["sampling_timesteps"] = stored

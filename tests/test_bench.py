@@ -3,12 +3,14 @@ torch-fidelity, identical noise in every cell, exact metrics for analytic teache
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import save_teacher_folder, tiny_unet
 
+from distill.data import load_dataset
 from distill.eval.bench import BenchConfig, generate, parse_solvers, plan_cells, run_bench
 from distill.eval.fid import compute_features, feature_statistics, fid_kid, frechet_distance
 from distill.eval.solver_error import make_problem, run_cell
@@ -67,8 +69,6 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
         assert (data_row["num_samples"], data_row["reference_id"]) == ("20", cells[0]["reference_id"])
     assert 0 < float(floor["fid"]) < min(float(r["fid"]) for r in cells)  # real digits beat a random UNet
     assert float(training["copy_rate"]) == 1.0 and floor["copy_rate"] == ""  # training digits are copies by definition
-    from distill.data import load_dataset
-
     same_reference = fid_kid(load_dataset("mnist16", "floor").x[:20], load_dataset("mnist16", "reference").x, kid_subset_size=20)
     assert float(floor["fid"]) == pytest.approx(same_reference["fid"], rel=1e-4)  # measured against the cells' reference
     assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and (out / "samples" / "solver-euler.png").is_file()
@@ -78,7 +78,17 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
     assert table[0] == "| fid | 2 | 3 |" and table[3] == f"| `heun` | - | {fid['heun', '3']:.1f} +- {std['heun', '3']:.1f} |"
     assert table[-2].startswith("data floor (floor vs reference) (20 samples): ") and table[-1].startswith("training data (20 samples)")
     pngs = sorted((out / "images" / "solver-heun_nfe3").glob("*.png"))
+    fid = {(r["method"], r["nfe"]): float(r["fid"]) for r in cells}
     assert len(pngs) == 20 and pngs[0].name == "000000.png"
+    # torch-fidelity's own CLI on the written folders reproduces the cell's FID
+    from distill.eval.fidelity_cli import main as fidelity
+
+    assert len(list((out / "images" / "reference").glob("*.png"))) == len(load_dataset("mnist16", "reference").x)
+    capsys.readouterr()
+    fidelity(["--input1", str(out / "images" / "solver-heun_nfe3"), "--input2", str(out / "images" / "reference"), "--fid",
+              "--feature-extractor", "mnist16-classifier", "--cpu", "--json", "--silent"])
+    theirs = json.loads(capsys.readouterr().out)["frechet_inception_distance"]
+    assert theirs == pytest.approx(fid["heun", "3"], rel=1e-5)
 
     before, calls[:] = (out / "fid_vs_nfe.csv").read_bytes(), []
     _bench().main(argv)  # every cell done: no teacher call, the CSV (timings included) untouched

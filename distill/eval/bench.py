@@ -226,8 +226,9 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
     solver, variant_options = cfg.variants.get(cell.method, (cell.method, {}))
     stochastic = cell.kind == "solver" and get_solver(solver).stochastic
     out, seconds = [], 0.0
+    starts = range(0, cfg.num_samples, cfg.batch_size)
     with torch.inference_mode():
-        for start in range(0, cfg.num_samples, cfg.batch_size):
+        for start in tqdm(starts, desc=f"{cell.method} NFE {cell.nfe}", unit="batch", leave=False, disable=len(starts) < 2):
             stop = min(start + cfg.batch_size, cfg.num_samples)
             seeds = range(cfg.seed + start, cfg.seed + stop)
             noise, step_noises = per_sample_noises(teacher.data_shape, seeds, cell.steps if stochastic else 0, dtype)
@@ -260,6 +261,7 @@ class FidMetric:
                  train_set: torch.Tensor | None = None, heldout_set: torch.Tensor | None = None):
         self.extractor, self.weights_path, self.kid_subset_size, self.bootstrap = extractor, weights_path, kid_subset_size, bootstrap
         self.reference_id = reference_cache_name(reference, extractor)
+        self.reference = reference  # written as PNGs by --save-images, for torch-fidelity's own CLI
         self.ref_features = self.cached_features(reference, cache_root)
         self.sets = {"floor": floor_set, "training": train_set}
         self.names = {"floor": f"data floor ({floor_name})", "training": "training data"}
@@ -407,6 +409,9 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
     todo = [c for c in cells if not has_row(rows, config, c.kind, c.method, c.nfe)]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {csv_path}; skipped")
+    reference = getattr(metric, "reference", None)
+    if cfg.save_images and reference is not None and not (out / "images" / "reference").is_dir():
+        save_png_folder(reference, out / "images" / "reference")  # what torch-fidelity's CLI compares a cell's folder with
     for cell in tqdm(todo, desc="FID vs NFE", disable=not todo):
         rows.append(run_cell(teacher, cell, cfg, metric, out, students.get(cell.method), log)
                     | student_columns.get(cell.method, {}) | config)

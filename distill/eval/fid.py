@@ -128,22 +128,20 @@ def reference_cache_name(reference: torch.Tensor, extractor: str = EXTRACTOR) ->
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """FID between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6; Dowson & Landau 1982):
-    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr (sigma1 sigma2)^(1/2), in float64. The eigenvalues of
-    sigma1 sigma2 are those of the PSD matrix sigma1^(1/2) sigma2 sigma1^(1/2), so the trace term is a sum of
-    square roots of (clamped) symmetric eigenvalues."""
-    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2))
-    lam1, u1 = torch.linalg.eigh(sigma1)
-    root1 = (u1 * lam1.clamp(min=0).sqrt()) @ u1.T
-    tr_covmean = torch.linalg.eigvalsh(root1 @ sigma2 @ root1).clamp(min=0).sqrt().sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+    """FID between Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, Eq. 6), by torch-fidelity's
+    ``fid_statistics_to_metric`` (the function ``calculate_metrics`` uses), in float64."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v, dtype=torch.float64).cpu().numpy() for v in (mu1, sigma1, mu2, sigma2))
+    return float(fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)[KEY_METRIC_FID])
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance of features [N, D], in float64."""
-    f = features.double()
-    return f.mean(0), torch.cov(f.T)
+    """Mean and unbiased covariance of features [N, D] in float64, by torch-fidelity's ``fid_features_to_statistics``."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(features.detach().double().cpu())
+    return torch.from_numpy(stats["mu"]), torch.from_numpy(stats["sigma"])
 
 
 def compute_features(samples: torch.Tensor, *, extractor: str = EXTRACTOR, weights_path: str | None = None,

@@ -14,16 +14,13 @@ import torch  # noqa: E402
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """[B, C, H, W] in [-1, 1] -> one [H', W', C] float image in [0, 1] with a 1-pixel border."""
-    b, c, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    ncol = math.ceil(b / nrow)
-    canvas = torch.ones(c, ncol * (h + 1) + 1, nrow * (w + 1) + 1)
-    imgs = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
-    for i in range(b):
-        r, q = divmod(i, nrow)
-        canvas[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]
-    return canvas.permute(1, 2, 0)
+    """[B, C, H, W] in [-1, 1] -> one [H', W', C] float image in [0, 1] with a 1-pixel white border
+    (torchvision's ``make_grid``), ``nrow`` images per row (default: a square)."""
+    from torchvision.utils import make_grid
+
+    imgs = (x.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    grid = make_grid(imgs, nrow=nrow or math.ceil(math.sqrt(len(imgs))), padding=1, pad_value=1.0)
+    return (grid[:1] if x.shape[1] == 1 else grid).permute(1, 2, 0)  # make_grid repeats grey to 3 channels
 
 
 def save_image_grid(x: torch.Tensor, path: str | Path, title: str | None = None, nrow: int | None = None) -> None:

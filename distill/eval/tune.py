@@ -39,17 +39,24 @@ def _midpoint(schedule, a: float, b: float) -> float:
 
 
 def greedy_timesteps(schedule, max_steps: int, score: Score, candidates: list[float] | None = None,
-                     refine: bool = True, log: Callable[[str], None] | None = None) -> tuple[dict[int, list[float]], list[dict]]:
-    """``({k: times of the k-step sample for k = 1..max_steps}, rows of every evaluation)``."""
+                     refine: bool = True, log: Callable[[str], None] | None = None,
+                     progress: bool = False) -> tuple[dict[int, list[float]], list[dict]]:
+    """``({k: times of the k-step sample for k = 1..max_steps}, rows of every evaluation)``; ``progress`` shows a
+    tqdm bar of the evaluations (each step k scores every candidate below the last chosen time, then up to 2 more)."""
+    from tqdm import tqdm
+
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     candidates = sorted(candidate_times(schedule) if candidates is None else candidates, reverse=True)
     chosen, rows = [float(schedule.t_max)], []
     result = {1: list(chosen)}
+    bar = tqdm(desc="sampling-time search", unit="FID", disable=not progress)
 
     def evaluate(k: int, t: float) -> float:
         value = float(score(chosen + [t]))
         rows.append({"steps": k, "timesteps": chosen + [t], "score": value})
+        bar.update()
+        bar.set_postfix(steps=k, score=f"{value:.4g}", refresh=False)
         if log:
             log(f"{k} steps, t = {[round(x, 2) for x in chosen + [t]]}: {value:.4g}")
         return value
@@ -69,6 +76,7 @@ def greedy_timesteps(schedule, max_steps: int, score: Score, candidates: list[fl
             best = min(scores, key=scores.get)
         chosen.append(best)
         result[k] = list(chosen)
+    bar.close()
     return result, rows
 
 
