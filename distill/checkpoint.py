@@ -10,7 +10,6 @@ valid when they parse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from distill.paths import file_sha256
 
 MANIFEST = "manifest.json"
 
@@ -41,19 +42,11 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     return [p for p in _step_folders(root) if (p / MANIFEST).is_file()]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_list(folder: str | Path) -> list[dict]:
     """``[{"path", "size", "sha256"}]`` of every file under ``folder`` but the manifest (paths relative, with /)."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
-    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)} for p in files]
+    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
 
 def _file_problem(folder: Path, entry: dict) -> str | None:
@@ -67,7 +60,7 @@ def _file_problem(folder: Path, entry: dict) -> str | None:
     size = path.stat().st_size
     if size != entry.get("size"):
         return f"{rel} has {size} bytes, its manifest records {entry.get('size')} (truncated or replaced)"
-    if "sha256" in entry and _sha256(path) != entry["sha256"]:
+    if "sha256" in entry and file_sha256(path) != entry["sha256"]:
         return f"{rel} does not match the sha256 its manifest records (corrupt)"
     return None
 

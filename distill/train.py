@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -63,7 +62,7 @@ from distill.config import ConfigError
 from distill.export import STUDENT_FILE
 from distill.launch import launch_warning
 from distill.objectives.base import Batch, Context, Network, Objective, ema_update, unwrap
-from distill.paths import check_output_dir
+from distill.paths import check_output_dir, file_sha256
 from distill.run_config import NetworkOptim, RunConfig, objective_options
 
 CONFIG_FILE = "config.yaml"
@@ -289,14 +288,6 @@ def _check_specs(cfg: RunConfig, specs: list[Network], helpers: dict, accelerato
 
 def weight_dtype(cfg: RunConfig) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_parent(cfg: RunConfig, resuming: bool) -> Path | None:

@@ -9,20 +9,12 @@ the times the student samples with.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from distill.paths import file_sha256
 from teachers.base import Teacher
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class StudentTeacher(Teacher):
@@ -56,4 +48,4 @@ def load_student_teacher(path: str | Path) -> StudentTeacher:
     student = load_student(path)
     if not student.info.get("data_shape"):
         raise ValueError(f"student file {str(path)!r} records no data_shape; it cannot act as a teacher")
-    return StudentTeacher(student, name=f"student:{path}", content_hash=_sha256(path))
+    return StudentTeacher(student, name=f"student:{path}", content_hash=file_sha256(path))
