@@ -63,7 +63,7 @@ def _load_parent(student: Student, path: Path) -> None:
     extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
         if name not in student.conditions:
-            student.add_condition(name, config["features"], config["scale"])
+            student.add_condition(name, config["features"], config["scale"], kind=config.get("kind"))
     try:
         student.net.load_state_dict(state, strict=True)
         student.conditions.load_state_dict(extra, strict=False)

@@ -142,5 +142,5 @@ def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
                       sampling_grid=meta["sampling_grid"], sampler=meta.get("sampler", "consistency"),
                       sampler_solver=meta.get("sampler_solver", "euler"), sampling_steps=sorted(map(int, timesteps)), info=info)
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
-        student.add_condition(name, config["features"], config["scale"], config.get("default"))
+        student.add_condition(name, config["features"], config["scale"], config.get("default"), config.get("kind"))
     return student
