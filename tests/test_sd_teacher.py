@@ -113,3 +113,79 @@ def test_cond_kinds_are_checked(teacher):
     images = teacher.decode(_noise())
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
     assert teacher.encode_images(images).shape == (2, 4, 8, 8)
+
+
+def _pairs_folder(root):
+    """Six random 16x16 images with captions (an imagefolder with metadata.jsonl)."""
+    from PIL import Image
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    captions = ["the cat", "a red fox", "the sea", "a dog", "the sky", ""]
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, text in enumerate(captions):
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+    return root
+
+
+def test_lcm_style_consistency_distillation_resumes_bit_identically_and_exports(sd, tmp_path):
+    """configs/distill/cd_sd15.yaml on the tiny pipeline: image-caption pairs -> VAE latents + prompt embeddings,
+    w-conditioned student through the UNet's time_cond_proj_dim, guided DDIM teacher steps."""
+    from distill_helpers import run, same_tensors
+    from test_distill_export import _export_cli
+
+    from distill.config import parse_overrides
+    from distill.run_config import load_run_config
+    from students import load_student
+
+    data = _pairs_folder(tmp_path / "pairs")
+    config = __import__("distill_helpers").ROOT / "configs" / "distill" / "cd_sd15.yaml"
+    tiny = [f"teacher={sd[0]}", f"dataset=hf:{data}", "objective.num_scales=6", "objective.guidance_range=[1.5, 3.0]",
+            "batch_size=3", "max_steps=4", "checkpoint_every=2", "log_every=1", "optim.warmup_steps=0", "optim.lr=1e-3"]
+    cfg = lambda out, *more: load_run_config(config, parse_overrides([*tiny, *more, f"output_dir={out}"]))  # noqa: E731
+    run(cfg(tmp_path / "full"))
+    run(cfg(tmp_path / "cut", "max_steps=2"))
+    run(cfg(tmp_path / "cut"), resume="latest")
+    for name in ("student.safetensors", "student_ema.safetensors"):
+        assert same_tensors(tmp_path / "full" / name, tmp_path / "cut" / name)
+    assert _export_cli()([str(tmp_path / "full"), "--out", str(tmp_path / "s.safetensors")]) == 0
+    student = load_student(tmp_path / "s.safetensors").eval()
+    assert type(student.net).__name__ == "UNet2DConditionModel" and student.net.config.time_cond_proj_dim == 256
+    assert student.info["conditioning"] == "prompts"
+    proj = student.net.time_embedding.cond_proj.weight
+    assert proj.abs().max() > 0  # trained away from its zero initialisation
+    teacher = load_teacher(sd[0])
+    cond, noise = teacher.encode_prompts(PROMPTS), _noise().float()
+    one, two = student.sample(noise, 1, cond, w=2.0), student.sample(noise, 2, cond, generator=torch.Generator().manual_seed(0))
+    assert one.shape == two.shape == (2, 4, 8, 8) and torch.isfinite(one).all() and torch.isfinite(two).all()
+    assert not torch.equal(one, student.sample(noise, 1, cond, w=3.0))  # w reaches the network
+    assert teacher.decode(one).shape == (2, 3, 16, 16)
+
+
+def test_prompts_are_encoded_once_per_prompt_never_per_nfe(sd):
+    teacher = load_teacher(sd[0])
+    calls = []
+    teacher.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    cond = teacher.encode_prompts(PROMPTS)
+    assert len(calls) == 2  # the prompts in one batch, the empty prompt (the null branch) in another
+    sample(teacher, _noise().float(), solver="dpmpp_2m", nfe=4, cond=cond, guidance_scale=2.0)
+    teacher.encode_prompts(PROMPTS[::-1], negative_prompts="")
+    assert len(calls) == 2  # neither sampling nor a second batch of known prompts calls the text encoder
+
+
+def test_prompt_datasets(tmp_path):
+    from distill.data import load_dataset
+
+    (tmp_path / "p.txt").write_text("a cat\n\n  the sea  \na dog\n")
+    ds = load_dataset(f"prompts:{tmp_path / 'p.txt'}")
+    assert len(ds) == 3 and ds[1] == (None, "the sea") and ds.data_shape is None
+    order = ds.ordered(seed=0, n=7)
+    assert order == ds.ordered(seed=0, n=7) and sorted(order[:3]) == sorted(ds.prompts) and len(order) == 7
+    with pytest.raises(FileNotFoundError, match="prompt file .* does not exist"):
+        load_dataset(f"prompts:{tmp_path / 'none.txt'}")
+    pairs = load_dataset(f"hf:{_pairs_folder(tmp_path / 'pairs')}", resolution=16, text_column="text")
+    x, caption = pairs[0]
+    assert x.shape == (3, 16, 16) and caption == "the cat"
+    assert load_dataset(f"prompts:hf:{tmp_path / 'pairs'}")[0] == (None, "the cat")
