@@ -189,3 +189,49 @@ def test_prompt_datasets(tmp_path):
     x, caption = pairs[0]
     assert x.shape == (3, 16, 16) and caption == "the cat"
     assert load_dataset(f"prompts:hf:{tmp_path / 'pairs'}")[0] == (None, "the cat")
+
+
+class _ImageStats:
+    """A stand-in metric (FID needs Inception weights, which tests do not download): the samples' shape and mean."""
+
+    reference_id = "stub"
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, labels=None):
+        self.seen.append(x)
+        assert labels is None
+        return {"fid": float(x.abs().mean())}
+
+    def check(self, n):
+        pass
+
+    def data_kinds(self):
+        return []
+
+
+def test_bench_takes_prompts_in_a_seeded_order_and_measures_decoded_images(sd, tmp_path):
+    from distill.eval.bench import BenchConfig, cond_for, generate, plan_cells, prompt_order, run_bench
+    from distill.run_config import StudentConfig
+    from students import build_student
+
+    teacher = load_teacher(sd[0])
+    (tmp_path / "p.txt").write_text("the cat\na red fox\nthe sea\n")
+    spec = f"prompts:{tmp_path / 'p.txt'}"
+    cfg = BenchConfig(num_samples=5, seed=2, batch_size=2, prompts=spec, guidance_scale=2.0)
+    cfg.validate(teacher)
+    order = prompt_order(cfg)
+    assert sorted(order[:3]) == ["a red fox", "the cat", "the sea"] and len(order) == 5
+    assert torch.equal(cond_for(teacher, cfg, 1, 3).embeds, teacher.encode_prompts(order[1:3]).embeds)
+    student = build_student(StudentConfig(), teacher).eval()
+    metric = _ImageStats()
+    rows = run_bench(teacher, plan_cells(["euler", "dpmpp_2m"], [2], ["copy"], [1]), cfg, metric, tmp_path / "b",
+                     students={"copy": student})
+    assert len(rows) == 3 and all(r["labels"].startswith("prompts:") for r in rows)
+    assert all(x.shape == (5, 3, 16, 16) and x.abs().max() <= 1 for x in metric.seen)  # VAE-decoded before measuring
+    cell = plan_cells(["euler"], [2])[0]
+    whole, _ = generate(teacher, cell, BenchConfig(num_samples=5, seed=2, batch_size=5, prompts=spec, guidance_scale=2.0))
+    assert torch.allclose(whole, metric.seen[0], atol=1e-5)  # another batch size: the same noise and prompts per sample
+    with pytest.raises(ValueError, match="text-conditioned: give a prompt file"):
+        BenchConfig(num_samples=5).validate(teacher)
