@@ -235,3 +235,42 @@ def test_bench_takes_prompts_in_a_seeded_order_and_measures_decoded_images(sd, t
     assert torch.allclose(whole, metric.seen[0], atol=1e-5)  # another batch size: the same noise and prompts per sample
     with pytest.raises(ValueError, match="text-conditioned: give a prompt file"):
         BenchConfig(num_samples=5).validate(teacher)
+
+
+def test_sample_script_with_a_prompt(sd, tmp_path):
+    from conftest import load_script
+    from safetensors.torch import load_file
+
+    main = load_script("sample").main
+    out = tmp_path / "fox"
+    assert main(["--teacher", str(sd[0]), "--prompt", "a red fox", "--guidance-scale", "2", "--solver", "dpmpp_2m",
+                 "--nfe", "3", "--n", "3", "--batch-size", "2", "--out", str(out)]) == 0
+    saved = load_file(str(out / "samples.safetensors"))
+    assert saved["samples"].shape == (3, 4, 8, 8) and saved["images"].shape == (3, 3, 16, 16)
+    assert (out / "samples.png").is_file()
+    with pytest.raises(SystemExit, match="text-conditioned: give --prompt"):
+        main(["--teacher", str(sd[0]), "--solver", "euler", "--nfe", "2", "--out", str(tmp_path / "none")])
+
+
+def test_lcm_lora_with_a_fixed_guidance_scale(sd, tmp_path):
+    """LCM-LoRA's shape of run (the README's target modules) with the teacher guided at one fixed w: only the adapter
+    trains, the export merges it, and the student has no w input."""
+    from distill_helpers import ROOT, run
+
+    from distill.config import parse_overrides
+    from distill.run_config import load_run_config
+    from students import load_student
+
+    modules = ("[to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2, conv_shortcut, "
+               "downsamplers.0.conv, upsamplers.0.conv, time_emb_proj]")
+    overrides = [f"teacher={sd[0]}", f"dataset=hf:{_pairs_folder(tmp_path / 'pairs')}", "objective.num_scales=6",
+                 "objective.guidance_range=null", "objective.guidance_scale=2.0", "batch_size=3", "max_steps=2",
+                 "checkpoint_every=2", f"lora={{rank: 4, alpha: 4, target_modules: {modules}}}", "optim.lr=1e-3",
+                 f"output_dir={tmp_path / 'lora'}"]
+    run(load_run_config(ROOT / "configs" / "distill" / "cd_sd15.yaml", parse_overrides(overrides)))
+    student = load_student(tmp_path / "lora" / "student.safetensors")
+    assert student.net.config.time_cond_proj_dim is None and not student.conditions
+    teacher = load_teacher(sd[0])
+    changed = [k for k, v in student.net.state_dict().items() if not torch.equal(v, teacher.unet.state_dict()[k])]
+    assert changed and all(any(m in k for m in ("to_q", "to_k", "to_v", "to_out", "proj_", "ff.net", "conv", "time_emb"))
+                           for k in changed)
