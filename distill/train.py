@@ -389,18 +389,26 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
                               f"{cfg.objective['name']!r} needs data samples; use image-caption pairs (hf:<folder or hub "
                               f"name> with dataset_options.text_column) or a prompt-free source")
         run.data = IndexedData(data)
+    elif cfg.dataset and getattr(teacher, "conditioning", "labels") == "prompts":
+        from distill.data import IndexedData, load_dataset
+
+        run.data = IndexedData(load_dataset(cfg.dataset, "train", **cfg.dataset_options))  # only its prompts: batch.cond
     return run
 
 
 def data_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """(x0, cond) of the dataset rows ``idx`` on the device: captions become the teacher's prompt conditioning (text
-    encoder once per prompt, cached by the teacher) and images of a latent teacher its VAE latents."""
+    """(x0, cond) of the dataset rows ``idx`` on the device: captions and prompts become the teacher's prompt
+    conditioning (text encoder once per prompt, cached by the teacher) and images of a latent teacher its VAE latents.
+    For an objective that needs no data (a text-to-image teacher's prompts only: data-free distribution matching), x0
+    is None."""
     acc, cfg, teacher = run.accelerator, run.cfg, run.ctx.teacher
     x0, labels = run.data.batch(idx)
     if isinstance(labels, list):
         cond = teacher.encode_prompts(labels).to(acc.device)
     else:
         cond = labels.to(acc.device) if cfg.student.class_conditional else None
+    if x0 is None or "data" not in run.objective.needs:
+        return None, cond
     x0 = x0.to(acc.device)
     if hasattr(teacher, "encode_images") and tuple(x0.shape[1:]) == tuple(teacher.image_shape):
         x0 = teacher.encode_images(x0)

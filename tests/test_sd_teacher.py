@@ -274,3 +274,28 @@ def test_lcm_lora_with_a_fixed_guidance_scale(sd, tmp_path):
     changed = [k for k, v in student.net.state_dict().items() if not torch.equal(v, teacher.unet.state_dict()[k])]
     assert changed and all(any(m in k for m in ("to_q", "to_k", "to_v", "to_out", "proj_", "ff.net", "conv", "time_emb"))
                            for k in changed)
+
+
+def test_data_free_distribution_matching_with_a_prompt_file(sd, tmp_path):
+    """A prompt file feeds batch.cond of an objective that needs no data (VSD with the guided teacher as the real
+    score, a trainable copy of the UNet as the fake score); resume is bit-identical; a prompt file is refused where
+    data samples are needed."""
+    from distill_helpers import ROOT, run, same_tensors
+
+    from distill.config import ConfigError, parse_overrides
+    from distill.run_config import load_run_config
+
+    (tmp_path / "p.txt").write_text("the cat\na red fox\nthe sea\na dog\n")
+    base = [f"teacher={sd[0]}", f"dataset=prompts:{tmp_path / 'p.txt'}", "objective.guidance_scale=2.0",
+            "objective.critic_steps=1", "student.class_conditional=false", "batch_size=2", "max_steps=3",
+            "checkpoint_every=1", "ema_decay=null", "optim.lr=1e-3"]
+    cfg = lambda out, *more: load_run_config(ROOT / "configs" / "distill" / "vsd_mnist16.yaml",  # noqa: E731
+                                             parse_overrides([*base, *more, f"output_dir={out}"]))
+    run(cfg(tmp_path / "full"))
+    run(cfg(tmp_path / "cut", "max_steps=1"))
+    run(cfg(tmp_path / "cut"), resume="latest")
+    assert same_tensors(tmp_path / "full" / "student.safetensors", tmp_path / "cut" / "student.safetensors")
+    with pytest.raises(ConfigError, match="holds prompts without images, but objective 'consistency' needs data"):
+        run(load_run_config(ROOT / "configs" / "distill" / "cd_sd15.yaml", parse_overrides(
+            [f"teacher={sd[0]}", f"dataset=prompts:{tmp_path / 'p.txt'}", "dataset_options={}", "max_steps=1",
+             f"output_dir={tmp_path / 'cd'}"])))
