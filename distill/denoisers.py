@@ -1,8 +1,10 @@
 """The denoiser contract and the wrappers that act on it.
 
 A denoiser is any callable ``D(x, t, cond) -> x0_hat``: ``x`` of shape [B, ...], ``t`` a float tensor
-of shape [B] in the teacher's process time, ``cond`` None or a LongTensor [B] of class labels in
-which ``-1`` asks for the unconditional prediction. It returns the data prediction E[x0 | x_t].
+of shape [B] in the teacher's process time, ``cond`` None, a LongTensor [B] of class labels in
+which ``-1`` asks for the unconditional prediction, or a ``distill.conditioning.PromptCond`` (prompt
+embeddings of a text-to-image teacher, with the unconditional branch beside them). It returns the data
+prediction E[x0 | x_t].
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from distill.conditioning import UNCOND, PromptCond, cat_cond, unconditional  # noqa: F401  (UNCOND re-exported)
 from distill.param import append_dims, both_to_x0, combine_x0, x0_coefficients
 from distill.schedules import Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-UNCOND = -1  # class label that asks a conditional teacher for its unconditional prediction
 
 
 class CountingDenoiser:
@@ -52,9 +54,9 @@ def guided_prediction(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond
     """D(x, t, none) + w (D(x, t, c) - D(x, t, none)) for a float ``w`` or one per sample ([B], as LCM's teacher
     with w drawn per sample, Luo et al. 2023, Eq. 9); both halves in one batch (1 NFE)."""
     if cond is None:
-        raise ValueError("classifier-free guidance needs class labels (cond); got cond=None")
+        raise ValueError("classifier-free guidance needs class labels or prompts (cond); got cond=None")
     x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-    c2 = torch.cat([cond, torch.full_like(cond, UNCOND)])
+    c2 = cat_cond([cond, unconditional(cond)])
     d_cond, d_uncond = denoiser(x2, t2, c2).chunk(2)
     w = append_dims(w.to(x.device, d_cond.dtype), x.ndim) if isinstance(w, torch.Tensor) else w
     return d_uncond + w * (d_cond - d_uncond)
@@ -111,14 +113,50 @@ class ScalarEmbedding(nn.Module):
         return self.proj(torch.cat([torch.sin(v * freqs), torch.cos(v * freqs)], 1).to(self.proj.weight.dtype))
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's sinusoidal embedding of a guidance scale for a UNet's ``timestep_cond`` (Luo et al. 2023, Sec. 4.2; the
+    formula of diffusers' ``LatentConsistencyModelPipeline.get_guidance_scale_embedding``), fed w - 1 so a student
+    file samples in that pipeline with ``guidance_scale=w`` (our w: D_uncond + w (D_cond - D_uncond))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10_000.0) / (half - 1)))
+    emb = ((w.float() - 1) * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], 1)
+    return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepCondition(nn.Module):
+    """The guidance scale w of a ``UNet2DConditionModel`` given through its own ``time_cond_proj_dim`` input
+    (``timestep_cond``), as LCM students take it; the trainable projection is the UNet's ``time_embedding.cond_proj``."""
+
+    def __init__(self, features: int, default: float | None = None):
+        super().__init__()
+        self.config = {"kind": "timestep_cond", "features": features, "scale": 1000.0, "default": default}
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return guidance_scale_embedding(value, self.config["features"])
+
+
+LCM_COND_PROJ_DIM = 256  # LCM's ``unet_time_cond_proj_dim`` for SD 1.5 students (train_lcm_distill_sd_wds.py)
+
+
+def _timestep_cond_site(net: nn.Module) -> nn.Module | None:
+    """The UNet's ``time_embedding`` when the network is a diffusers UNet2DConditionModel (has ``time_cond_proj_dim``)."""
+    config = getattr(net, "config", None)
+    if config is None or "time_cond_proj_dim" not in config or not hasattr(net, "time_embedding"):
+        return None
+    return net.time_embedding
+
+
 class NetDenoiser(nn.Module):
     """A network seen through the denoiser contract: the one place that turns a raw output (``epsilon`` /
     ``sample`` / ``v_prediction`` / ``flow``) into a data prediction, for teachers, students and fake-score
     networks alike.
 
     The network is called as ``net(x, t * time_scale, class_labels=labels)``; labels ``-1`` become
-    ``null_class_label``. Extra scalar conditions (``add_condition``) are embedded and added to the network's
-    time embedding; ``features`` also returns the bottleneck activations (a discriminator head's input).
+    ``null_class_label``; a ``PromptCond`` is passed as ``encoder_hidden_states`` (cross-attention UNets). Extra
+    scalar conditions (``add_condition``) are embedded and added to the network's time embedding (a guidance scale
+    ``w`` of a UNet2DConditionModel goes through its ``timestep_cond`` input, LCM's way); ``features`` also returns
+    the bottleneck activations (a discriminator head's input).
     """
 
     def __init__(self, net: nn.Module, schedule: Schedule, prediction_type: str = "sample", *, time_scale: float = 1.0,
@@ -132,12 +170,21 @@ class NetDenoiser(nn.Module):
         self._coefficient_cache: dict = {}
 
     # -- extra conditions -------------------------------------------------------------------------------
-    def add_condition(self, name: str, features: int = 64, scale: float = 1000.0,
-                      default: float | None = None) -> ScalarEmbedding:
+    def add_condition(self, name: str, features: int | None = None, scale: float = 1000.0,
+                      default: float | None = None, kind: str | None = None) -> nn.Module:
         """Add a zero-initialised embedding of the extra scalar input ``name`` (passed as a keyword; ``default`` is
-        used when a call leaves it out). A network that already takes ``name`` keeps its trained embedding."""
+        used when a call leaves it out). A network that already takes ``name`` keeps its trained embedding.
+
+        The guidance scale ``w`` of a UNet2DConditionModel uses the UNet's ``time_cond_proj_dim`` input (kind
+        ``timestep_cond``): a network without one gets a zero-initialised ``time_embedding.cond_proj`` of
+        ``features`` (default 256, LCM's) inputs, recorded in its config; one that has it keeps it."""
         if name in self.conditions:
             return self.conditions[name]
+        site = _timestep_cond_site(self.net)
+        if kind == "timestep_cond" or (kind is None and name == "w" and site is not None):
+            self.conditions[name] = self._timestep_condition(site, features, default)
+            return self.conditions[name]
+        features = 64 if features is None else features
         site = _site(self.net, CONDITION_SITES, "time-embedding")
         out = site.out_features if isinstance(site, nn.Linear) else site.linear_2.out_features
         self.conditions[name] = ScalarEmbedding(out, features, scale, default).to(next(self.net.parameters()))
@@ -146,18 +193,34 @@ class NetDenoiser(nn.Module):
             self._hooked = True
         return self.conditions[name]
 
+    def _timestep_condition(self, site: nn.Module | None, features: int | None, default) -> TimestepCondition:
+        if site is None:
+            raise ValueError(f"network {type(self.net).__name__} has no time_cond_proj_dim input (timestep_cond)")
+        dim = self.net.config.time_cond_proj_dim
+        if dim is None:
+            dim = LCM_COND_PROJ_DIM if features is None else features
+            ref = next(self.net.parameters())
+            site.cond_proj = nn.Linear(dim, site.linear_1.in_features, bias=False).to(ref)
+            nn.init.zeros_(site.cond_proj.weight)  # the network at initialisation is unchanged
+            self.net.register_to_config(time_cond_proj_dim=dim)
+        return TimestepCondition(dim, default)
+
     def _add_pending(self, module, inputs, output):
         return output if self._pending is None else output + self._pending.to(output.dtype)
 
-    def _embed(self, extra: dict, batch: int) -> torch.Tensor | None:
+    def _embed(self, extra: dict, batch: int, device) -> tuple[torch.Tensor | None, dict]:
+        """(sum of the hooked embeddings or None, keyword inputs of the network: ``timestep_cond``)."""
         unknown = sorted(set(extra) - set(self.conditions))
         if unknown:
             raise ValueError(f"extra conditions {unknown} are not inputs of this network; it takes: "
                              f"{', '.join(self.conditions) or 'none'}")
         defaults = {k: emb.config.get("default") for k, emb in self.conditions.items()}
         values = {**defaults, **{k: v for k, v in extra.items() if v is not None}}
-        embeds = [self.conditions[k](torch.as_tensor(v).expand(batch)) for k, v in values.items() if v is not None]
-        return sum(embeds) if embeds else None
+        values = {k: torch.as_tensor(v, device=device).expand(batch) for k, v in values.items() if v is not None}
+        kwargs = {"timestep_cond": self.conditions[k](v) for k, v in values.items()
+                  if isinstance(self.conditions[k], TimestepCondition)}
+        embeds = [self.conditions[k](v) for k, v in values.items() if not isinstance(self.conditions[k], TimestepCondition)]
+        return (sum(embeds) if embeds else None), kwargs
 
     # -- the map (x_t, t) -> x0 -------------------------------------------------------------------------
     def labels(self, cond: torch.Tensor | None, x: torch.Tensor):
@@ -169,10 +232,15 @@ class NetDenoiser(nn.Module):
     def raw(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None, **extra) -> torch.Tensor:
         """The network's own output at process times ``t`` [B] (float64), in ``x``'s dtype."""
         dtype = next(self.net.parameters()).dtype  # run the network in its own dtype
-        self._pending = self._embed(extra, x.shape[0]) if extra or len(self.conditions) else None
+        self._pending, kwargs = self._embed(extra, x.shape[0], x.device) if extra or len(self.conditions) else (None, {})
+        kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
+        if isinstance(cond, PromptCond):
+            kwargs.update(cond.network_kwargs(dtype))
+        else:
+            kwargs["class_labels"] = self.labels(cond, x)
         try:
             t_net = t if self.time_scale == 1.0 else t * self.time_scale
-            out = self.net(x.to(dtype), t_net.to(dtype), class_labels=self.labels(cond, x))
+            out = self.net(x.to(dtype), t_net.to(dtype), **kwargs)
         finally:
             self._pending = None
         return getattr(out, "sample", out).to(x.dtype)

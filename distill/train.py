@@ -41,7 +41,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -373,8 +373,37 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
     if "data" in objective.needs:
         from distill.data import IndexedData, dataset_for
 
-        run.data = IndexedData(dataset_for(cfg.dataset, teacher.data_shape, "train", **cfg.dataset_options))
+        # a latent teacher (teachers.sd_pipeline) reads images of its VAE's pixel shape and encodes them per batch
+        data = dataset_for(cfg.dataset, getattr(teacher, "image_shape", teacher.data_shape), "train", **cfg.dataset_options)
+        if data.data_shape is None:
+            raise ConfigError(f"dataset {cfg.dataset!r} holds prompts without images, but objective "
+                              f"{cfg.objective['name']!r} needs data samples; use image-caption pairs (hf:<folder or hub "
+                              f"name> with dataset_options.text_column) or a prompt-free source")
+        run.data = IndexedData(data)
+    elif cfg.dataset and getattr(teacher, "conditioning", "labels") == "prompts":
+        from distill.data import IndexedData, load_dataset
+
+        run.data = IndexedData(load_dataset(cfg.dataset, "train", **cfg.dataset_options))  # only its prompts: batch.cond
     return run
+
+
+def data_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(x0, cond) of the dataset rows ``idx`` on the device: captions and prompts become the teacher's prompt
+    conditioning (text encoder once per prompt, cached by the teacher) and images of a latent teacher its VAE latents.
+    For an objective that needs no data (a text-to-image teacher's prompts only: data-free distribution matching), x0
+    is None."""
+    acc, cfg, teacher = run.accelerator, run.cfg, run.ctx.teacher
+    x0, labels = run.data.batch(idx)
+    if isinstance(labels, list):
+        cond = teacher.encode_prompts(labels).to(acc.device)
+    else:
+        cond = labels.to(acc.device) if cfg.student.class_conditional else None
+    if x0 is None or "data" not in run.objective.needs:
+        return None, cond
+    x0 = x0.to(acc.device)
+    if hasattr(teacher, "encode_images") and tuple(x0.shape[1:]) == tuple(teacher.image_shape):
+        x0 = teacher.encode_images(x0)
+    return x0, cond
 
 
 # -- resume, run files, logging ---------------------------------------------------------------------------
@@ -490,9 +519,7 @@ def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
     batch = Batch(step, step_generator(cfg.seed, step, chunk), acc.device, per)
     if run.data is not None:
         idx = batch_indices(step, cfg.batch_size, len(run.data), cfg.seed)[chunk * per:(chunk + 1) * per]
-        x0, labels = run.data.batch(idx)
-        batch.x0 = x0.to(acc.device)
-        batch.cond = labels.to(acc.device) if cfg.student.class_conditional else None
+        batch.x0, batch.cond = data_batch(run, idx)
     if run.cache is not None:
         idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
         batch.traj = run.cache.rows(idx, run.objective.cache_keys)

@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    "(their rows record both teacher hashes)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale of the solvers")
     p.add_argument("--unconditional", action="store_true", help="sample a class-conditional teacher with label -1")
+    p.add_argument("--prompts", default=None, help="text-to-image teachers: prompts:<file> (one per line) or "
+                   "prompts:hf:<name or folder>; sample i gets the i-th prompt of a seeded order (--seed)")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per cell (mnist16: at most 2,000, the floor's size)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--batch-size", type=int, default=500)
@@ -122,7 +124,8 @@ def make_metric(teacher, cfg: lib.BenchConfig, args):
             weights = args.inception_weights
     else:
         raise ValueError(f"unknown --reference-dataset {args.reference_dataset!r}; allowed: mnist16, hf:<name or folder>")
-    sets = {k: None if v is None else reference_set(args.reference_dataset, v, args.image_column, teacher.data_shape)
+    shape = getattr(teacher, "image_shape", teacher.data_shape)  # a latent teacher is measured on decoded images
+    sets = {k: None if v is None else reference_set(args.reference_dataset, v, args.image_column, shape)
             for k, v in splits.items()}
     return lib.FidMetric(sets["reference"], extractor=extractor, weights_path=weights, cache_root=args.fid_cache,
                          kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, floor_set=sets["floor"],
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
             teacher.to(args.device)
         cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, grid=args.grid, final=args.final,
                           guidance_scale=args.guidance_scale, unconditional=args.unconditional, save_images=args.save_images,
-                          device=args.device, variants=variants)
+                          device=args.device, variants=variants, prompts=args.prompts)
         cfg.validate(teacher)
         metric = make_metric(teacher, cfg, args)
         metric.check(cfg.num_samples)

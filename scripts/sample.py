@@ -1,6 +1,8 @@
 """Sample a teacher with a training-free solver; write samples.safetensors and a picture.
 
     python scripts/sample.py --teacher gmm:ring8 --solver dpmpp_2m --nfe 10 --n 512 --seed 0 --out runs/ring8
+    python scripts/sample.py --teacher /models/sd15 --prompt "a red fox" --guidance-scale 7.5 --solver dpmpp_2m --nfe 8 \
+        --n 16 --out runs/fox      # text-to-image: latents in samples.safetensors, VAE-decoded images beside them
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--class-label", type=int, default=None, help="class for a class-conditional teacher (-1: unconditional)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (1 = conditional)")
+    p.add_argument("--prompt", default=None, help="text-to-image teachers: the prompt of every sample")
+    p.add_argument("--negative-prompt", default=None, help="text-to-image teachers: the unconditional branch of CFG "
+                   "(default: the empty prompt)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", required=True, type=Path, help="output folder")
     return p.parse_args(argv)
@@ -48,7 +53,11 @@ OUTPUT_FILES = ("samples.safetensors", "samples.png", "sample_args.json")
 
 def guidance_problem(args, teacher) -> str | None:
     """Why --guidance-scale cannot act with this teacher and label (it would be a silent no-op or fail late)."""
-    if args.guidance_scale is None:
+    prompted = getattr(teacher, "conditioning", "labels") == "prompts"
+    if prompted != (args.prompt is not None):
+        return ("--prompt is for text-to-image teachers; this teacher takes --class-label" if args.prompt is not None
+                else f"teacher {teacher.name!r} is text-conditioned: give --prompt TEXT")
+    if args.guidance_scale is None or prompted:
         return None
     if args.class_label is None:
         return "--guidance-scale needs --class-label"
@@ -84,22 +93,28 @@ def main(argv=None) -> int:
         for i in range(0, args.n, args.batch_size):
             noise = per_sample_noise(teacher.data_shape, seeds[i:i + args.batch_size], dtype)
             cond = None if args.class_label is None else torch.full((len(noise),), args.class_label, dtype=torch.long)
+            if args.prompt is not None:
+                cond = teacher.encode_prompts([args.prompt] * len(noise), args.negative_prompt)
             try:
                 out.append(sample(teacher, noise, solver=args.solver, nfe=args.nfe, grid=args.grid, final=args.final, cond=cond,
                                   guidance_scale=args.guidance_scale))
             except ValueError as e:
                 sys.exit(f"error: {e}")
     x = torch.cat(out)
+    images = torch.cat([teacher.decode(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]) \
+        if hasattr(teacher, "decode") else None  # a latent teacher: its VAE's pictures of the latents
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"teacher": args.teacher, "teacher_hash": teacher.hash, "solver": args.solver, "nfe": str(args.nfe),
             "grid": args.grid, "final": args.final, "seeds": f"{args.seed}..{args.seed + args.n - 1}", "class_label": str(args.class_label),
-            "guidance_scale": str(args.guidance_scale)}
+            "guidance_scale": str(args.guidance_scale), "prompt": str(args.prompt),
+            "negative_prompt": str(args.negative_prompt)}
     tmp = args.out / "samples.safetensors.tmp"
-    save_file({"samples": x.contiguous()}, str(tmp), metadata=meta)
+    tensors = {"samples": x.contiguous(), **({} if images is None else {"images": images.contiguous()})}
+    save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(args.out / "samples.safetensors")
     title = f"{args.teacher} {args.solver} NFE={args.nfe}"
     if len(teacher.data_shape) == 3:
-        save_image_grid(x[:64], args.out / "samples.png", title=title)
+        save_image_grid((x if images is None else images)[:64], args.out / "samples.png", title=title)
     elif teacher.data_shape == (2,):
         log_density = teacher.log_prob if hasattr(teacher, "log_prob") else None
         save_scatter_2d(x, args.out / "samples.png", log_density=log_density, title=title)

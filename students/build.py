@@ -33,7 +33,7 @@ def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None,
     weights of the student file ``init_from`` when given (loaded before a LoRA adapter is added)."""
     num_classes = teacher.num_classes if cfg.class_conditional else 0
     info = {"teacher_hash": teacher.hash, "teacher": str(teacher.name), "data_shape": list(teacher.data_shape),
-            "num_classes": num_classes}
+            "num_classes": num_classes, "conditioning": getattr(teacher, "conditioning", "labels")}
     if cfg.arch == "teacher":
         net, prediction, time_scale = _teacher_network(teacher), teacher.prediction_type, teacher.time_scale
         null_label = getattr(teacher, "null_class_label", None)
@@ -63,7 +63,7 @@ def _load_parent(student: Student, path: Path) -> None:
     extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
         if name not in student.conditions:
-            student.add_condition(name, config["features"], config["scale"])
+            student.add_condition(name, config["features"], config["scale"], kind=config.get("kind"))
     try:
         student.net.load_state_dict(state, strict=True)
         student.conditions.load_state_dict(extra, strict=False)

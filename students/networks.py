@@ -46,6 +46,12 @@ def _unet_from_config(config: dict):
     return UNet2DModel.from_config(config)
 
 
+def _cond_unet_from_config(config: dict):
+    from diffusers import UNet2DConditionModel  # a copy of a text-to-image teacher's UNet
+
+    return UNet2DConditionModel.from_config(config)
+
+
 def _toy_mlp_from_config(config: dict):
     from teachers.toy_mlp import ToyMLP  # a copy of an MLP teacher
 
@@ -54,7 +60,8 @@ def _toy_mlp_from_config(config: dict):
 
 NETWORKS = {"mlp": _mlp, "unet": _unet}
 # class name -> rebuild from the ``config`` stored in a student file
-FROM_CONFIG = {"TimeMLP": lambda c: TimeMLP(**c), "UNet2DModel": _unet_from_config, "ToyMLP": _toy_mlp_from_config}
+FROM_CONFIG = {"TimeMLP": lambda c: TimeMLP(**c), "UNet2DModel": _unet_from_config,
+               "UNet2DConditionModel": _cond_unet_from_config, "ToyMLP": _toy_mlp_from_config}
 
 
 def network_from_config(class_name: str, config: dict) -> nn.Module:

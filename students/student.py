@@ -132,7 +132,7 @@ INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "tr
 
 def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
     """Rebuild the Student wrapper around ``net`` from a student file's metadata."""
-    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher")}
+    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher", "conditioning")}
     info.update({k: json.loads(meta[k]) for k in INFO_JSON_KEYS if k in meta})
     timesteps = json.loads(meta["sampling_timesteps"])
     info["sampling_timesteps"] = timesteps
@@ -142,5 +142,5 @@ def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
                       sampling_grid=meta["sampling_grid"], sampler=meta.get("sampler", "consistency"),
                       sampler_solver=meta.get("sampler_solver", "euler"), sampling_steps=sorted(map(int, timesteps)), info=info)
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
-        student.add_condition(name, config["features"], config["scale"], config.get("default"))
+        student.add_condition(name, config["features"], config["scale"], config.get("default"), config.get("kind"))
     return student

@@ -4,7 +4,9 @@
   * ``gmm:<preset>`` or ``gmm:<preset>@<schedule>``: an analytic Gaussian mixture (presets in
     ``teachers.gmm.PRESETS``; schedules in ``distill.schedules.SCHEDULES``, default ``vp_linear``);
   * a zoo name (``mnist16``): a teacher trained by this project and committed under ``teachers/zoo/``;
-  * a path to a local diffusers folder (see ``teachers.diffusers_folder``);
+  * a path to a local diffusers folder (see ``teachers.diffusers_folder``); a text-to-image pipeline folder whose
+    unet is a UNet2DConditionModel (Stable Diffusion style) gives a latent, prompt-conditioned teacher
+    (``teachers.sd_pipeline``);
   * ``student:<file.safetensors>``: an exported student, so that it can teach the next round
     (``teachers.student_teacher``).
 """

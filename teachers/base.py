@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.denoisers import UNCOND
+from distill.conditioning import UNCOND, PromptCond
 from distill.schedules import Schedule
 
 
@@ -24,6 +24,7 @@ class Teacher:
     data_shape: tuple[int, ...]
     num_classes: int = 0
     has_uncond: bool = True
+    conditioning: str = "labels"  # what cond holds: class labels, or "prompts" (a PromptCond) for text-to-image teachers
     hash: str
     name: str
 
@@ -57,6 +58,8 @@ class Teacher:
             if self.num_classes and not self.has_uncond:
                 raise ValueError(f"teacher {self.name!r} is class-conditional without an unconditional mode: pass cond")
             return None
+        if isinstance(cond, PromptCond):
+            raise ValueError(f"teacher {self.name!r} takes class labels (or None), not prompt embeddings")
         cond = torch.as_tensor(cond).long()
         if cond.shape != (batch,):
             raise ValueError(f"cond must have shape [{batch}], got {list(cond.shape)}")

@@ -1,4 +1,5 @@
-"""Teachers from local diffusers folders (``UNet2DModel`` + a scheduler config), loaded offline.
+"""Teachers from local diffusers folders (``UNet2DModel`` + a scheduler config), loaded offline; a pipeline
+folder whose unet is a ``UNet2DConditionModel`` (Stable Diffusion style) goes to ``teachers.sd_pipeline``.
 
 Accepted layouts:
   * a pipeline folder: ``model_index.json`` with ``unet/`` and ``scheduler/`` beside it;
@@ -145,11 +146,17 @@ def _state_hash(module: torch.nn.Module) -> str:
 def load_diffusers_teacher(path: str | Path) -> DiffusersTeacher:
     from diffusers import UNet2DModel  # imported here: diffusers takes seconds to import
 
+    from teachers.sd_pipeline import COND_UNET, load_sd_pipeline_teacher, names_cond_unet
     from teachers.toy_mlp import ToyMLP
 
     classes = {"UNet2DModel": UNet2DModel, "ToyMLP": ToyMLP}
+    if Path(path).is_dir() and names_cond_unet(Path(path)):
+        return load_sd_pipeline_teacher(path)
     unet_dir, sched_path, meta_dir = resolve_folder(path)
     unet_cfg = _read_json(unet_dir / "config.json")
+    if unet_cfg.get("_class_name") == COND_UNET:
+        raise ValueError(f"{unet_dir} holds a {COND_UNET}, which needs its whole pipeline folder (model_index.json with "
+                         f"unet, vae, text_encoder, tokenizer and scheduler); load the folder above it")
     if unet_cfg.get("_class_name") not in classes:
         raise ValueError(f"{unet_dir}/config.json describes {unet_cfg.get('_class_name')!r}; supported: "
                          f"{', '.join(map(repr, classes))}")

@@ -70,6 +70,48 @@ def make_teacher_folder(tmp_path):
     return make
 
 
+def tiny_sd_pipeline(root: Path, scheduler=None, seed: int = 0):
+    """A random Stable-Diffusion-style pipeline (UNet2DConditionModel with cross-attention dim 16, a 2-level
+    AutoencoderKL, a 2-layer CLIPTextModel with a letter-level BPE vocabulary written here), saved with
+    ``StableDiffusionPipeline.save_pretrained`` to ``root``; returns (folder, pipeline in memory). Latents 4x8x8,
+    images 3x16x16; ~70k parameters in all."""
+    import string
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    words = root.parent / f"{root.name}_vocab"
+    words.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"th": len(vocab), "the</w>": len(vocab) + 1})
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=12,
+                              pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    # Stable Diffusion 1.5's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False)
+    scheduler = scheduler or DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(root)
+    return root, pipe
+
+
 class _Promoted:
     """A stand-in for a module whose ``float32`` attribute is float64; everything else is delegated."""
 

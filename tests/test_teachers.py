@@ -109,7 +109,7 @@ def test_bad_folders_fail_with_one_clear_sentence(tmp_path, make_teacher_folder)
     folder, _, _ = make_teacher_folder(name="other")
     cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(ValueError, match="describes 'UNet2DConditionModel'; supported: 'UNet2DModel', 'ToyMLP'"):
+    with pytest.raises(FileNotFoundError, match="lacks a vae .*a text-to-image teacher needs unet, vae, text_encoder"):
         load_teacher(folder)
 
 

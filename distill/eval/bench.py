@@ -1,17 +1,17 @@
 """FID vs NFE: every solver and student on one teacher, from the same noise, against the same reference.
 
-A *cell* is one method (a solver, or a student) at one NFE. Every cell draws sample i from noise seed
-(seed + i) with its own generator (stochastic solvers draw their step noise from it too), so the noise
-depends neither on the method nor on the batch size, and class labels cycle 0..K-1 (or are all -1,
-unconditional). Image teachers are measured by ``FidMetric``: FID with its bootstrap spread, KID, precision
-and recall against one reference set (named by its content hash, the rows' ``reference_id``) through
+A *cell* is one method (a solver, or a student) at one NFE. Every cell draws sample i from noise seed (seed + i)
+with its own generator (stochastic solvers draw their step noise from it too), so the noise depends neither on the
+method nor on the batch size, and class labels cycle 0..K-1 (or are all -1, unconditional); a text-to-image teacher
+takes sample i's prompt from a prompt file in a seeded order (``prompts``), and its latents are decoded by its VAE
+before they are measured. Image teachers are measured by ``FidMetric``: FID with its bootstrap spread, KID,
+precision and recall against one reference set (named by its content hash, the rows' ``reference_id``) through
 torch-fidelity's metric functions, and two memorization statistics (``distill.eval.memorization``); analytic
 teachers (``gmm:*``) by exact metrics (``solver_error.exact_metrics``). Each cell appends one row to
-``fid_vs_nfe.csv``, written atomically; a cell already there with the same settings is skipped. Data rows
-measure real images like a cell, with the cells' sample count and reference: ``floor`` (real images in no
-other role; exact samples for analytic teachers) and ``training`` (the model's own training images, what a
-copying model would score). Student rows carry their training cost. The plots and the sample grids are drawn
-from the files alone.
+``fid_vs_nfe.csv``, written atomically; a cell already there with the same settings is skipped. Data rows measure
+real images like a cell, with the cells' sample count and reference: ``floor`` (real images in no other role; exact
+samples for analytic teachers) and ``training`` (the model's own training images, what a copying model would
+score). Student rows carry their training cost. The plots and the sample grids are drawn from the files alone.
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ class BenchConfig:
     save_images: bool = False  # also write one PNG per sample under images/<cell>/
     device: str = "cpu"  # where the noise goes (the teacher must already be there)
     variants: dict = field(default_factory=dict)  # label -> (solver, options): solvers with named options (--variant)
+    prompts: str | None = None  # text-to-image teachers: a prompt dataset (prompts:<file>), sample i's prompt in a seeded order
+    _prompt_order: list | None = field(default=None, repr=False)  # the prompts of samples 0..num_samples-1 (filled on use)
 
     def validate(self, teacher) -> None:
         if self.num_samples < 2 or self.batch_size < 1:
@@ -130,7 +132,13 @@ class BenchConfig:
             raise ValueError(f"unknown final {self.final!r}; allowed: clean, direct (the bench scores denoised samples)")
         if self.unconditional and teacher.num_classes and not teacher.has_uncond:
             raise ValueError(f"teacher {teacher.name!r} is class-conditional without an unconditional mode; drop --unconditional")
-        if self.guidance_scale is not None and (not teacher.num_classes or self.unconditional or not teacher.has_uncond):
+        prompted = getattr(teacher, "conditioning", "labels") == "prompts"
+        if prompted != (self.prompts is not None):
+            raise ValueError(f"teacher {teacher.name!r} is text-conditioned: give a prompt file (--prompts prompts:<file>)"
+                             if prompted else f"--prompts is for text-to-image teachers; {teacher.name!r} takes class labels")
+        if prompted and self.unconditional:
+            raise ValueError("--unconditional is for class-conditional teachers; a text-to-image teacher's prompts set its condition")
+        if self.guidance_scale is not None and not prompted and (not teacher.num_classes or self.unconditional or not teacher.has_uncond):
             raise ValueError("classifier-free guidance needs a class-conditional teacher with an unconditional mode, "
                              "sampled with class labels (no --unconditional)")
         if self.save_images and not is_image(teacher):
@@ -146,14 +154,38 @@ def is_analytic(teacher) -> bool:
 
 
 def label_mode(teacher, cfg: BenchConfig) -> str:
-    """'none' (unconditional teacher), 'cycle' (sample i has label i mod K) or 'uncond' (label -1)."""
+    """'none' (unconditional teacher), 'cycle' (sample i has label i mod K), 'uncond' (label -1), or for a text-to-image
+    teacher 'prompts:<sha256 of the ordered prompts, 12 hex>'."""
+    if cfg.prompts is not None:
+        import hashlib
+
+        return "prompts:" + hashlib.sha256("\n".join(prompt_order(cfg)).encode()).hexdigest()[:12]
     return "none" if not teacher.num_classes else ("uncond" if cfg.unconditional else "cycle")
 
 
+def prompt_order(cfg: BenchConfig) -> list[str]:
+    """The prompts of samples 0..num_samples-1: the prompt dataset in the seeded order of ``PromptDataset.ordered``."""
+    if cfg._prompt_order is None:
+        from distill.data import load_dataset
+
+        data = load_dataset(cfg.prompts)
+        if not hasattr(data, "ordered"):
+            raise ValueError(f"--prompts {cfg.prompts!r} is not a prompt dataset; allowed: prompts:<file>, prompts:hf:<name>")
+        cfg._prompt_order = data.ordered(cfg.seed, cfg.num_samples)
+    return cfg._prompt_order
+
+
+def cond_for(teacher, cfg: BenchConfig, start: int, stop: int):
+    """The condition of samples start..stop-1: class labels (``labels_for``) or the prompts' embeddings."""
+    if cfg.prompts is not None:
+        return teacher.encode_prompts(prompt_order(cfg)[start:stop])
+    return labels_for(teacher, cfg, start, stop)
+
+
 def labels_for(teacher, cfg: BenchConfig, start: int, stop: int) -> torch.Tensor | None:
-    """Class labels of samples start..stop-1 (None for an unconditional teacher)."""
+    """Class labels of samples start..stop-1 (None for an unconditional or text-to-image teacher)."""
     mode = label_mode(teacher, cfg)
-    if mode == "none":
+    if mode == "none" or mode.startswith("prompts:"):
         return None
     i = torch.arange(start, stop)
     return torch.full_like(i, -1) if mode == "uncond" else i % teacher.num_classes
@@ -233,7 +265,7 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
             seeds = range(cfg.seed + start, cfg.seed + stop)
             noise, step_noises = per_sample_noises(teacher.data_shape, seeds, cell.steps if stochastic else 0, dtype)
             noise = noise.to(cfg.device)
-            cond = labels_for(teacher, cfg, start, stop)
+            cond = cond_for(teacher, cfg, start, stop)
             cond = None if cond is None else cond.to(cfg.device)
             options = {"noises": [z.to(cfg.device) for z in step_noises]} if stochastic else {}
             t0 = time.perf_counter()
@@ -245,6 +277,8 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
             if x.is_cuda:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
+            if hasattr(teacher, "decode"):  # a latent teacher: measure images, not latents (decoding is not timed)
+                x = teacher.decode(x)
             out.append(x.cpu())
     return torch.cat(out), seconds
 

@@ -78,7 +78,7 @@ class Batch:
     device: torch.device
     size: int  # per-rank batch size
     x0: torch.Tensor | None = None  # real data ("data")
-    cond: torch.Tensor | None = None  # class labels, or None for unconditional training
+    cond: Any = None  # class labels [B], a distill.conditioning.PromptCond (prompts), or None (unconditional)
     traj: dict[str, torch.Tensor] | None = None  # trajectory-cache rows ("trajectories")
     extra: dict[str, Any] = field(default_factory=dict)  # filled by Objective.prepare ("pairs", ...)
 

@@ -21,8 +21,10 @@ Options beyond Algorithm 2:
     s1) + 1 points with K' = floor(K / (log2 floor(s1 / s0) + 1)), s0 + 1 = ``curriculum_start``, s1 + 1 = N;
   * ``guidance_range`` [w_min, w_max]: guidance-distilled students (Meng et al. 2023; LCM, Luo et al. 2023,
     Eq. 9): the teacher step uses classifier-free guidance with w ~ U[w_min, w_max] per sample, and student
-    and target take w as an extra embedded input (``student.add_condition("w")``); at sampling
-    ``student.sample(..., w=2.0)`` picks the scale at no extra NFE (default: the middle of the range).
+    and target take w as an extra embedded input (``student.add_condition("w")``; a UNet2DConditionModel takes it
+    through its ``time_cond_proj_dim`` input as LCM does, ``distill.denoisers.guidance_scale_embedding``); at sampling
+    ``student.sample(..., w=2.0)`` picks the scale at no extra NFE (default: the middle of the range). With a
+    text-to-image teacher ``cond`` is a ``PromptCond`` and the unconditional branch is the empty (or negative) prompt.
 
 ``source: trajectories`` reads x_{t_{n+k}} and x^_{t_n} as states of a trajectory cache k apart instead (its
 grid is then the discretization and no teacher is called during training).
@@ -120,7 +122,8 @@ class ConsistencyDistillation(Objective):
     @staticmethod
     def _check(o: ConsistencyOptions, teacher, cache) -> None:
         guided = o.guidance_scale is not None or o.guidance_range is not None
-        if guided and not (teacher.num_classes and teacher.has_uncond):
+        prompts = getattr(teacher, "conditioning", "labels") == "prompts"  # text-to-image: the null branch is a prompt
+        if guided and not prompts and not (teacher.num_classes and teacher.has_uncond):
             key = "guidance_scale" if o.guidance_scale is not None else "guidance_range"
             raise ConfigError(f"config key 'objective.{key}' needs a class-conditional teacher with an unconditional "
                               f"mode; {teacher.name!r} has {teacher.num_classes} classes (set it to null)")

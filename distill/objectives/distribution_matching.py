@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distill.conditioning import cat_cond
 from distill.config import ConfigError, at_least, choice
 from distill.denoisers import NetDenoiser, classifier_free_guidance
 from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
@@ -208,7 +209,8 @@ class DistributionMatching(Objective):
     def _real_denoiser(self, o):
         if o.guidance_scale is None:
             return self.teacher.denoise
-        if not (self.teacher.num_classes and self.teacher.has_uncond and self.num_classes):
+        prompts = getattr(self.teacher, "conditioning", "labels") == "prompts"  # text-to-image: prompts from `dataset`
+        if not prompts and not (self.teacher.num_classes and self.teacher.has_uncond and self.num_classes):
             raise ConfigError(f"config key 'objective.guidance_scale' needs a class-conditional teacher with an unconditional "
                               f"mode and student.class_conditional: true; {self.teacher.name!r} has {self.teacher.num_classes} "
                               f"classes (set it to null)")
@@ -301,7 +303,7 @@ class DistributionMatching(Objective):
         if extra is None:
             return nets["student"](x_in, t_in, cond), None
         x2, t2, c2 = extra[:3]
-        cc = None if cond is None else torch.cat([cond, c2])
+        cc = None if cond is None else cat_cond([cond, c2])
         out = nets["student"](torch.cat([x_in, x2]), torch.cat([t_in, t2]), cc)
         return out[:batch.size], out[batch.size:]
 
@@ -327,7 +329,7 @@ class DistributionMatching(Objective):
         real_t, t_r = self.noised(self.real_samples(batch, cond), batch, self.o.gan_t_range)
         fake_t, t_f = self.noised(x, batch, self.o.gan_t_range)
         x_t = add_noise(self.schedule, x, eps, t)
-        cc = None if cond is None else torch.cat([cond, cond, cond])
+        cc = None if cond is None else cat_cond([cond, cond, cond])
         d, logit = nets["fake_score"](torch.cat([x_t, real_t, fake_t]), torch.cat([t, t_r, t_f]), cc, logits=True)
         fake = self._denoising_error(d[:batch.size], x, x_t, t, eps)
         l_real, l_fake = logit[batch.size:2 * batch.size], logit[2 * batch.size:]

@@ -1,0 +1,160 @@
+"""Text-to-image latent teachers: a local diffusers Stable-Diffusion-style pipeline folder, loaded offline.
+
+The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_index.json`` naming a
+``UNet2DConditionModel`` unet, and ``unet/``, ``vae/`` (AutoencoderKL), ``text_encoder/`` and ``tokenizer/``
+(transformers classes, e.g. CLIPTextModel / CLIPTokenizer) and ``scheduler/``. The teacher is the UNet in latent
+space, through the same denoiser contract as a pixel UNet (``data_shape`` is the latent shape; the schedule and
+parameterization come from the scheduler config exactly as for ``teachers.diffusers_folder``: epsilon,
+v_prediction, sample, FlowMatch*). Conditioning is a ``distill.conditioning.PromptCond``:
+
+    cond = teacher.encode_prompts(["a red fox", ...])            # text encoder once per prompt batch (cached)
+    latents = sample(teacher, noise, solver="dpmpp_2m", nfe=8, cond=cond, guidance_scale=7.5)
+    images = teacher.decode(latents)                              # VAE decode, in [-1, 1]
+
+The unconditional branch of classifier-free guidance is the empty prompt's embeddings (or ``negative_prompts``),
+batched with the conditional branch as one network call per NFE, as StableDiffusionPipeline does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distill.conditioning import PromptCond
+from teachers.diffusers_folder import DiffusersTeacher, _file_hash, _read_json, schedule_from_scheduler_config
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COND_UNET = "UNet2DConditionModel"
+
+
+def names_cond_unet(root: Path) -> bool:
+    """Whether the folder ``root`` is a pipeline whose model_index.json (or unet config) names a UNet2DConditionModel."""
+    index = root / "model_index.json"
+    if index.is_file():
+        unet = _read_json(index).get("unet") or [None, None]
+        if isinstance(unet, list) and len(unet) == 2 and unet[1] == COND_UNET:
+            return True
+    config = root / "unet" / "config.json"
+    return index.is_file() and config.is_file() and _read_json(config).get("_class_name") == COND_UNET
+
+
+class StableDiffusionTeacher(DiffusersTeacher):
+    """A UNet2DConditionModel in the VAE's latent space, conditioned on text-encoder prompt embeddings."""
+
+    conditioning = "prompts"
+
+    def __init__(self, unet, schedule, prediction_type: str, *, text_encoder, tokenizer, vae, time_scale: float = 1.0,
+                 name: str = "sd", content_hash: str | None = None):
+        super().__init__(unet, schedule, prediction_type, time_scale=time_scale, name=name, content_hash=content_hash)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_shape = (vae.config.in_channels, *(s * self.vae_scale_factor for s in self.data_shape[1:]))
+        self._prompt_cache: dict[str, torch.Tensor] = {}  # prompt -> [L, D] embeddings (text encoder's dtype, CPU)
+
+    # -- conditioning ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """[B, L, D] embeddings of ``texts``, as StableDiffusionPipeline.encode_prompt computes them (max-length
+        padding, truncation, the encoder's attention mask only when its config asks for one); each distinct
+        prompt goes through the text encoder once per teacher and is cached."""
+        missing = sorted(set(texts) - set(self._prompt_cache))
+        if missing:
+            tok = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+            device = next(self.text_encoder.parameters()).device
+            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+            mask = tok.attention_mask.to(device) if use_mask else None
+            out = self.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+            self._prompt_cache.update({text: row.cpu() for text, row in zip(missing, out)})
+        return torch.stack([self._prompt_cache[text] for text in texts])
+
+    def encode_prompts(self, prompts, negative_prompts=None) -> PromptCond:
+        """The conditioning of a batch of prompts (one string per sample; ``negative_prompts``: one string, or one per
+        sample, for the unconditional branch; default the empty prompt)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings (one per sample)")
+        negative = [""] * len(prompts) if negative_prompts is None else negative_prompts
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise ValueError(f"got {len(negative)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+        device, dtype = self.unet.device, self.unet.dtype
+        return PromptCond(self._embed_texts(prompts).to(device, dtype), self._embed_texts(negative).to(device, dtype))
+
+    def _check_cond(self, cond, batch: int):
+        if cond is None:  # unconditional: the empty prompt
+            return self.encode_prompts([""] * batch)
+        if not isinstance(cond, PromptCond):
+            raise ValueError(f"teacher {self.name!r} is text-conditioned: pass cond=teacher.encode_prompts([...]) "
+                             f"(one prompt per sample), not {type(cond).__name__}")
+        if len(cond) != batch:
+            raise ValueError(f"cond holds {len(cond)} prompts for a batch of {batch}")
+        return cond
+
+    # -- pixels <-> latents ------------------------------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] [B, C, H, W] from latents [B, *data_shape] (evaluation and sample grids)."""
+        scale, shift = self._vae_factors()
+        dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode((latents / scale + shift).to(dtype)).sample
+        return images.clamp(-1, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1]: the VAE posterior's mean, scaled as diffusers' training scripts scale it
+        (the mean rather than a posterior sample: the same image always gives the same latent)."""
+        scale, shift = self._vae_factors()
+        dtype = next(self.vae.parameters()).dtype
+        mean = self.vae.encode(images.to(dtype)).latent_dist.mean
+        return ((mean - shift) * scale).to(images.dtype)
+
+    def to(self, *args, **kwargs) -> "StableDiffusionTeacher":
+        super().to(*args, **kwargs)
+        self.text_encoder.to(*args, **kwargs)
+        self.vae.to(*args, **kwargs)
+        self._prompt_cache.clear()
+        return self
+
+
+def _component_class(index: dict, name: str, root: Path):
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]) or not (root / name).is_dir():
+        raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks a {name} (model_index.json entry and {name}/ "
+                                f"folder); a text-to-image teacher needs {', '.join(COMPONENTS)}")
+    library, class_name = entry
+    import importlib
+
+    module = importlib.import_module({"diffusers": "diffusers", "transformers": "transformers"}.get(library, library))
+    if not hasattr(module, class_name):
+        raise ValueError(f"model_index.json of {str(root)!r} names {library}.{class_name} for {name}, which does not exist")
+    return getattr(module, class_name)
+
+
+def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
+    """A ``StableDiffusionTeacher`` from a local pipeline folder (module doc), with ``local_files_only=True``."""
+    root = Path(path)
+    index = _read_json(root / "model_index.json")
+    classes = {name: _component_class(index, name, root) for name in COMPONENTS}
+    unet_cfg = _read_json(root / "unet" / "config.json")
+    if unet_cfg.get("_class_name") != COND_UNET or classes["unet"].__name__ != COND_UNET:
+        raise ValueError(f"{root}/unet is a {unet_cfg.get('_class_name')!r}, not a {COND_UNET}; a text-to-image teacher "
+                         f"folder needs a {COND_UNET} unet")
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    if not sched_path.is_file():
+        raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks scheduler/scheduler_config.json")
+    schedule, prediction, time_scale = schedule_from_scheduler_config(_read_json(sched_path))
+    loaded = {name: classes[name].from_pretrained(root / name, local_files_only=True)
+              for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    files = [root / "model_index.json", sched_path] + sorted(
+        p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
+    return StableDiffusionTeacher(loaded["unet"], schedule, prediction, time_scale=time_scale,
+                                  text_encoder=loaded["text_encoder"], tokenizer=loaded["tokenizer"], vae=loaded["vae"],
+                                  name=str(path), content_hash=_file_hash(files))
