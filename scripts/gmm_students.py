@@ -3,7 +3,9 @@
     python scripts/gmm_students.py --teacher gmm:aniso2d --students vsd=runs/dm/vsd_aniso2d dmd=... \
         --num-samples 4000 --out results/gmm/distribution_matching.csv
 
-Each student samples from the bench's per-sample noise (seeds 0..N-1) in one step. Columns: ``swd`` (sliced W2 to
+Each student samples from the bench's per-sample noise (seeds 0..N-1) in one step (``--steps 1 2 4``: a row per
+count; a consistency student's re-noising between steps draws from a generator seeded 30000 + seed, the same for
+every student). Columns: ``swd`` (sliced W2 to
 exact data), ``nll`` (under the exact density), ``ode_rmse`` (against the exact ODE map of the same noise: a
 distribution-matching student need not reproduce the teacher's coupling), and the mode weights: the fraction of
 samples whose most responsible component (exact posterior at t = 0) is k, with their total-variation distance
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", required=True)
     p.add_argument("--students", nargs="+", required=True, metavar="NAME=PATH")
     p.add_argument("--num-samples", type=int, default=4000)
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--steps", type=int, nargs="+", default=[1], help="step counts (one row per student and count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="CSV to append rows to")
     args = p.parse_args(argv)
@@ -64,9 +66,11 @@ def main(argv=None) -> int:
     for item in args.students:
         name, _, path = item.partition("=")
         student = load_student(student_file(Path(path)))
-        with torch.no_grad():
-            x = student.sample(problem.noise.float(), steps=args.steps).double()
-        rows.append(row_for(name, teacher, problem, x, args.steps))
+        for steps in args.steps:
+            with torch.no_grad():
+                renoise = torch.Generator().manual_seed(30_000 + args.seed)  # the same draws for every student
+                x = student.sample(problem.noise.float(), steps=steps, generator=renoise).double()
+            rows.append(row_for(name, teacher, problem, x, steps))
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

@@ -5,10 +5,12 @@ one-step distillations, progressive rounds), all from the same per-sample noise.
         --steps 1 2 4 --num-samples 2000 --out results/gmm/reflow
 
 Per model: ``straightness`` of its own ODE (``distill.eval.straightness``; the teacher's is the exact denoiser's),
-and per step count (students: DDIM on their own grid, ``student.sample``; the teacher: DDIM on a uniform grid):
+and per step count (students: DDIM on their own grid, ``student.sample``; the teacher: k DDIM steps on the
+``--teacher-grid`` spacing, default uniform, the last step onto clean data, as a student's k-step grid is):
 ``ode_rmse`` against the teacher's exact ODE solution from the same noise, ``self_rmse`` against the model's own
-ODE endpoint (0 for straight paths), ``swd`` to exact data, ``nll`` under the exact density. ``--steps own`` for a
-student takes its recorded step counts. Writes <out>.csv and <out>.md.
+ODE endpoint (0 for straight paths), ``swd`` to exact data, ``nll`` under the exact density. With ``own`` among
+``--steps`` the students take only their recorded step counts and the teacher the listed integers (``--steps own 1 2
+4 8 16``: progressive rounds against DDIM at the same NFE). Writes <out>.csv and <out>.md.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 from distill.eval.exact import rmse, sliced_wasserstein  # noqa: E402
 from distill.eval.solver_error import make_problem  # noqa: E402
 from distill.eval.straightness import ode_path, straightness  # noqa: E402
+from distill.grids import GRIDS  # noqa: E402
 from distill.solvers import sample  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 
@@ -37,11 +40,11 @@ FIELDS = ["model", "steps", "straightness", "ode_rmse", "self_rmse", "swd", "nll
           "seconds"]
 
 
-def model_parts(spec: str, teacher):
+def model_parts(spec: str, teacher, teacher_grid: str = "uniform"):
     """(name, denoiser, k-step sampler, recorded step counts) of ``name=file`` or ``teacher``."""
-    if spec == "teacher":
+    if spec == "teacher":  # k DDIM steps from t_max, the k-th onto clean data (a student's k-step grid)
         return ("teacher", teacher.denoise,
-                lambda noise, k: sample(teacher, noise, solver="euler", nfe=k, grid="uniform"), None)
+                lambda noise, k: sample(teacher, noise, solver="euler", nfe=k, grid=teacher_grid, final="direct"), None)
     name, _, path = spec.rpartition("=")
     from students import load_student
 
@@ -49,19 +52,20 @@ def model_parts(spec: str, teacher):
     return (name or Path(path).parent.name, student.denoise, lambda noise, k: student.sample(noise, k), student.sampling_steps)
 
 
-def evaluate(teacher, specs: list[str], steps: list[str], num_samples: int, seed: int = 0) -> list[dict]:
+def evaluate(teacher, specs: list[str], steps: list[str], num_samples: int, seed: int = 0,
+             teacher_grid: str = "uniform") -> list[dict]:
     problem = make_problem(teacher, num_samples, seed)
     s, rows = teacher.schedule, []
     x_T = problem.noise * float(s.init_noise_scale(s.t_max))
     for spec in specs:
-        name, denoiser, sampler, recorded = model_parts(spec, teacher)
+        name, denoiser, sampler, recorded = model_parts(spec, teacher, teacher_grid)
         t0 = time.perf_counter()
         with torch.no_grad():
             ts, states = ode_path(lambda x, t, c: denoiser(x.float(), t, c).double(), x_T, s)
         row = {"model": name, "steps": "ode", "straightness": straightness(ts, states)}
         end = states[:, -1]
         rows.append({**row, **metrics(problem, end, end), "seconds": time.perf_counter() - t0})
-        counts = recorded if steps == ["own"] and recorded else [int(k) for k in steps if k != "own"]
+        counts = recorded if "own" in steps and recorded else [int(k) for k in steps if k != "own"]
         for k in counts:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -94,19 +98,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--models", nargs="+", required=True, metavar="teacher|NAME=FILE")
-    p.add_argument("--steps", nargs="+", default=["1", "2", "4"], help="step counts, or 'own' for each student's recorded ones")
+    p.add_argument("--steps", nargs="+", default=["1", "2", "4"],
+                   help="step counts; with 'own' among them the students take their recorded counts only")
+    p.add_argument("--teacher-grid", default="uniform", choices=GRIDS, help="spacing of the teacher's k DDIM steps")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output stem: writes <out>.csv and <out>.md")
     args = p.parse_args(argv)
     try:
         teacher = load_teacher(args.teacher)
-        rows = evaluate(teacher, args.models, args.steps, args.num_samples, args.seed)
+        rows = evaluate(teacher, args.models, args.steps, args.num_samples, args.seed, args.teacher_grid)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     header = (f"Teacher {args.teacher}; {args.num_samples} samples, noise seeds {args.seed}.. (the bench's); "
-              f"`steps` ode = the model's own fine ODE solve (200 Heun steps), k = k DDIM steps.")
+              f"`steps` ode = the model's own fine ODE solve (200 Heun steps), k = k DDIM steps (the teacher's on a "
+              f"{args.teacher_grid} grid, the last step onto clean data).")
     write(rows, Path(args.out), header)
     print(Path(args.out).with_suffix(".md").read_text())
     return 0

@@ -198,3 +198,17 @@ def test_slam_with_every_option_resumes_bit_identically(tmp_path):
     run(tiny_cfg(tmp_path / "killed", *opts), resume="latest")
     for name in ("student.safetensors", "student_ema.safetensors", "networks.safetensors"):
         assert same_tensors(tmp_path / "full" / name, tmp_path / "killed" / name), name
+
+
+def test_gmm_students_writes_a_row_per_step_count_with_seeded_renoising(tmp_path):
+    from conftest import load_script
+
+    file = run(tiny_cfg(tmp_path / "cd")) / "student.safetensors"
+    gmm_students = load_script("gmm_students")
+    args = ["--teacher", "gmm:ring8", "--students", f"cd={file}", "--steps", "1", "2", "--num-samples", "64"]
+    assert gmm_students.main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    torch.rand(7)  # global draws in between change nothing: the re-noising has its own generator
+    assert gmm_students.main([*args, "--out", str(tmp_path / "b.csv")]) == 0
+    lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert [line.split(",")[1:3] for line in lines[1:]] == [["exact data (another draw)", "0"], ["cd", "1"], ["cd", "2"]]
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text()

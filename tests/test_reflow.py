@@ -7,7 +7,7 @@ from distill_helpers import ROOT, run, same_tensors
 
 from distill.config import ConfigError, parse_overrides
 from distill.eval.exact import ode_reference
-from distill.grids import explicit_grid
+from distill.grids import explicit_grid, make_grid
 from distill.losses import add_noise
 from distill.objectives.base import Batch, Context
 from distill.objectives.reflow import Reflow, ReflowOptions, phase_pair
@@ -141,3 +141,26 @@ def test_each_variant_resumes_bit_identically(tmp_path, ring8_pairs, variant):
     if "objective.phases=2" in variant:  # one DDIM step per phase, from each phase's start
         ts = open_cache(ring8_pairs).ts
         assert student.sampling_steps == (2,) and student.sampling_timesteps(2).tolist() == [float(ts[0]), float(ts[3])]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logsnr"])
+def test_reflow_eval_teacher_takes_k_ddim_steps_on_a_students_k_step_grid(kind):
+    from conftest import load_script
+
+    teacher = load_teacher("gmm:ring8@rectified_flow")
+    s, noise = teacher.schedule, torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, _, sampler, _ = load_script("reflow_eval").model_parts("teacher", teacher, kind)
+    for k in (1, 2, 4):  # students.Student.sampling_timesteps: k times from t_max, then the step onto clean data
+        grid = explicit_grid(s, make_grid(s, k, kind, final="t_min")[:k], final="clean")
+        expected = SOLVERS["euler"].fn(teacher.denoise, noise * float(s.init_noise_scale(s.t_max)), grid, schedule=s)
+        assert torch.allclose(sampler(noise, k), expected, atol=1e-12), k
+
+
+def test_reflow_eval_own_gives_students_their_recorded_steps_and_the_teacher_the_listed_ones(tmp_path, ring8_pairs):
+    from conftest import load_script
+
+    student = run(tiny_cfg(tmp_path / "r", ring8_pairs)) / "student.safetensors"
+    rows = load_script("reflow_eval").evaluate(load_teacher("gmm:ring8@rectified_flow"), ["teacher", f"s={student}"],
+                                               ["own", "3"], 40)
+    steps = [(r["model"], r["steps"]) for r in rows]
+    assert steps == [("teacher", "ode"), ("teacher", 3), ("s", "ode"), *[("s", k) for k in load_student(student).sampling_steps]]
