@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from distill_helpers import run, same_tensors, tensors, tiny_cfg
+from distill_helpers import ROOT, run, same_tensors, tensors, tiny_cfg
 
 from distill.config import ConfigError
 from distill.objectives.base import Batch
@@ -170,3 +170,57 @@ def test_mnist16_thick_stroke_quarter():
         load_dataset("mnist16", stroke="bold")
     with pytest.raises(ValueError, match="allowed: stroke, fraction"):
         load_dataset("mnist16", ink=1)
+
+
+# -- the mnist16 configs ---------------------------------------------------------------------------------------
+CONFIGS = ["pso_mnist16", "pso_online_mnist16", "finetune_mnist16"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_mnist16_configs_load(name):
+    from distill.run_config import load_run_config
+
+    cfg = load_run_config(ROOT / "configs" / "distill" / f"{name}.yaml")
+    assert cfg.init_from == "results/mnist16/students/cd_mnist16.safetensors" and cfg.lora is not None
+    assert cfg.objective["name"] == name.removesuffix("_mnist16")
+
+
+def test_class_conditional_references_match_the_target_labels(tmp_path):
+    from distill.config import parse_overrides
+    from distill.run_config import load_run_config
+    from distill.train import start
+    from students import build_student
+    from teachers import load_teacher
+
+    sets = [f"init_from={ROOT / 'results/mnist16/students/cd_mnist16.safetensors'}", "objective.num_references=20",
+            "objective.reference_steps=1", f"output_dir={tmp_path / 'r'}"]
+    cfg = load_run_config(ROOT / "configs" / "distill" / "pso_mnist16.yaml", parse_overrides(sets))
+    run_, _ = start(cfg, load_teacher, build_student, None, lambda m: None)
+    obj = run_.objective
+    assert obj.bank.labels.tolist() == [i % 10 for i in range(20)]
+    assert obj.student.sampling_timesteps(4).tolist()[0] == 999.0 and len(obj.grid()) == 4  # the parent's tuned times
+    x0, cond = run_.data.batch(torch.arange(12))
+    refs = obj.references_for(Batch(0, torch.Generator().manual_seed(0), torch.device("cpu"), 12, x0=x0, cond=cond))
+    rows = [int((obj.bank.x == r).flatten(1).all(1).nonzero()[0]) for r in refs]
+    assert [obj.bank.labels[i].item() for i in rows] == cond.tolist()
+    from distill.eval.fid import load_classifier
+
+    with torch.no_grad():  # the references are digits of their label (the student's one-step samples)
+        assert (load_classifier()(obj.bank.x).argmax(1) == obj.bank.labels).float().mean() >= 0.8
+
+
+def test_style_stats_script(tmp_path):
+    import subprocess
+    import sys
+
+    from distill_helpers import subprocess_env
+
+    cd = ROOT / "results/mnist16/students/cd_mnist16.safetensors"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "style_stats.py"), "--students", f"a={cd},b={cd}",
+                           "--student-steps", "1", "--num-samples", "20", "--grid-samples", "4", "--out", str(tmp_path)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "style.csv").read_text().splitlines()
+    assert rows[0] == "kind,name,steps,num_samples,mean_ink,ink_std,accuracy" and len(rows) == 5
+    assert rows[1].split(",")[4] == rows[2].split(",")[4]  # the same file, the same noise: the same statistic
+    assert (tmp_path / "before_after_b.png").is_file()
