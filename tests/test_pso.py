@@ -224,3 +224,21 @@ def test_style_stats_script(tmp_path):
     assert rows[0] == "kind,name,steps,num_samples,mean_ink,ink_std,accuracy" and len(rows) == 5
     assert rows[1].split(",")[4] == rows[2].split(",")[4]  # the same file, the same noise: the same statistic
     assert (tmp_path / "before_after_b.png").is_file()
+
+
+@pytest.mark.parametrize("name,port", [("pso_online", 29583)])  # its loss calls the network on every transition at once
+def test_runs_on_two_processes(tmp_path, parent, name, port):
+    import subprocess
+    import sys
+
+    from distill_helpers import subprocess_env
+
+    extra = ["objective.num_references=16"] if name == "pso" else ["objective.reward=mean_ink", "objective.steps=3"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(ROOT / "scripts" / "distill.py"), "--config", str(ROOT / "configs" / "distill" / "cd_ring8.yaml"),
+           "--output-dir", str(tmp_path / "two"), "--set", "student.model.hidden=32", "student.model.layers=1", "batch_size=8",
+           f"objective={{name: {name}}}", f"init_from={parent}", "checkpoint_every=4", "log_every=2", "max_steps=4", LORA, *extra]
+    done = subprocess.run(cmd, env={**subprocess_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "student.safetensors").is_file()

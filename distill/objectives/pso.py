@@ -320,14 +320,16 @@ class PSOOnline(Objective):
 
     def loss(self, name, nets, batch):
         states, ts, sign = batch.extra["states"], batch.extra["ts"], batch.extra["sign"]
-        half, losses, eps = batch.size // 2, [], self.o.clip
-        for k in range(len(states) - 1):  # the stochastic transitions x_k -> x_{k+1}; the last step is deterministic
-            t, t_next = ts[k].expand(batch.size).to(batch.device), ts[k + 1].expand(batch.size).to(batch.device)
-            logp = transition_log_prob(nets["student"], states[k], t, states[k + 1], t_next, batch.cond)
-            with torch.no_grad(), as_reference(unwrap(nets["student"]), self.reference) as ref:
-                logp_ref = transition_log_prob(ref, states[k], t, states[k + 1], t_next, batch.cond)
-            log_ratio = (logp - logp_ref).exp().clamp(1 - eps, 1 + eps).log()
-            margin = sign * (log_ratio[:half] - log_ratio[half:])  # winner minus loser
-            losses.append(F.softplus(-self.o.beta * margin) * sign.abs())
-        loss = torch.stack(losses).mean(0)
-        return {"loss": loss, "reward": batch.extra["reward"].mean(), "ties": (sign == 0).float().mean()}
+        n, b, eps = len(states) - 1, batch.size, self.o.clip  # the stochastic transitions x_k -> x_{k+1} (not the last step)
+        x, x_next = torch.cat(states[:-1]), torch.cat(states[1:])  # all transitions in one network call (DDP: one forward)
+        t, t_next = (ts[:-1].repeat_interleave(b).to(batch.device), ts[1:].repeat_interleave(b).to(batch.device))
+        cond = None if batch.cond is None else batch.cond.repeat(n)
+        logp = transition_log_prob(nets["student"], x, t, x_next, t_next, cond)
+        with torch.no_grad(), as_reference(unwrap(nets["student"]), self.reference) as ref:
+            logp_ref = transition_log_prob(ref, x, t, x_next, t_next, cond)
+        ratio = (logp - logp_ref).exp()
+        log_ratio = ratio.clamp(1 - eps, 1 + eps).log().view(n, 2, b // 2)
+        margin = sign * (log_ratio[:, 0] - log_ratio[:, 1])  # winner minus loser, per transition and pair
+        loss = (F.softplus(-self.o.beta * margin) * sign.abs()).mean(0)
+        return {"loss": loss, "reward": batch.extra["reward"].mean(), "ties": (sign == 0).float().mean(),
+                "clipped": ((ratio < 1 - eps) | (ratio > 1 + eps)).float().mean()}
