@@ -6,7 +6,10 @@ sample i from noise seed seed + i with label i mod K), plus a before/after pictu
         --student-steps 1,2,4 --num-samples 1000 --target-options stroke=thick,fraction=0.25 --out results/mnist16_pso
 
 Writes <out>/style.csv (a row per student and step count, then the general data and the target set) and, for every
-student after the first, <out>/before_after_<name>.png (first student on top, this one below, the same noise).
+student after the first, <out>/before_after_<name>.png (first student on top, this one below, the same noise). With
+``--bench-csv`` (a ``scripts/bench.py`` CSV of the same students, named by file stem) also <out>/results.csv: per
+student and step count, mean ink, ``ink_progress`` (the fraction of the way from the first student's mean ink to the
+target's) and FID, ``fid_change`` against the first student at the same step count.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="mnist16", help="the general data (its train split)")
     p.add_argument("--target-options", default="stroke=thick,fraction=0.25", help="dataset options of the target set")
     p.add_argument("--grid-samples", type=int, default=20, help="samples per row of the before/after pictures")
+    p.add_argument("--bench-csv", type=Path, default=None, help="FID rows of the same students (scripts/bench.py)")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -62,6 +66,31 @@ def save_pair_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> Non
     from torchvision.utils import save_image
 
     save_image(torch.cat([before, after]).clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=len(before), padding=1, pad_value=1.0)
+
+
+def joined_rows(rows: list[dict], bench_csv: Path, students: dict) -> list[dict]:
+    """Style and FID side by side, with progress toward the target and the FID change against the first student."""
+    with open(bench_csv) as f:
+        fid = {(r["method"], int(r["steps"])): r for r in csv.DictReader(f) if r["kind"] == "student"}
+    target = next(r["mean_ink"] for r in rows if r["kind"] == "target")
+    cells = {(r["name"], r["steps"]): r for r in rows if r["kind"] == "student"}
+    first, out = next(iter(students)), []
+    for (name, k), r in cells.items():
+        f, f0 = fid.get((Path(students[name]).stem, k)), fid.get((Path(students[first]).stem, k))
+        before = cells[(first, k)]["mean_ink"]
+        out.append({"name": name, "steps": k, "num_samples": r["num_samples"], "mean_ink": round(r["mean_ink"], 4),
+                    "target_ink": round(target, 4), "ink_progress": round((r["mean_ink"] - before) / (target - before), 3),
+                    "accuracy": round(r["accuracy"], 4), "fid": f and f["fid"], "fid_std": f and f["fid_std"],
+                    "fid_change": f and f0 and round(float(f["fid"]) - float(f0["fid"]), 3),
+                    "fid_samples": f and f["num_samples"], "student": students[name]})
+    return out
+
+
+def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv=None) -> int:
@@ -86,10 +115,9 @@ def main(argv=None) -> int:
                      "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
         print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "style.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "accuracy"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "accuracy"])
+    if args.bench_csv is not None:
+        write_csv(joined_rows(rows, args.bench_csv, students), args.out / "results.csv")
     first = next(iter(students))
     k = min(firsts)
     for name in list(students)[1:]:
