@@ -210,20 +210,22 @@ def test_class_conditional_references_match_the_target_labels(tmp_path):
 
 
 def test_style_stats_script(tmp_path):
-    import subprocess
-    import sys
-
-    from distill_helpers import subprocess_env
+    from conftest import load_script
 
     cd = ROOT / "results/mnist16/students/cd_mnist16.safetensors"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "style_stats.py"), "--students", f"a={cd},b={cd}",
-                           "--student-steps", "1", "--num-samples", "20", "--grid-samples", "4", "--out", str(tmp_path)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    bench = tmp_path / "bench.csv"
+    bench.write_text("method,kind,steps,fid,fid_std,num_samples\ncd_mnist16,student,1,21.5,1.7,20\n")
+    assert load_script("style_stats").main(["--students", f"a={cd},b={cd}", "--student-steps", "1", "--num-samples", "20",
+                                            "--grid-samples", "4", "--out", str(tmp_path), "--bench-csv", str(bench)]) == 0
     rows = (tmp_path / "style.csv").read_text().splitlines()
     assert rows[0] == "kind,name,steps,num_samples,mean_ink,ink_std,accuracy" and len(rows) == 5
     assert rows[1].split(",")[4] == rows[2].split(",")[4]  # the same file, the same noise: the same statistic
     assert (tmp_path / "before_after_b.png").is_file()
+    import csv
+
+    joined = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["name"], r["ink_progress"], r["fid"], r["fid_change"]) for r in joined] == [("a", "0.0", "21.5", "0.0"),
+                                                                                          ("b", "0.0", "21.5", "0.0")]
 
 
 @pytest.mark.parametrize("name,port", [("pso_online", 29583)])  # its loss calls the network on every transition at once
