@@ -1,5 +1,6 @@
-"""A style statistic of student samples against a target set: mean ink (``distill.data.mean_ink``) and the committed
-mnist16 classifier's accuracy on the requested labels, on the bench's own samples (``distill.eval.bench.generate``:
+"""A style statistic of student samples against a target set: mean ink (``distill.data.mean_ink``), the fraction of
+pixels brighter than half (stroke area, which a blur does not raise as it raises mean ink) and the committed mnist16
+classifier's accuracy on the requested labels, on the bench's own samples (``distill.eval.bench.generate``:
 sample i from noise seed seed + i with label i mod K), plus a before/after picture per student.
 
     python scripts/style_stats.py --students cd=results/mnist16/students/cd_mnist16.safetensors,pso=runs/pso/student.safetensors \\
@@ -50,7 +51,8 @@ def parse_args(argv=None):
 
 
 def statistics(x: torch.Tensor, labels: torch.Tensor | None, classifier) -> dict:
-    row = {"mean_ink": float(mean_ink(x).mean()), "ink_std": float(mean_ink(x).std())}
+    on = ((x.float().clamp(-1, 1) + 1) / 2 > 0.5).flatten(1).float().mean(1)  # stroke area, blind to blur's grey halo
+    row = {"mean_ink": float(mean_ink(x).mean()), "ink_std": float(mean_ink(x).std()), "on_fraction": float(on.mean())}
     if labels is not None:
         with torch.no_grad():
             row["accuracy"] = float((classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean())
@@ -80,7 +82,8 @@ def joined_rows(rows: list[dict], bench_csv: Path, students: dict) -> list[dict]
         before = cells[(first, k)]["mean_ink"]
         out.append({"name": name, "steps": k, "num_samples": r["num_samples"], "mean_ink": round(r["mean_ink"], 4),
                     "target_ink": round(target, 4), "ink_progress": round((r["mean_ink"] - before) / (target - before), 3),
-                    "accuracy": round(r["accuracy"], 4), "fid": f and f["fid"], "fid_std": f and f["fid_std"],
+                    "on_fraction": round(r["on_fraction"], 4), "accuracy": round(r["accuracy"], 4),
+                    "fid": f and f["fid"], "fid_std": f and f["fid_std"],
                     "fid_change": f and f0 and round(float(f["fid"]) - float(f0["fid"]), 3),
                     "fid_samples": f and f["num_samples"], "student": students[name]})
     return out
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
                      "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
         print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "accuracy"])
+    write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "on_fraction", "accuracy"])
     if args.bench_csv is not None:
         write_csv(joined_rows(rows, args.bench_csv, students), args.out / "results.csv")
     first = next(iter(students))
