@@ -16,8 +16,9 @@ with a random reference of its label; the pair shares the noise z and a time t d
     logistic:  logits = (L_ref(tau) - d L_ref(rho)) - (L_theta(tau) - d L_theta(rho)),  loss = -log sigmoid(beta logits)
     hinge:     logits = -(L_theta(tau) - d L_theta(rho)),  loss = relu(1 - beta logits) + prior_weight L_theta(rho)
 
-(the logistic loss is the PSO objective of Miao et al. 2025, Eq. 6 in its diffusion-loss form; the hinge is the
-released code's ``pso_db``, which calls no reference network).
+(the logistic loss is the PSO objective L_PSO of Miao et al. 2025 in the diffusion-loss form of their released
+``train_pso_sdxl_turbo_dreambooth.py``; the hinge is that code's ``pso_db``, which calls no reference network. The
+paper's equation numbers were not checked: its full text was out of reach, see ALGORITHMS.md 7 and 13).
 
 ``pso_online``: for each conditioning, two stochastic ``steps``-step trajectories of the current student's
 consistency sampler, x_{k+1} = alpha_{k+1} f(x_k, t_k) + sigma_{k+1} z, ranked by a reward (``distill.rewards``).
@@ -96,12 +97,12 @@ def class_count(student) -> int:
 
 
 def pso_logits(l_theta_tau, l_theta_rho, l_ref_tau, l_ref_rho, ref_weight: float) -> torch.Tensor:
-    """(L_ref(tau) - d L_ref(rho)) - (L_theta(tau) - d L_theta(rho)) (Miao et al. 2025, Eq. 6)."""
+    """(L_ref(tau) - d L_ref(rho)) - (L_theta(tau) - d L_theta(rho)): L_PSO's margin (Miao et al. 2025; ALGORITHMS.md 7.3)."""
     return (l_ref_tau - ref_weight * l_ref_rho) - (l_theta_tau - ref_weight * l_theta_rho)
 
 
 def pso_loss(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """-log sigmoid(beta logits) (Miao et al. 2025, Eq. 6)."""
+    """-log sigmoid(beta logits): L_PSO (Miao et al. 2025; ALGORITHMS.md 7.1)."""
     return F.softplus(-beta * logits)
 
 
