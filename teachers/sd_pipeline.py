@@ -153,8 +153,14 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     schedule, prediction, time_scale = schedule_from_scheduler_config(_read_json(sched_path))
     loaded = {name: classes[name].from_pretrained(root / name, local_files_only=True)
               for name in ("unet", "vae", "text_encoder", "tokenizer")}
-    files = [root / "model_index.json", sched_path] + sorted(
-        p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
     return StableDiffusionTeacher(loaded["unet"], schedule, prediction, time_scale=time_scale,
                                   text_encoder=loaded["text_encoder"], tokenizer=loaded["tokenizer"], vae=loaded["vae"],
-                                  name=str(path), content_hash=_file_hash(files))
+                                  name=str(path), content_hash=pipeline_hash(root))
+
+
+def pipeline_hash(root: Path) -> str:
+    """The content hash of a text-to-image teacher folder (what student files record as ``teacher_hash``)."""
+    root = Path(root)
+    files = [root / "model_index.json", root / "scheduler" / "scheduler_config.json"] + sorted(
+        p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
+    return _file_hash(files)
