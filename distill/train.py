@@ -523,7 +523,9 @@ def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
     if run.cache is not None:
         idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
         batch.traj = run.cache.rows(idx, run.objective.cache_keys)
-        if batch.cond is None and cfg.student.class_conditional:
+        if batch.cond is None and run.cache.manifest.get("prompts") and "label" in batch.traj:  # prompts by reference
+            batch.cond = run.ctx.teacher.encode_prompts(run.cache.prompt_texts(batch.traj["label"])).to(acc.device)
+        elif batch.cond is None and cfg.student.class_conditional:
             batch.cond = batch.traj["label"].to(acc.device)
     nets = {n: unwrap(m) for n, m in run.nets.items()}
     for m in nets.values():

@@ -2,6 +2,7 @@
 tests/conftest.py: the --diffusers export as a pipeline folder that stock diffusers samples exactly as
 Student.sample does, and the refusal of cond=None."""
 
+import json
 import shutil
 
 import pytest
@@ -76,3 +77,116 @@ def test_prompt_student_export_needs_its_own_teacher_folder(sd_folder, tmp_path)
     assert _export_cli()([*args, "--teacher", str(tmp_path)]) == 1  # not a pipeline folder
     assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "p").exists()
     assert _export_cli()([*args, "--teacher", str(sd_folder)]) == 0
+
+
+def _pairs(root):
+    from test_sd_teacher import _pairs_folder
+
+    return root if root.exists() else _pairs_folder(root)
+
+
+def _prompt_file(root):
+    root.mkdir(exist_ok=True)
+    (root / "p.txt").write_text("the cat\na red fox\nthe sea\na dog\n")
+    return f"prompts:{root / 'p.txt'}"
+
+
+@pytest.fixture(scope="module")
+def sd_v_folder(tmp_path_factory):
+    """The tiny pipeline with a v-prediction scheduler (SD 2.x's): progressive distillation refuses eps students."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd_v") / "pipe", scheduler)[0]
+
+
+def _prompt_cache(teacher_folder, root):
+    """Teacher ODE pairs on the tiny pipeline, prompts stored by reference (4 DDIM steps, guided)."""
+    from distill.trajectories import generate
+
+    if not (root / "manifest.json").exists():
+        generate(load_teacher(teacher_folder), root, solver="euler", nfe=4, num_samples=6, shard_size=4, grid="uniform",
+                 final="clean", guidance_scale=2.0, prompts=_prompt_file(root.parent / "prompts"), log=lambda m: None,
+                 progress=False)
+    return root
+
+
+# objective -> (config, overrides); every run: batch 2, 3 steps, checkpoints every step, no EMA
+OBJECTIVES = {
+    "progressive": ("progressive_ring8.yaml", lambda d: [
+        "teacher=V", f"dataset=hf:{_pairs(d / 'pairs')}", "dataset_options={text_column: text}", "student.arch=teacher",
+        "student.model={}", "student.sampling_grid=uniform", "objective.student_steps=2", "objective.grid=uniform",
+        "objective.parameterization=v"]),
+    "reflow": ("reflow_ring8.yaml", lambda d: [
+        f"trajectories={_prompt_cache(d.parent / 'sd_eps', d / 'cache')}", "student.arch=teacher", "student.model={}",
+        "objective.label_dropout=0.5"]),
+    "slam": ("cd_sd15.yaml", lambda d: [
+        f"dataset=hf:{_pairs(d / 'pairs')}", "objective.name=slam", "objective.gamma_min=0.5", "objective.num_scales=6",
+        "objective.guidance_range=[1.5, 3.0]"]),
+    "dmd2_gan": ("dmd2_mnist16.yaml", lambda d: [
+        f"dataset=hf:{_pairs(d / 'pairs')}", "dataset_options={text_column: text}", "student.class_conditional=false",
+        "objective.critic_steps=2", "objective.guidance_scale=2.0", "objective.gan_t_range=[0.1, 0.9]"]),
+    "sid": ("sid_mnist16.yaml", lambda d: [
+        f"dataset={_prompt_file(d / 'prompts')}", "student.class_conditional=false", "objective.guidance_scale=2.0"]),
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_objective_families_on_the_tiny_pipeline_resume_bit_identically_and_export(sd_folder, sd_v_folder, tmp_path_factory,
+                                                                                    objective):
+    """One objective of each family on prompt conditioning: progressive (a v-prediction teacher, DDIM student), reflow
+    (a trajectory cache with prompts by reference, label dropout to the empty prompt), SLAM (w and gamma inputs),
+    DMD2 with its GAN head on the fake score's UNet2DConditionModel bottleneck, data-free SiD from a prompt file. Each
+    runs 3 steps, resumes from its step-1 checkpoint bit-identically and exports (a stock diffusers folder where the
+    student has no input a stock pipeline cannot pass: SLAM's gamma is refused)."""
+    from distill_helpers import ROOT, run, same_tensors
+    from test_distill_export import _export_cli
+
+    from distill.config import parse_overrides
+    from distill.run_config import load_run_config
+
+    shared = tmp_path_factory.getbasetemp() / "sd_objectives"
+    shared.mkdir(exist_ok=True)
+    if not (shared.parent / "sd_eps").exists():
+        shutil.copytree(sd_folder, shared.parent / "sd_eps")
+    work = tmp_path_factory.mktemp(objective)
+    config, overrides = OBJECTIVES[objective]
+    teacher = sd_v_folder if objective == "progressive" else shared.parent / "sd_eps"
+    base = [f"teacher={teacher}", *[o for o in overrides(shared) if not o.startswith("teacher=")], "batch_size=2",
+            "max_steps=3", "checkpoint_every=1", "log_every=1", "ema_decay=null", "optim.lr=1e-3", "optim.warmup_steps=0"]
+    cfg = lambda out, *more: load_run_config(ROOT / "configs" / "distill" / config,  # noqa: E731
+                                             parse_overrides([*base, *more, f"output_dir={out}"]))
+    run(cfg(work / "full"))
+    run(cfg(work / "cut", "max_steps=1"))
+    run(cfg(work / "cut"), resume="latest")
+    assert same_tensors(work / "full" / "student.safetensors", work / "cut" / "student.safetensors")
+    if objective == "dmd2_gan":  # the GAN terms are on: generator and discriminator losses are logged
+        rows = [json.loads(line) for line in (work / "full" / "metrics.jsonl").read_text().splitlines()]
+        assert any("gan_g" in r for r in rows) and any("gan_d" in r for r in rows)
+    if objective == "reflow":  # the cache holds prompt indices in the seeded order, no embeddings
+        from distill.data import load_dataset
+        from distill.trajectories import TrajectoryCache
+
+        cache = TrajectoryCache(shared / "cache")
+        rows = cache.rows(range(6))
+        assert set(rows) == {"noise", "states", "sample", "label"} and rows["label"].dtype == torch.int64
+        assert cache.prompt_texts(rows["label"]) == load_dataset(cache.manifest["prompts"]).ordered(0, 6)
+    student = load_student(work / "full" / "student.safetensors")
+    assert student.info["conditioning"] == "prompts" and type(student.net).__name__ == "UNet2DConditionModel"
+    start = build_student(StudentConfig(arch="teacher"), load_teacher(teacher))
+    assert any(not torch.equal(v, start.net.state_dict()[k]) for k, v in student.net.state_dict().items())  # trained
+    args = [str(work / "full"), "--out", str(work / "s.safetensors"), "--diffusers", str(work / "pipe")]
+    assert _export_cli()(args) == (1 if objective == "slam" else 0)
+    if objective == "slam":
+        assert _export_cli()(args[:3]) == 0  # the student file alone
+    assert load_student(work / "s.safetensors").info["conditioning"] == "prompts"
+
+
+def test_prompt_student_refuses_cond_none_with_one_sentence(sd_folder):
+    student = build_student(StudentConfig(arch="teacher"), load_teacher(sd_folder)).eval()
+    with pytest.raises(ValueError, match=r"is prompt-conditioned: pass cond=teacher.encode_prompts\(\[...\]\), one prompt "
+                                         r"per sample, not None$"):
+        student.sample(torch.randn(2, 4, 8, 8), 1)
+    with pytest.raises(ValueError, match="prompt-conditioned: .* not Tensor"):
+        student.sample(torch.randn(2, 4, 8, 8), 1, torch.tensor([0, 1]))
