@@ -251,7 +251,10 @@ class NetDenoiser(nn.Module):
             kwargs["class_labels"] = self.labels(cond, x)
         try:
             t_net = t if self.time_scale == 1.0 else t * self.time_scale
-            out = self.net(x.to(dtype), t_net.to(dtype), **kwargs)
+            # a half-precision network still gets float32 times (bf16 rounds t = 999 to 1000); diffusers UNets embed
+            # them in float32 and cast the embedding, as their pipelines call them
+            t_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            out = self.net(x.to(dtype), t_net.to(t_dtype), **kwargs)
         finally:
             self._pending = None
         return getattr(out, "sample", out).to(x.dtype)

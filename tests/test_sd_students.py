@@ -190,3 +190,41 @@ def test_prompt_student_refuses_cond_none_with_one_sentence(sd_folder):
         student.sample(torch.randn(2, 4, 8, 8), 1)
     with pytest.raises(ValueError, match="prompt-conditioned: .* not Tensor"):
         student.sample(torch.randn(2, 4, 8, 8), 1, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_teacher_in_bf16_under_mixed_precision_and_offloaded_encoders(sd_folder, tmp_path, offload):
+    """mixed_precision bf16 on the CPU: the frozen UNet (and, unless offloaded, the text encoder and VAE) is cast once
+    to bf16 after the student was copied from the float32 weights; LCM-style CD steps run and stay finite."""
+    from distill_helpers import ROOT
+
+    from distill.config import parse_overrides
+    from distill.run_config import load_run_config
+    from distill.train import train
+
+    loaded = []
+
+    def keep(spec):
+        loaded.append(load_teacher(spec))
+        return loaded[-1]
+
+    overrides = [f"teacher={sd_folder}", f"dataset=hf:{_pairs(tmp_path / 'pairs')}", "objective.num_scales=6",
+                 "objective.guidance_range=[1.5, 3.0]", "batch_size=2", "max_steps=2", "checkpoint_every=2", "log_every=1",
+                 "mixed_precision=bf16", f"teacher_offload={str(offload).lower()}", f"output_dir={tmp_path / 'r'}"]
+    train(load_run_config(ROOT / "configs" / "distill" / "cd_sd15.yaml", parse_overrides(overrides)), load_teacher=keep,
+          build_student=build_student, log=lambda m: None)
+    teacher = loaded[0]
+    encoders = torch.float32 if offload else torch.bfloat16
+    assert teacher.unet.dtype == torch.bfloat16
+    assert teacher.text_encoder.dtype == encoders and teacher.vae.dtype == encoders
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    student = load_student(tmp_path / "r" / "student.safetensors")
+    assert next(student.net.parameters()).dtype == torch.float32
+    fp32 = load_teacher(sd_folder)
+    start = build_student(StudentConfig(arch="teacher"), fp32)  # the student started from the float32 weights
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in start.net.state_dict().values())
+    seen = []
+    teacher.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    teacher.denoise(torch.randn(1, 4, 8, 8), 999.0, teacher.encode_prompts(["the cat"]))
+    assert seen[0].dtype == torch.float32 and seen[0].item() == 999.0  # bf16 would round t = 999 to 1000
