@@ -11,6 +11,7 @@ Metadata keys (all strings; JSON where structured): ``format`` (= ``FORMAT``), `
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -139,15 +140,47 @@ def check_diffusers_exportable(student, teacher_folder: str | Path | None = None
         raise ValueError(f"only diffusers networks can be saved as a diffusers folder (--diffusers), not "
                          f"{type(student.net).__name__}")
     prompts = student.info.get("conditioning") == "prompts"
-    extra = [name for name in student.conditions if not (prompts and _takes_w(student) and name == "w")]
+    foldable = set(_foldable_conditions(student)) if _bias_site(student.net) is not None else set()
+    extra = [name for name in student.conditions
+             if not (prompts and _takes_w(student) and name == "w") and name not in foldable]
     if extra:
-        raise ValueError(f"a student with extra inputs ({', '.join(extra)}) cannot be sampled by a stock "
-                         f"diffusers pipeline, whose UNet call passes none; use students.load_student instead")
+        raise ValueError(f"a student with extra inputs ({', '.join(extra)}) that have no sampling default cannot be "
+                         f"sampled by a stock diffusers pipeline, whose UNet call passes none; use students.load_student instead")
     if student.sampler == "ode" and student.sampler_solver != "euler":
         raise ValueError(f"the exported scheduler samples an ode student with DDIM (euler) steps, not "
                          f"{student.sampler_solver!r}; use students.load_student instead")
     if prompts:
         teacher_folder_of(student, teacher_folder)
+
+
+def _foldable_conditions(student) -> dict:
+    """Extra scalar inputs added to the time embedding that have a sampling default (SLAM's gamma = 1)."""
+    from distill.denoisers import ScalarEmbedding
+
+    return {name: emb for name, emb in student.conditions.items()
+            if isinstance(emb, ScalarEmbedding) and emb.config.get("default") is not None}
+
+
+def _bias_site(net):
+    """The last bias of a diffusers UNet's time embedding when nothing follows it (no ``post_act``), else None."""
+    site = getattr(net, "time_embedding", None)
+    linear = getattr(site, "linear_2", None)
+    return linear.bias if linear is not None and linear.bias is not None and site.post_act is None else None
+
+
+def fold_default_conditions(student, net):
+    """``net``, or a copy whose time-embedding output bias holds each foldable input's embedding at its default: the
+    embedding is a constant added to that output (``NetDenoiser.add_condition``), so a stock pipeline, which passes no
+    such input, computes what ``Student.sample`` computes at the default (up to float32 rounding of the sum)."""
+    folded = _foldable_conditions(student)
+    if not folded:
+        return net
+    net = copy.deepcopy(net)
+    bias = _bias_site(net)
+    with torch.no_grad():
+        for emb in folded.values():
+            bias += emb(torch.tensor([float(emb.config["default"])], device=bias.device))[0].to(bias.dtype)
+    return net
 
 
 def _prompt_pipeline_index(student, teacher_root: Path, net_class: str) -> dict:
@@ -170,10 +203,11 @@ def save_diffusers(student, folder: str | Path, teacher_folder: str | Path | Non
     ``student.json`` (the student file's metadata). A pixel student is a ``ConsistencyModelPipeline``; a
     prompt-conditioned one a ``LatentConsistencyModelPipeline`` (w through ``timestep_cond``) or a
     ``StableDiffusionPipeline``, with ``vae/``, ``text_encoder/`` and ``tokenizer/`` copied from its teacher's folder
-    (``teacher_folder_of``)."""
+    (``teacher_folder_of``). Extra inputs with a sampling default (SLAM's gamma) are folded into the UNet
+    (``fold_default_conditions``)."""
     check_diffusers_exportable(student, teacher_folder)
     teacher_root = teacher_folder_of(student, teacher_folder) if student.info.get("conditioning") == "prompts" else None
-    net = merged_copy(student.net) if has_lora(student.net) else student.net
+    net = fold_default_conditions(student, merged_copy(student.net) if has_lora(student.net) else student.net)
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
