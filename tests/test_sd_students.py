@@ -102,13 +102,14 @@ def sd_v_folder(tmp_path_factory):
 
 
 def _prompt_cache(teacher_folder, root):
-    """Teacher ODE pairs on the tiny pipeline, prompts stored by reference (4 DDIM steps, guided)."""
-    from distill.trajectories import generate
+    """Teacher ODE pairs on the tiny pipeline, prompts stored by reference (4 DDIM steps, guided; the script)."""
+    from conftest import load_script
 
     if not (root / "manifest.json").exists():
-        generate(load_teacher(teacher_folder), root, solver="euler", nfe=4, num_samples=6, shard_size=4, grid="uniform",
-                 final="clean", guidance_scale=2.0, prompts=_prompt_file(root.parent / "prompts"), log=lambda m: None,
-                 progress=False)
+        assert load_script("make_trajectories").main([
+            "--teacher", str(teacher_folder), "--solver", "euler", "--nfe", "4", "--num-samples", "6", "--shard-size", "4",
+            "--grid", "uniform", "--final", "clean", "--guidance-scale", "2", "--prompts",
+            _prompt_file(root.parent / "prompts"), "--out", str(root)]) == 0
     return root
 
 
@@ -207,8 +208,18 @@ def test_prompt_student_refuses_cond_none_with_one_sentence(sd_folder):
         student.sample(torch.randn(2, 4, 8, 8), 1, torch.tensor([0, 1]))
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change: start and leave it blank."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("offload", [False, True])
-def test_teacher_in_bf16_under_mixed_precision_and_offloaded_encoders(sd_folder, tmp_path, offload):
+def test_teacher_in_bf16_under_mixed_precision_and_offloaded_encoders(sd_folder, tmp_path, offload, fresh_accelerate_state):
     """mixed_precision bf16 on the CPU: the frozen UNet (and, unless offloaded, the text encoder and VAE) is cast once
     to bf16 after the student was copied from the float32 weights; LCM-style CD steps run and stay finite."""
     from distill_helpers import ROOT
