@@ -57,6 +57,13 @@ class PromptCond:
         """The unconditional branch as its own condition (its null branch is itself)."""
         return PromptCond(self.null_embeds, self.null_embeds, self.null_mask, self.null_mask)
 
+    def dropped(self, drop: torch.Tensor) -> "PromptCond":
+        """The condition with the samples where ``drop`` [B] is True replaced by their null branch (label dropout)."""
+        drop = drop.to(self.embeds.device)
+        swap = lambda a, b: a if a is None or b is None else torch.where(drop.reshape(-1, *[1] * (a.ndim - 1)), b, a)  # noqa: E731
+        return PromptCond(swap(self.embeds, self.null_embeds), self.null_embeds, swap(self.mask, self.null_mask),
+                          self.null_mask)
+
     def network_kwargs(self, dtype: torch.dtype) -> dict:
         """Keyword inputs of a diffusers ``UNet2DConditionModel`` call."""
         kwargs = {"encoder_hidden_states": self.embeds.to(dtype)}

@@ -214,13 +214,23 @@ class PromptDataset(Dataset):
     def __getitem__(self, i):
         return None, self.prompts[int(i)]
 
-    def ordered(self, seed: int, n: int) -> list[str]:
-        """``n`` prompts in a seeded order: successive seeded permutations of the whole list (each prompt used once
-        per pass), so sample i of every bench cell gets the same prompt."""
+    def order(self, seed: int, n: int) -> list[int]:
+        """The indices of ``n`` prompts in a seeded order: successive seeded permutations of the whole list (each
+        prompt used once per pass), so sample i of every bench cell (and of a trajectory cache) gets the same prompt."""
         g, out = torch.Generator().manual_seed(seed), []
         while len(out) < n:
-            out += [self.prompts[int(j)] for j in torch.randperm(len(self.prompts), generator=g)]
+            out += torch.randperm(len(self.prompts), generator=g).tolist()
         return out[:n]
+
+    def ordered(self, seed: int, n: int) -> list[str]:
+        """The prompts of ``order(seed, n)``."""
+        return [self.prompts[j] for j in self.order(seed, n)]
+
+    def content_hash(self) -> str:
+        """sha256 of the prompt list (a trajectory cache records it beside the file's name)."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
 
 
 def prompt_dataset(spec: str, split: str = "train", text_column: str = "text") -> PromptDataset:

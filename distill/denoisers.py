@@ -147,6 +147,13 @@ def _timestep_cond_site(net: nn.Module) -> nn.Module | None:
     return net.time_embedding
 
 
+def cross_attention_dim(net: nn.Module) -> int | None:
+    """The width of a cross-attention network's prompt embeddings (a UNet2DConditionModel's), else None."""
+    config = getattr(net, "config", None)
+    dim = config.get("cross_attention_dim") if hasattr(config, "get") else None
+    return dim[0] if isinstance(dim, (list, tuple)) else dim
+
+
 class NetDenoiser(nn.Module):
     """A network seen through the denoiser contract: the one place that turns a raw output (``epsilon`` /
     ``sample`` / ``v_prediction`` / ``flow``) into a data prediction, for teachers, students and fake-score
@@ -236,11 +243,18 @@ class NetDenoiser(nn.Module):
         kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
         if isinstance(cond, PromptCond):
             kwargs.update(cond.network_kwargs(dtype))
+        elif cross_attention_dim(self.net) is not None:
+            raise ValueError(f"this network ({type(self.net).__name__}) is prompt-conditioned: pass "
+                             f"cond=teacher.encode_prompts([...]), one prompt per sample, not "
+                             f"{'None' if cond is None else type(cond).__name__}")
         else:
             kwargs["class_labels"] = self.labels(cond, x)
         try:
             t_net = t if self.time_scale == 1.0 else t * self.time_scale
-            out = self.net(x.to(dtype), t_net.to(dtype), **kwargs)
+            # a half-precision network still gets float32 times (bf16 rounds t = 999 to 1000); diffusers UNets embed
+            # them in float32 and cast the embedding, as their pipelines call them
+            t_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            out = self.net(x.to(dtype), t_net.to(t_dtype), **kwargs)
         finally:
             self._pending = None
         return getattr(out, "sample", out).to(x.dtype)

@@ -31,10 +31,19 @@ def teacher_copy(teacher, trainable: bool = True) -> nn.Module:
 
 
 def _probe_features(net: nn.Module, data_shape) -> torch.Tensor:
-    """Bottleneck activations of one call on zeros at t_max (labels: the null class, else class 0)."""
+    """Bottleneck activations of one call on zeros at t_max (labels: the null class, else class 0; a cross-attention
+    network: one zero prompt token)."""
+    from distill.conditioning import PromptCond
+    from distill.denoisers import cross_attention_dim
+
     p = next(net.parameters())
     x = torch.zeros((1, *data_shape), dtype=p.dtype, device=p.device)
     t = torch.full((1,), float(net.schedule.t_max), dtype=torch.float64, device=p.device)
+    dim = cross_attention_dim(net.net)
+    if dim is not None:
+        token = torch.zeros((1, 1, dim), dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            return net.features(x, t, PromptCond(token, token))[1]
     label = torch.full((1,), -1 if net.null_class_label is not None else 0, device=p.device)
     with torch.no_grad():
         try:

@@ -102,6 +102,8 @@ class RunConfig:
     ema_decay: float | None = at_least(0.999, 0.0, 1.0)  # EMA of the student for export (--ema); null: none
     grad_clip: float | None = at_least(1.0, 0.0)  # max global grad norm per network; null: no clipping
     mixed_precision: str | None = choice(None, (None, "no", "fp16", "bf16"))  # null: the launcher's (accelerate launch --mixed_precision)
+    teacher_dtype: str = choice("auto", ("auto", "float32"))  # auto: frozen UNet teacher (+ encoders) in fp16/bf16 under mixed_precision
+    teacher_offload: bool = False  # text-to-image teacher: its text encoder and VAE stay on the CPU in float32
     checkpoint_every: int = at_least(500, 1)
     keep_checkpoints: int = at_least(2, 1)
     log_every: int = at_least(50, 1)

@@ -329,8 +329,27 @@ def make_context(cfg: RunConfig, accelerator, teacher, student, cache) -> Contex
                    num_processes=accelerator.num_processes, process_index=accelerator.process_index, reducer=reducer)
 
 
+HALF_SAFE_NETWORKS = ("UNet2DModel", "UNet2DConditionModel")  # compute their time embedding in float32, then cast
+
+
+def cast_teacher(cfg: RunConfig, teacher) -> None:
+    """Under mixed precision fp16 / bf16 (``teacher_dtype: auto``), cast a frozen diffusers-UNet teacher once to that
+    dtype, with a text-to-image teacher's text encoder and VAE unless they are offloaded to the CPU (as diffusers'
+    LCM training script casts them). Called after the student and the objective's copies (fake score, targets) were
+    made from the float32 weights; the teacher's outputs are returned in the caller's dtype."""
+    dtype = weight_dtype(cfg)
+    net = getattr(teacher, "unet", None)
+    if cfg.teacher_dtype == "auto" and dtype != torch.float32 and type(net).__name__ in HALF_SAFE_NETWORKS:
+        teacher.to(dtype=dtype)
+
+
 def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bool = False) -> Run:
     teacher = load_teacher(cfg.teacher)
+    if cfg.teacher_offload:
+        if getattr(teacher, "conditioning", None) != "prompts":
+            raise ConfigError(f"config key 'teacher_offload' keeps a text-to-image teacher's text encoder and VAE on the "
+                              f"CPU, but teacher {cfg.teacher!r} has none")
+        teacher.offload_encoders = True
     if hasattr(teacher, "to"):
         teacher.to(accelerator.device)
     parent = resolve_parent(cfg, resuming)
@@ -347,6 +366,7 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
         cache = open_cache(cfg.trajectories, teacher_hash=teacher.hash)
     ctx = make_context(cfg, accelerator, teacher, student, cache)
     objective = build_objective(cfg, ctx)
+    cast_teacher(cfg, teacher)
     specs, helpers = objective.networks(), objective.helpers()
     _check_specs(cfg, specs, helpers, accelerator)
     settings = {s.name: resolve_settings(cfg, s) for s in specs}
@@ -523,7 +543,9 @@ def make_batch(run: Run, step: int, micro: int = 0) -> Batch:
     if run.cache is not None:
         idx = batch_indices(step, cfg.batch_size, run.cache.num_samples, cfg.seed + 1)[chunk * per:(chunk + 1) * per]
         batch.traj = run.cache.rows(idx, run.objective.cache_keys)
-        if batch.cond is None and cfg.student.class_conditional:
+        if batch.cond is None and run.cache.manifest.get("prompts") and "label" in batch.traj:  # prompts by reference
+            batch.cond = run.ctx.teacher.encode_prompts(run.cache.prompt_texts(batch.traj["label"])).to(acc.device)
+        elif batch.cond is None and cfg.student.class_conditional:
             batch.cond = batch.traj["label"].to(acc.device)
     nets = {n: unwrap(m) for n, m in run.nets.items()}
     for m in nets.values():

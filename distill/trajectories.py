@@ -7,6 +7,12 @@ every grid time, recorded by the solver callback; the last is the solver's outpu
 state) and ``label`` (-1: unconditional). Shard k draws its noise and labels from
 ``torch.Generator().manual_seed(seed * 1_000_003 + k)``, so any shard can be regenerated alone.
 
+A text-to-image teacher's cache stores its prompts by reference, never as embeddings: the manifest names a prompt
+dataset (``prompts``: ``prompts:<file>`` or ``prompts:hf:<...>``) and the sha256 of its prompt list
+(``prompts_hash``), sample j is the j-th prompt of that dataset's seeded order (``PromptDataset.order(seed)``), and
+its ``label`` is that prompt's index in the list; ``TrajectoryCache.prompt_texts(labels)`` reads them back, and the
+trainer encodes them with the teacher's (cached) text encoder per batch.
+
 ``generate`` resumes: a shard that opens with the expected count is kept, anything else is redone; a folder
 whose manifest disagrees with the settings asked for is refused. ``open_cache`` refuses a cache made by
 another teacher or with other settings. Objectives read rows with ``TrajectoryCache.rows(indices)``.
@@ -28,23 +34,35 @@ from distill.solvers import get_solver, sample
 FORMAT = "fewstep-distill/trajectories"
 MANIFEST = "manifest.json"
 MATCH_KEYS = ("format", "teacher_hash", "solver", "nfe", "grid", "final", "guidance_scale", "seed", "num_samples",
-              "shard_size", "data_shape", "class_labels")
+              "shard_size", "data_shape", "class_labels", "prompts", "prompts_hash")
 
 
 def cache_settings(teacher, *, solver: str, nfe: int, num_samples: int, shard_size: int = 1024, grid: str = "logsnr",
                    final: str = "t_min", guidance_scale: float | None = None, seed: int = 0,
-                   class_labels: bool = False) -> dict:
-    """The manifest of a cache for these settings (validated: solver, NFE, grid)."""
+                   class_labels: bool = False, prompts: str | None = None) -> dict:
+    """The manifest of a cache for these settings (validated: solver, NFE, grid; ``prompts``: a prompt dataset
+    for a text-to-image teacher, module doc)."""
     if num_samples < 1 or shard_size < 1:
         raise ValueError(f"num_samples and shard_size must be at least 1, got {num_samples} and {shard_size}")
     if class_labels and not teacher.num_classes:
         raise ValueError(f"class_labels needs a class-conditional teacher; {teacher.name!r} has no classes")
+    text_to_image = getattr(teacher, "conditioning", "labels") == "prompts"
+    if (prompts is not None) != text_to_image:
+        raise ValueError(f"prompts (a prompt file) go with a text-to-image teacher, and a text-to-image teacher needs "
+                         f"them; teacher {teacher.name!r} is {'text-to-image' if text_to_image else 'not text-to-image'}")
     steps = get_solver(solver).steps_for_nfe(nfe, final in CLEAN_FINALS)
     ts = make_grid(teacher.schedule, steps, grid, final=final)
     return {"format": FORMAT, "teacher": str(teacher.name), "teacher_hash": teacher.hash, "solver": solver, "nfe": nfe,
             "grid": grid, "final": final, "ts": ts.tolist(), "guidance_scale": guidance_scale, "seed": seed,
             "num_samples": num_samples, "shard_size": shard_size, "num_shards": math.ceil(num_samples / shard_size),
-            "data_shape": list(teacher.data_shape), "class_labels": class_labels}
+            "data_shape": list(teacher.data_shape), "class_labels": class_labels,
+            **({"prompts": prompts, "prompts_hash": _prompt_dataset(prompts).content_hash()} if prompts else {})}
+
+
+def _prompt_dataset(spec: str):
+    from distill.data import load_dataset
+
+    return load_dataset(spec)
 
 
 def check_match(folder: Path, have: dict, want: dict) -> None:
@@ -77,10 +95,15 @@ def make_shard(teacher, m: dict, k: int) -> dict[str, torch.Tensor]:
     n, g = _shard_count(m, k), torch.Generator().manual_seed(m["seed"] * 1_000_003 + k)
     noise = torch.randn((n, *m["data_shape"]), generator=g)
     label = torch.randint(0, teacher.num_classes, (n,), generator=g) if m["class_labels"] else torch.full((n,), -1)
+    cond = label if m["class_labels"] else None
+    if m.get("prompts"):  # sample j: the j-th prompt of the seeded order; label = its index in the prompt list
+        prompts = _prompt_dataset(m["prompts"])
+        label = torch.tensor(prompts.order(m["seed"], k * m["shard_size"] + n)[k * m["shard_size"]:])
+        cond = teacher.encode_prompts([prompts.prompts[j] for j in label.tolist()])
     states: dict[int, torch.Tensor] = {}
     ts = m["ts"] if m["final"] == "t_min" else m["ts"][:-1]  # explicit_grid appends the clean point again
     x = sample(teacher, noise, solver=m["solver"], timesteps=ts, final=m["final"], guidance_scale=m["guidance_scale"],
-               cond=label if m["class_labels"] else None, callback=lambda info: states.__setitem__(info["i"], info["x"].clone()))
+               cond=cond, callback=lambda info: states.__setitem__(info["i"], info["x"].clone()))
     stacked = torch.stack([states[i] for i in range(len(m["ts"]) - 1)] + [x], dim=1)
     return {"noise": noise, "states": stacked.float().contiguous(), "sample": x.float().contiguous(), "label": label}
 
@@ -136,6 +159,21 @@ class TrajectoryCache:
         self.ts = torch.tensor(m["ts"], dtype=torch.float64)
         self.num_samples, self.shard_size = m["num_samples"], m["shard_size"]
         self._open: dict[int, object] = {}
+        self._prompts: list[str] | None = None
+
+    def prompt_texts(self, labels: torch.Tensor) -> list[str]:
+        """The prompts of a text-to-image cache's rows (their ``label``s index the manifest's prompt dataset, whose
+        prompt list must still hash as recorded)."""
+        if self._prompts is None:
+            spec = self.manifest.get("prompts")
+            if not spec:
+                raise ValueError(f"trajectory cache {str(self.folder)!r} holds no prompts (not a text-to-image teacher's)")
+            ds = _prompt_dataset(spec)
+            if ds.content_hash() != self.manifest["prompts_hash"]:
+                raise ValueError(f"the prompts {spec!r} of trajectory cache {str(self.folder)!r} changed since it was made "
+                                 f"(sha256 differs); restore them or make the cache again")
+            self._prompts = ds.prompts
+        return [self._prompts[int(j)] for j in labels.tolist()]
 
     def _shard(self, k: int):
         if k not in self._open:

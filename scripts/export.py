@@ -6,7 +6,9 @@
 A run folder gives its final student (or, mid-run, its latest complete checkpoint's); --ema takes the
 EMA weights. Load the result with ``students.load_student(path)`` and sample with ``.sample(noise, steps)``.
 ``--diffusers DIR`` writes a pipeline folder stock diffusers loads (``ConsistencyModelPipeline`` with the
-project's ``FewStepScheduler``, see ``students.diffusers_scheduler``). A LoRA student from a checkpoint (where
+project's ``FewStepScheduler``, see ``students.diffusers_scheduler``; a prompt-conditioned student: a
+``LatentConsistencyModelPipeline`` or ``StableDiffusionPipeline`` folder with the vae, text encoder and tokenizer
+copied from its teacher's folder, the one the student file names or ``--teacher DIR``). A LoRA student from a checkpoint (where
 the adapter is not merged) can keep it separate (``--keep-lora``) and be written as a PEFT adapter (``--peft DIR``,
 loadable with ``PeftModel.from_pretrained(base, DIR)``); a merged source is refused for both.
 """
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the student.safetensors to write")
     p.add_argument("--ema", action="store_true", help="export the EMA of the student")
     p.add_argument("--diffusers", default=None, metavar="DIR", help="also save a UNet student as a diffusers folder")
+    p.add_argument("--teacher", default=None, metavar="DIR",
+                   help="the text-to-image teacher folder a prompt student's --diffusers folder copies (default: the recorded one)")
     p.add_argument("--keep-lora", action="store_true", help="keep a LoRA adapter separate instead of merging it")
     p.add_argument("--peft", default=None, metavar="DIR", help="also write the LoRA adapter in PEFT's layout")
     args = p.parse_args(argv)
@@ -51,12 +55,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--keep-lora / --peft need an unmerged LoRA adapter, but {str(src)!r} holds merged weights (a "
                              f"finished run merges it): export from a checkpoint folder (checkpoints/step-N) instead")
         if args.diffusers:
-            check_diffusers_exportable(student)  # before --out is written
+            check_diffusers_exportable(student, args.teacher)  # before --out is written
         _, meta = read_student_file(src)
         config = json.loads(meta.get("training_config", "{}"))
         save_student(student, args.out, merge_lora=not args.keep_lora, training_config=config)
         if args.diffusers:
-            save_diffusers(student, args.diffusers)
+            save_diffusers(student, args.diffusers, args.teacher)
         if args.peft:
             save_peft_adapter(student.net, student.info["lora"], args.peft, base_model=student.info.get("teacher"))
     except (FileNotFoundError, ValueError) as e:

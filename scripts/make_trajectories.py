@@ -2,6 +2,7 @@
 
     python scripts/make_trajectories.py --teacher gmm:ring8 --solver heun --nfe 34 --num-samples 10000 --out DIR
         [--shard-size 1024] [--grid logsnr] [--final t_min] [--guidance-scale W --class-labels] [--seed 0]
+        [--prompts prompts:<file>]   (a text-to-image teacher: sample j takes the j-th prompt of a seeded order)
 
 Rerunning the same command resumes: complete shards are kept, missing or truncated ones redone. A folder
 made with another teacher or other settings is refused.
@@ -38,13 +39,14 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--class-labels", action="store_true", help="draw a random class label per sample")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", default=None, help="prompt dataset of a text-to-image teacher (stored by reference)")
     args = p.parse_args(argv)
     try:
         check_output_dir(args.out, "--out")
         teacher = load_teacher(args.teacher)
         out = generate(teacher, args.out, solver=args.solver, nfe=args.nfe, num_samples=args.num_samples,
                        shard_size=args.shard_size, grid=args.grid, final=args.final, guidance_scale=args.guidance_scale,
-                       seed=args.seed, class_labels=args.class_labels, log=lambda m: print(m, flush=True))
+                       seed=args.seed, class_labels=args.class_labels, prompts=args.prompts, log=lambda m: print(m, flush=True))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,13 @@ so a student folder written by ``scripts/export.py --diffusers`` runs in stock d
     images = pipe(num_inference_steps=2, class_labels=[3, 7], generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
 
+A prompt-conditioned (UNet2DConditionModel) student's folder also holds its teacher's vae, text_encoder and tokenizer
+and loads as a ``LatentConsistencyModelPipeline`` when the student takes the guidance scale w (LCM-style, through the
+UNet's ``timestep_cond``), else as a ``StableDiffusionPipeline`` (call it with ``guidance_scale=1``: no CFG on top):
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained("student_dir")
+    latents = pipe(["a red fox"], num_inference_steps=2, guidance_scale=7.5, output_type="latent").images
+
 Its config holds what the student file holds: the noise schedule, the network's prediction type and time scale,
 the parameterization (consistency boundary condition or plain denoiser), sigma_data, the sampler (``consistency``:
 re-noise between steps; ``ode``: DDIM steps) and the sampling times of every recorded step count. ``step`` turns
@@ -48,8 +55,10 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
         self._ts: list[float] = []
         self._step = 0
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None):
-        """The student's recorded times for ``num_inference_steps``, or explicit native ``timesteps`` (network units)."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None,
+                      original_inference_steps: int | None = None):
+        """The student's recorded times for ``num_inference_steps``, or explicit native ``timesteps`` (network units).
+        ``original_inference_steps`` (LCMScheduler's, which LatentConsistencyModelPipeline always passes) is ignored."""
         if timesteps is not None:
             ts = [float(t) / self.config.time_scale for t in timesteps]
         else:

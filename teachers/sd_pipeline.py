@@ -53,6 +53,7 @@ class StableDiffusionTeacher(DiffusersTeacher):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_shape = (vae.config.in_channels, *(s * self.vae_scale_factor for s in self.data_shape[1:]))
         self._prompt_cache: dict[str, torch.Tensor] = {}  # prompt -> [L, D] embeddings (text encoder's dtype, CPU)
+        self.offload_encoders = False  # True: ``to`` moves and casts the UNet only (text encoder and VAE stay put)
 
     # -- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -103,23 +104,26 @@ class StableDiffusionTeacher(DiffusersTeacher):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] [B, C, H, W] from latents [B, *data_shape] (evaluation and sample grids)."""
         scale, shift = self._vae_factors()
-        dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode((latents / scale + shift).to(dtype)).sample
-        return images.clamp(-1, 1).to(latents.dtype)
+        p = next(self.vae.parameters())
+        images = self.vae.decode((latents / scale + shift).to(p.device, p.dtype)).sample
+        return images.clamp(-1, 1).to(latents.device, latents.dtype)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of images in [-1, 1]: the VAE posterior's mean, scaled as diffusers' training scripts scale it
         (the mean rather than a posterior sample: the same image always gives the same latent)."""
         scale, shift = self._vae_factors()
-        dtype = next(self.vae.parameters()).dtype
-        mean = self.vae.encode(images.to(dtype)).latent_dist.mean
-        return ((mean - shift) * scale).to(images.dtype)
+        p = next(self.vae.parameters())
+        mean = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mean
+        return ((mean - shift) * scale).to(images.device, images.dtype)
 
     def to(self, *args, **kwargs) -> "StableDiffusionTeacher":
+        """Move / cast the UNet, and the text encoder and VAE unless ``offload_encoders`` keeps them where they are
+        (the CPU, float32: prompts are encoded once each there, images per batch)."""
         super().to(*args, **kwargs)
-        self.text_encoder.to(*args, **kwargs)
-        self.vae.to(*args, **kwargs)
+        if not self.offload_encoders:
+            self.text_encoder.to(*args, **kwargs)
+            self.vae.to(*args, **kwargs)
         self._prompt_cache.clear()
         return self
 
@@ -153,8 +157,14 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     schedule, prediction, time_scale = schedule_from_scheduler_config(_read_json(sched_path))
     loaded = {name: classes[name].from_pretrained(root / name, local_files_only=True)
               for name in ("unet", "vae", "text_encoder", "tokenizer")}
-    files = [root / "model_index.json", sched_path] + sorted(
-        p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
     return StableDiffusionTeacher(loaded["unet"], schedule, prediction, time_scale=time_scale,
                                   text_encoder=loaded["text_encoder"], tokenizer=loaded["tokenizer"], vae=loaded["vae"],
-                                  name=str(path), content_hash=_file_hash(files))
+                                  name=str(path), content_hash=pipeline_hash(root))
+
+
+def pipeline_hash(root: Path) -> str:
+    """The content hash of a text-to-image teacher folder (what student files record as ``teacher_hash``)."""
+    root = Path(root)
+    files = [root / "model_index.json", root / "scheduler" / "scheduler_config.json"] + sorted(
+        p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
+    return _file_hash(files)

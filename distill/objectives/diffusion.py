@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill.conditioning import PromptCond
 from distill.config import at_least, choice
 from distill.denoisers import UNCOND
 from distill.losses import LOSS_SPACES, denoising_loss
@@ -39,6 +40,8 @@ def drop_labels(cond: torch.Tensor | None, p: float, g: torch.Generator) -> torc
     if cond is None:
         return None
     drop = torch.rand(len(cond), generator=g) < p
+    if isinstance(cond, PromptCond):  # a dropped prompt becomes its null branch (the empty prompt)
+        return cond.dropped(drop)
     return torch.where(drop.to(cond.device), torch.full_like(cond, UNCOND), cond)
 
 
