@@ -98,7 +98,11 @@ def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not torch.set_grad_enabled(False): main() also runs inside other processes (tests)
+        return run(args)
+
+
+def run(args) -> int:
     teacher = load_teacher(args.teacher)
     cfg = BenchConfig(num_samples=args.num_samples, seed=args.seed)
     classifier = load_classifier()
