@@ -165,3 +165,16 @@ def test_ems_state_resumes_and_refuses_other_settings(tmp_path):
                state_path=state)
     with pytest.raises(ValueError, match="belongs to teacher"):
         EmsRun(teacher.denoise, teacher.schedule, x0, None, cfg, teacher_hash="0" * 64, state_path=state)
+
+
+@pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2", "linear"])
+def test_ems_grid_ends_have_the_true_derivative_in_lam(beta_schedule):
+    """At exactly t_max the schedule's clamps made d log alpha / d lam zero (it is sigma^2 for VP), which turned
+    s and b at t_max into noise of size 1e5 on mnist16; the grid's ends lie just inside."""
+    from distill.ems import _dlog_alpha_dlam, lam_grid
+    from distill.schedules import DiscreteVP
+
+    schedule = DiscreteVP(beta_schedule=beta_schedule)
+    for lam in lam_grid(schedule, 10)[[0, -1]]:
+        sigma2 = float(schedule.sigma(schedule.t_of_lam(lam.reshape(1)))[0]) ** 2
+        assert _dlog_alpha_dlam(schedule, float(lam)) == pytest.approx(sigma2, rel=1e-6)
