@@ -18,6 +18,7 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("results/LEADERBOARD.md"))
     p.add_argument("--readme", type=Path, default=None, help="a README with a leaderboard block to refresh")
     p.add_argument("--readme-rows", type=int, default=10, help="table rows shown in the README (without the command column)")
+    p.add_argument("--prepared", type=Path, action="append", default=[],
+                   help="a bench folder of prepared samplers with its prepared.json (repeatable; see distill.eval.leaderboard)")
     return p.parse_args(argv)
 
 
@@ -42,10 +45,16 @@ def main(argv=None) -> int:
         if not (args.results / CSV).is_file():
             raise FileNotFoundError(f"no {CSV} in {args.results}; run scripts/bench.py --out {args.results} first")
         rows = read_bench_rows(args.results / CSV)
-        text = leaderboard_markdown(rows, str(args.results), command)
+        prepared = []
+        for folder in args.prepared:
+            for name in (CSV, "prepared.json"):
+                if not (folder / name).is_file():
+                    raise FileNotFoundError(f"no {name} in {folder}; a --prepared folder needs both")
+            prepared.append((str(folder), read_bench_rows(folder / CSV), json.loads((folder / "prepared.json").read_text())))
+        text = leaderboard_markdown(rows, str(args.results), command, prepared)
         readme = None
         if args.readme is not None:
-            lines = leaderboard_table(rows, str(args.results), commands=False)[:2 + args.readme_rows]
+            lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared)[:2 + args.readme_rows]
             block = "\n".join(lines) + f"\n\nThe full table, with every student and the command of each row: [{args.out}]({args.out}).\n"
             readme = replace_block(args.readme.read_text(), block)
     except (FileNotFoundError, ValueError) as e:

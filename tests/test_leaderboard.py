@@ -75,3 +75,30 @@ def test_leaderboard_rows_commands_and_readme_block(bench_folder, tmp_path):
         _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--readme", str(readme)])
     with pytest.raises(SystemExit, match="no fid_vs_nfe.csv in"):
         _script("leaderboard").main(["--results", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_prepared_samplers_join_with_their_preparation_cost_and_command(bench_folder, tmp_path):
+    import json
+
+    fast = tmp_path / "fast"
+    fast.mkdir()
+    rows = [_row("solver", "tp_unipc", n, f) for n, f in ((2, 30.0), (3, 14.0), (4, 10.5))]
+    rows += [_row("solver", "v3", n, f) for n, f in ((3, 20.0), (4, 9.9))]
+    write_rows(fast / "fid_vs_nfe.csv", rows, FIELDS)
+    meta = {"tp_unipc": {"variant": "unipc:teleport=g.safetensors,handoff_sigma=2", "prepare": "python scripts/fit_gaussian.py "
+                         "--teacher mnist16 --data mnist16", "minutes": 0.27, "hardware": "1 CPU thread"},
+            "v3": {"variant": "dpm_solver_v3:ems=e.safetensors", "prepare": "python scripts/compute_ems.py --teacher mnist16",
+                   "minutes": 12.5, "hardware": "1 CPU thread"}}
+    (fast / "prepared.json").write_text(json.dumps(meta))
+    out = tmp_path / "LEADERBOARD.md"
+    assert _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--prepared", str(fast)]) == 0
+    table = [line for line in out.read_text().splitlines() if line.startswith("| best prepared")]
+    assert [line.split(" | ")[0][2:] for line in table] == ["best prepared sampler at 2 NFE: `tp_unipc`",
+                                                            "best prepared sampler at 3 NFE: `tp_unipc`",
+                                                            "best prepared sampler at 4 NFE: `v3`"]
+    assert "prepared in 12.5 min on 1 CPU thread (`python scripts/compute_ems.py --teacher mnist16`)" in table[2]
+    args = _script("bench").parse_args(shlex.split(table[2].split(" | ")[-1].strip(" |`"))[2:])
+    assert (args.solvers, args.variant, args.nfe, args.out) == ("", ["v3=dpm_solver_v3:ems=e.safetensors"], "4", fast)
+    write_rows(fast / "fid_vs_nfe.csv", [{**r, "reference_id": "ref-2"} for r in rows], FIELDS)  # another reference: refused
+    with pytest.raises(SystemExit, match=r"benched with other settings than the leaderboard's cells \(reference_id\)"):
+        _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--prepared", str(fast)])
