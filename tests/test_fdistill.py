@@ -150,8 +150,8 @@ def test_discriminator_weights_converge_to_the_exact_ones():
         loss.backward()
         opt.step()
     after = errors()
-    assert after["fkl"] < 0.15 and after["js"] < 0.08, after
-    assert after["fkl"] < 0.4 * before["fkl"] and after["js"] < 0.4 * before["js"], (before, after)
+    assert after["fkl"] < 0.08 and after["js"] < 0.05, after  # measured 0.037, 0.019 (0.71, 0.46 at initialisation)
+    assert after["fkl"] < 0.2 * before["fkl"] and after["js"] < 0.2 * before["js"], (before, after)
 
 
 # -- time-bin statistics on 1 and 2 processes --------------------------------------------------------------------------------
