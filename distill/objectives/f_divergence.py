@@ -163,7 +163,7 @@ class RatioWeighted(DistributionMatching):
         if self.o.ratio_normalisation:
             self.stats.update(r, t, self.ctx.reduce)
             r = self.stats.normalise(r, t)
-        a = self.div.h(r)
+        a = self.div.h(r)  # h(r) = f''(r) r^2 weights s_q - s_p in grad D_f(p_t || q_t) (Xu, Nie & Vahdat 2025, Sec. 3)
         scale = self.ctx.reduce(a.mean().reshape(1), "mean")[0].clamp(min=1e-12)  # not + 1e-6: rkl stays exactly 1
         b = -r * r * self.div.h2(r) / scale if di else None
         terms["weight_max"] = (a / scale).max().float()
@@ -196,6 +196,7 @@ class UniInstruct(RatioWeighted):
         d_fake, logit = nets["fake_score"](x_t, t, cond, logits=True)  # gradients through x_t into both networks
         sim, w = sid_loss(x, d_real, d_fake, 1.0)
         a, b, terms = self.ratio_weights(logit, t, di=self.o.divergence in ("js", "chi2"))
+        # A(r) L_SIM + B(r) L_DI (Wang et al. 2025, the tractable loss of the expanded f-divergence; A, B: module doc)
         out = {"dm": a.to(sim) * sim, "sim": sim.detach(), "normaliser": w.flatten(), **terms}
         if b is not None and self._step >= self.o.ratio_start_step:
             with torch.no_grad():
