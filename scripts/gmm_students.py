@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, nargs="+", default=[1], help="step counts (one row per student and count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="CSV to append rows to")
+    p.add_argument("--md", default=None, help="Markdown file to write the table to (replaced)")
     args = p.parse_args(argv)
     teacher = load_teacher(args.teacher)
     problem = make_problem(teacher, args.num_samples, args.seed, reference_steps=200)
@@ -72,9 +73,11 @@ def main(argv=None) -> int:
                 x = student.sample(problem.noise.float(), steps=steps, generator=renoise).double()
             rows.append(row_for(name, teacher, problem, x, steps))
     keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] +
+                      ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |" for r in rows])
+    print(table)
+    if args.md:
+        Path(args.md).write_text(table + "\n")
     if args.out:
         new = not Path(args.out).is_file()
         with open(args.out, "a", newline="") as f:

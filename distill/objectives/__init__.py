@@ -1,6 +1,7 @@
 """Distillation objectives: one module per family, all behind ``distill.objectives.base.Objective``."""
 
-from distill.objectives import consistency, diffusion, distribution_matching, progressive, pso, reflow, slam  # noqa: F401  (registers the objectives)
+# imported for their side effect: each module registers its objectives
+from distill.objectives import consistency, diffusion, distribution_matching, f_divergence, progressive, pso, reflow, slam  # noqa: F401
 from distill.objectives.base import OBJECTIVES, Batch, Network, Objective, get_objective, register_objective, unwrap
 
 __all__ = ["OBJECTIVES", "Batch", "Network", "Objective", "get_objective", "register_objective", "unwrap"]

@@ -307,6 +307,10 @@ class DistributionMatching(Objective):
         out = nets["student"](torch.cat([x_in, x2]), torch.cat([t_in, t2]), cc)
         return out[:batch.size], out[batch.size:]
 
+    def weighted_fake(self, x_t, t, cond, nets):
+        """(D_fake(x_t), per-sample weight of the DMD gradient or None, components to log) without gradients."""
+        return nets["fake_score"](x_t, t, cond), None, {}
+
     def noised(self, x, batch: Batch, lo_hi):
         t = self.times(batch, lo_hi)
         return add_noise(self.schedule, x, batch.randn(x.shape), t), t
@@ -333,7 +337,7 @@ class DistributionMatching(Objective):
         d, logit = nets["fake_score"](torch.cat([x_t, real_t, fake_t]), torch.cat([t, t_r, t_f]), cc, logits=True)
         fake = self._denoising_error(d[:batch.size], x, x_t, t, eps)
         l_real, l_fake = logit[batch.size:2 * batch.size], logit[2 * batch.size:]
-        gan_d = F.softplus(-l_real) + F.softplus(l_fake)  # non-saturating BCE (Goodfellow et al. 2014; DMD2, Eq. 4)
+        gan_d = discriminator_bce(l_real, l_fake)
         return {"loss": fake + self.o.gan_d_weight * gan_d, "fake_score": fake.mean(), "gan_d": gan_d.mean(),
                 "real_logit": l_real.mean(), "fake_logit": l_fake.mean()}
 
@@ -369,6 +373,12 @@ class DistributionMatching(Objective):
 
     def matching_loss(self, x, x_t, t, cond, nets) -> dict:
         raise NotImplementedError
+
+
+def discriminator_bce(l_real: torch.Tensor, l_fake: torch.Tensor) -> torch.Tensor:
+    """Per-sample non-saturating BCE softplus(-l_real) + softplus(l_fake) (Goodfellow et al. 2014; DMD2, Eq. 4): at its
+    optimum the logit is log p_t / q_t, the density ratio f-distill and Uni-Instruct read."""
+    return F.softplus(-l_real) + F.softplus(l_fake)
 
 
 def gradient_form(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -417,9 +427,11 @@ class DMD(DistributionMatching):
     def matching_loss(self, x, x_t, t, cond, nets):
         with torch.no_grad():
             d_real = self.real(x_t, t, cond)
+            d_fake, h, terms = self.weighted_fake(x_t, t, cond, nets)
             w = dmd_normaliser(x, d_real)
-            g = (nets["fake_score"](x_t, t, cond) - d_real) / w
-        return {"dm": gradient_form(x, g), "normaliser": w.flatten()}
+            g = (d_fake - d_real) / w
+            g = g if h is None else h.reshape(w.shape).to(g) * g  # f-distill's per-sample weight h(r) (fdistill)
+        return {"dm": gradient_form(x, g), "normaliser": w.flatten(), **terms}
 
     def regression_rows(self, batch: Batch):
         """(x_T, t_T, labels, teacher sample) of the cache rows (DMD, Eq. 9), or None without regression."""
@@ -452,7 +464,14 @@ class SiD(DistributionMatching):
 
     def matching_loss(self, x, x_t, t, cond, nets):
         d_real, d_fake = self.real(x_t, t, cond), nets["fake_score"](x_t, t, cond)  # gradients through x_t
-        w = dmd_normaliser(x, d_real)
-        delta = d_real - d_fake
-        per = ((1 - self.o.alpha) * delta.pow(2) + delta * (d_fake - x)) / w  # Zhou et al. 2024, Eq. 23
-        return {"dm": per.flatten(1).mean(1), "normaliser": w.flatten()}
+        per, w = sid_loss(x, d_real, d_fake, self.o.alpha)
+        return {"dm": per, "normaliser": w.flatten()}
+
+
+def sid_loss(x, d_real, d_fake, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample SiD loss mean_d [(1 - a)|delta|^2 + delta.(D_fake - x)] / w with delta = D_real - D_fake, w) (Zhou et al.
+    2024, Eq. 23); alpha = 1 is the SIM branch of Uni-Instruct."""
+    w = dmd_normaliser(x, d_real)
+    delta = d_real - d_fake
+    per = ((1 - alpha) * delta.pow(2) + delta * (d_fake - x)) / w
+    return per.flatten(1).mean(1), w
