@@ -106,9 +106,10 @@ def make_metric(teacher, cfg: lib.BenchConfig, args):
         raise ValueError(f"the bench measures image teachers (FID) and analytic gmm:* teachers (exact metrics); "
                          f"{teacher.name!r} makes data of shape {teacher.data_shape}")
     extractor, weights, splits = EXTRACTOR, None, data_splits(args)
+    shape = getattr(teacher, "image_shape", teacher.data_shape)  # a latent teacher is measured on decoded images
     if args.reference_dataset == "mnist16":
-        if teacher.data_shape[0] != 1:
-            raise ValueError(f"teacher {teacher.name!r} makes {teacher.data_shape[0]}-channel images: measure it with "
+        if shape[0] != 1:
+            raise ValueError(f"teacher {teacher.name!r} makes {shape[0]}-channel images: measure it with "
                              "torch-fidelity's Inception, giving --reference-dataset hf:<name or folder> and --inception-weights PATH")
         for split in splits.values():
             if split is not None and split not in MNIST16_SPLITS:
@@ -124,7 +125,6 @@ def make_metric(teacher, cfg: lib.BenchConfig, args):
             weights = args.inception_weights
     else:
         raise ValueError(f"unknown --reference-dataset {args.reference_dataset!r}; allowed: mnist16, hf:<name or folder>")
-    shape = getattr(teacher, "image_shape", teacher.data_shape)  # a latent teacher is measured on decoded images
     sets = {k: None if v is None else reference_set(args.reference_dataset, v, args.image_column, shape)
             for k, v in splits.items()}
     return lib.FidMetric(sets["reference"], extractor=extractor, weights_path=weights, cache_root=args.fid_cache,

@@ -70,11 +70,11 @@ def make_teacher_folder(tmp_path):
     return make
 
 
-def tiny_sd_pipeline(root: Path, scheduler=None, seed: int = 0):
+def tiny_sd_pipeline(root: Path, scheduler=None, seed: int = 0, image_channels: int = 3):
     """A random Stable-Diffusion-style pipeline (UNet2DConditionModel with cross-attention dim 16, a 2-level
     AutoencoderKL, a 2-layer CLIPTextModel with a letter-level BPE vocabulary written here), saved with
     ``StableDiffusionPipeline.save_pretrained`` to ``root``; returns (folder, pipeline in memory). Latents 4x8x8,
-    images 3x16x16; ~70k parameters in all."""
+    images ``image_channels``x16x16; ~70k parameters in all."""
     import string
 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -99,7 +99,7 @@ def tiny_sd_pipeline(root: Path, scheduler=None, seed: int = 0):
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    vae = AutoencoderKL(in_channels=image_channels, out_channels=image_channels, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
                         norm_num_groups=4, sample_size=16)
     # Stable Diffusion 1.5's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False)

@@ -299,3 +299,25 @@ def test_data_free_distribution_matching_with_a_prompt_file(sd, tmp_path):
         run(load_run_config(ROOT / "configs" / "distill" / "cd_sd15.yaml", parse_overrides(
             [f"teacher={sd[0]}", f"dataset=prompts:{tmp_path / 'p.txt'}", "dataset_options={}", "max_steps=1",
              f"output_dir={tmp_path / 'cd'}"])))
+
+
+def test_bench_cli_measures_decoded_images_of_a_prompt_teacher_with_the_digit_extractor(tmp_path):
+    """End to end through scripts/bench.py: a grey-image tiny pipeline, a prompt file, FID and the data rows from the
+    mnist16 classifier's features of the VAE-decoded samples."""
+    import csv
+
+    from conftest import load_script
+
+    folder, _ = tiny_sd_pipeline(tmp_path / "grey", image_channels=1)
+    (tmp_path / "p.txt").write_text("the cat\na red fox\n")
+    out = tmp_path / "bench"
+    argv = ["--teacher", str(folder), "--prompts", f"prompts:{tmp_path / 'p.txt'}", "--solvers", "euler", "--nfe", "2",
+            "--num-samples", "20", "--batch-size", "10", "--bootstrap", "5", "--kid-subset-size", "10",
+            "--fid-cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert load_script("bench").main(argv) in (0, None)
+    with open(out / "fid_vs_nfe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    (cell,) = [r for r in rows if r["kind"] == "solver"]
+    floor = next(r for r in rows if r["kind"] == "floor")
+    assert cell["labels"].startswith("prompts:") and cell["num_samples"] == "20" and cell["reference_id"] == floor["reference_id"]
+    assert 0 < float(floor["fid"]) < float(cell["fid"])  # real digits beat a random pipeline's decoded noise
