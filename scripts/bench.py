@@ -86,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=500, help="RK4 steps of the exact solution (gmm teachers)")
     p.add_argument("--plot-only", action="store_true", help="redraw fid_vs_nfe.png, the table and the sample grids from --out")
+    p.add_argument("--plot-with", type=Path, action="append", default=[], metavar="DIR",
+                   help="with --plot-only: also draw fid_vs_nfe_with_<DIR name>.png, adding DIR's cells of the same settings")
     return p.parse_args(argv)
 
 
@@ -191,12 +193,19 @@ def load_students(paths: list[str], teacher, cost_files: list[str] = (), allow_o
     return loaded, columns
 
 
-def redraw(out: Path) -> None:
+def redraw(out: Path, plot_with: list[Path] = ()) -> None:
     import json
 
     rows = lib.read_bench_rows(out / lib.CSV)
     if not any(r["kind"] not in lib.DATA_KINDS for r in rows):
         raise FileNotFoundError(f"no benchmark cells in {out / lib.CSV}")
+    if plot_with:  # one more picture with the cells of other folders of the same settings (e.g. the classic solvers)
+        others = []
+        for folder in plot_with:
+            if not (folder / lib.CSV).is_file():
+                raise FileNotFoundError(f"no {lib.CSV} in {folder} (--plot-with)")
+            others += [r for r in lib.read_bench_rows(folder / lib.CSV) if r["kind"] not in lib.DATA_KINDS]
+        lib.plot_bench(others + rows, out / lib.PNG.replace(".png", "_with_" + "_".join(f.name for f in plot_with) + ".png"))
     lib.plot_bench(rows, out / lib.PNG)
     teacher_cost = json.loads((out / lib.TEACHER_COST).read_text()) if (out / lib.TEACHER_COST).is_file() else None
     lib.plot_cost(rows, out / lib.COST_PNG, teacher_cost)
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.plot_only:
-            redraw(args.out)
+            redraw(args.out, args.plot_with)
             print(f"redrew {args.out / lib.PNG}")
             return 0
         if args.teacher is None:

@@ -98,6 +98,8 @@ def test_bench_end_to_end_writes_csv_and_png_then_resumes_without_sampling(tmp_p
     (out / "fid_vs_nfe.png").unlink()
     _bench().main(["--plot-only", "--out", str(out)])  # the picture comes back from the files alone
     assert (out / "fid_vs_nfe.png").stat().st_size > 10_000 and calls == []
+    _bench().main(["--plot-only", "--out", str(out), "--plot-with", str(out)])  # one more picture with another folder's cells
+    assert (out / "fid_vs_nfe_with_out.png").stat().st_size > 10_000 and calls == []
 
     _bench().main(argv + ["--final", "clean"])  # another grid ending: new cells, the old ones kept
     assert len(calls) == (2 + 3 + 3) * 3 and "already in" not in capsys.readouterr().out

@@ -549,10 +549,11 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
         raise ValueError("no benchmark cells to plot")
     exact = any(r.get("ode_rmse", "") != "" for r in cells)
     panels = EXACT_METRICS if exact else {"fid": "FID"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     solvers = [r for r in cells if r["kind"] == "solver"]
     markers = iter("*DPXs^vph" * 4)
     students = {m: next(markers) for m in dict.fromkeys(r["method"] for r in cells if r["kind"] == "student")}
+    outside = len({r["method"] for r in solvers}) + len(students) > 10  # a long legend goes beside the axes, not on the lines
+    fig, axes = plt.subplots(1, len(panels), figsize=((6.5 + 2.5 * outside) * len(panels), 4.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels.items()):
         def points(kind, method):
             mine = [r for r in cells if r["kind"] == kind and r["method"] == method]
@@ -583,7 +584,7 @@ def plot_bench(rows: list[dict], path: str | Path) -> None:
         ax.set_xlabel("NFE")
         ax.set_ylabel(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {}))
     fig.suptitle(_title(cells[-1], others), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
