@@ -9,7 +9,9 @@ every student). Columns: ``swd`` (sliced W2 to
 exact data), ``nll`` (under the exact density), ``ode_rmse`` (against the exact ODE map of the same noise: a
 distribution-matching student need not reproduce the teacher's coupling), and the mode weights: the fraction of
 samples whose most responsible component (exact posterior at t = 0) is k, with their total-variation distance
-``mode_tv`` to the true weights. Rows are appended (one per student), a Markdown table is printed.
+``mode_tv`` to the true weights, the smallest and largest recovered weight (``mode_min``, ``mode_max``) and
+``modes_lost``, the number of components holding less than a tenth of their true weight. Rows are appended (one per
+student; a CSV with other columns is refused), a Markdown table is printed.
 """
 
 from __future__ import annotations
@@ -43,11 +45,20 @@ def student_file(path: Path) -> Path:
     return path / "student.safetensors" if path.is_dir() else path
 
 
+LOST = 0.1  # a component holding less than this fraction of its true weight counts as lost
+
+
 def row_for(name: str, teacher, problem, x: torch.Tensor, steps: int) -> dict:
     w = mode_weights(teacher, x)
+    true = teacher.weights.to(w)
     return {"teacher": teacher.name, "method": name, "steps": steps, **exact_metrics(problem, x),
-            "mode_tv": 0.5 * float((w - teacher.weights).abs().sum()),
+            "mode_tv": 0.5 * float((w - true).abs().sum()), "mode_min": float(w.min()), "mode_max": float(w.max()),
+            "modes_lost": int((w < LOST * true).sum()),
             "mode_weights": " ".join(f"{v:.3f}" for v in w.tolist()), "num_samples": len(x)}
+
+
+COLUMNS = ["teacher", "method", "steps", "ode_rmse", "swd", "nll", "mode_tv", "mode_min", "mode_max", "modes_lost",
+           "mode_weights", "num_samples"]
 
 
 def main(argv=None) -> int:
@@ -60,6 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="CSV to append rows to")
     p.add_argument("--md", default=None, help="Markdown file to write the table to (replaced)")
     args = p.parse_args(argv)
+    if args.out and Path(args.out).is_file():
+        with open(args.out, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != COLUMNS:
+            print(f"error: {args.out} has the columns {header}, not {COLUMNS}; write to a new file", file=sys.stderr)
+            return 1
     teacher = load_teacher(args.teacher)
     problem = make_problem(teacher, args.num_samples, args.seed, reference_steps=200)
     fresh = teacher.sample_data(args.num_samples, generator=torch.Generator().manual_seed(20_000 + args.seed))
@@ -73,6 +90,7 @@ def main(argv=None) -> int:
                 x = student.sample(problem.noise.float(), steps=steps, generator=renoise).double()
             rows.append(row_for(name, teacher, problem, x, steps))
     keys = list(rows[0])
+    assert keys == COLUMNS, keys
     table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] +
                       ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |" for r in rows])
     print(table)

@@ -66,3 +66,20 @@ def test_deepspeed_zero2_accelerate_config_is_valid():
     assert raw["distributed_type"] == "DEEPSPEED" and raw["deepspeed_config"]["zero_stage"] == 2
     cfg = ClusterConfig.from_yaml_file(str(path))
     assert cfg.deepspeed_config["gradient_clipping"] == 1.0 and cfg.mixed_precision == "bf16"
+
+
+DISTILL_CONFIGS = sorted((ROOT / "configs" / "distill").glob("*.yaml"))
+
+
+def test_the_mnist16_configs_of_issues_15_and_16_exist():
+    names = {p.name for p in DISTILL_CONFIGS}
+    assert {"progressive_mnist16.yaml", "reflow_mnist16.yaml", "slam_mnist16.yaml", "cd_mnist16_w.yaml",
+            "slam_mnist16_w.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", DISTILL_CONFIGS, ids=lambda p: p.name)
+def test_every_distill_config_loads_and_validates(path):
+    """Every shipped configs/distill/*.yaml passes the run config's validation (keys, types, ranges and the
+    objective's own options), and its objective section names its objective."""
+    cfg = load_run_config(path)
+    assert cfg.objective["name"] == yaml.safe_load(path.read_text())["objective"]["name"]

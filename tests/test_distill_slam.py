@@ -2,6 +2,7 @@
 point and its effective noise level against a Monte-Carlo estimate on the analytic teacher, eps / v / x / flow
 teachers agree, w-conditioned students, the iCT options, and resume."""
 
+import csv
 import json
 import types
 
@@ -212,3 +213,12 @@ def test_gmm_students_writes_a_row_per_step_count_with_seeded_renoising(tmp_path
     lines = (tmp_path / "a.csv").read_text().splitlines()
     assert [line.split(",")[1:3] for line in lines[1:]] == [["exact data (another draw)", "0"], ["cd", "1"], ["cd", "2"]]
     assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "a.csv")))
+    assert list(rows[0]) == gmm_students.COLUMNS and rows[0]["modes_lost"] == "0"  # exact data keeps every mode
+    for r in rows:
+        w = [float(v) for v in r["mode_weights"].split()]
+        assert float(r["mode_min"]) == pytest.approx(min(w), abs=1e-3) and float(r["mode_max"]) == pytest.approx(max(w), abs=1e-3)
+        assert int(r["modes_lost"]) == sum(v < 0.1 / 8 for v in w)
+    (tmp_path / "old.csv").write_text("teacher,method,steps,swd\n")  # an older CSV's columns: refused, not mixed
+    assert gmm_students.main([*args, "--out", str(tmp_path / "old.csv")]) == 1
+    assert (tmp_path / "old.csv").read_text() == "teacher,method,steps,swd\n"
