@@ -44,6 +44,9 @@ class ReflowOptions:
     space: str = choice("x0", LOSS_SPACES)  # x0: data-prediction error; raw: the network's own output (l2 only)
     one_step: bool = False  # u = each phase's start only: regress its end from its start (one-step distillation)
     label_dropout: float = at_least(0.0, 0.0, 1.0)  # probability of training a pair as unconditional (CFG)
+    # phased, continuous time: each later phase is sampled from this fraction of its length inside it, not at its
+    # start, where the target jumps from the previous phase's line and the network blends the two
+    phase_inset: float = at_least(0.01, 0.0, 0.5)
 
 
 def phase_bounds(num_points: int, phases: int) -> list[int]:
@@ -84,6 +87,9 @@ class Reflow(Objective):
         if options.phases > 1:
             self.cache_keys = ("states", "label")
             starts = [float(self.ts[i]) for i in self.bounds[:-1]]
+            if getattr(self.schedule, "num_train_timesteps", None) is None:  # integer times: a start is its phase's own
+                ends = [float(self.ts[i]) for i in self.bounds[1:]]
+                starts = starts[:1] + [s - options.phase_inset * (s - e) for s, e in zip(starts[1:], ends[1:])]
             self.student.sampling_steps = (options.phases,)
             self.student.info["sampling_timesteps"] = {str(options.phases): starts}
         self.student.info["reflow"] = {"phases": options.phases, "one_step": options.one_step,
