@@ -19,6 +19,11 @@ import torch
 UNCOND = -1  # class label that asks a conditional teacher for its unconditional prediction
 
 
+def takes_prompts(teacher) -> bool:
+    """Whether ``teacher``'s cond is a ``PromptCond`` (a text-to-image teacher, ``conditioning = "prompts"``), not labels."""
+    return getattr(teacher, "conditioning", "labels") == "prompts"
+
+
 @dataclass
 class PromptCond:
     """Per-sample prompt embeddings for a cross-attention network (diffusers' ``encoder_hidden_states``).

@@ -58,6 +58,7 @@ from distill.checkpoint import (
     skipped_messages,
     step_generator,
 )
+from distill.conditioning import takes_prompts
 from distill.config import ConfigError
 from distill.export import STUDENT_FILE
 from distill.launch import launch_warning
@@ -346,7 +347,7 @@ def cast_teacher(cfg: RunConfig, teacher) -> None:
 def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bool = False) -> Run:
     teacher = load_teacher(cfg.teacher)
     if cfg.teacher_offload:
-        if getattr(teacher, "conditioning", None) != "prompts":
+        if not takes_prompts(teacher):
             raise ConfigError(f"config key 'teacher_offload' keeps a text-to-image teacher's text encoder and VAE on the "
                               f"CPU, but teacher {cfg.teacher!r} has none")
         teacher.offload_encoders = True
@@ -400,7 +401,7 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
                               f"{cfg.objective['name']!r} needs data samples; use image-caption pairs (hf:<folder or hub "
                               f"name> with dataset_options.text_column) or a prompt-free source")
         run.data = IndexedData(data)
-    elif cfg.dataset and getattr(teacher, "conditioning", "labels") == "prompts":
+    elif cfg.dataset and takes_prompts(teacher):
         from distill.data import IndexedData, load_dataset
 
         run.data = IndexedData(load_dataset(cfg.dataset, "train", **cfg.dataset_options))  # only its prompts: batch.cond
@@ -421,9 +422,8 @@ def data_batch(run: Run, idx: torch.Tensor) -> tuple[torch.Tensor, Any]:
     if x0 is None or "data" not in run.objective.needs:
         return None, cond
     x0 = x0.to(acc.device)
-    if hasattr(teacher, "encode_images") and tuple(x0.shape[1:]) == tuple(teacher.image_shape):
-        x0 = teacher.encode_images(x0)
-    return x0, cond
+    # setup() read a latent teacher's data at its VAE's image shape (dataset_for refuses any other): always encode
+    return (teacher.encode_images(x0) if hasattr(teacher, "encode_images") else x0), cond
 
 
 # -- resume, run files, logging ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill.conditioning import takes_prompts
 from distill.grids import CLEAN_FINALS, make_grid
 from distill.solvers import get_solver, sample
 
@@ -46,7 +47,7 @@ def cache_settings(teacher, *, solver: str, nfe: int, num_samples: int, shard_si
         raise ValueError(f"num_samples and shard_size must be at least 1, got {num_samples} and {shard_size}")
     if class_labels and not teacher.num_classes:
         raise ValueError(f"class_labels needs a class-conditional teacher; {teacher.name!r} has no classes")
-    text_to_image = getattr(teacher, "conditioning", "labels") == "prompts"
+    text_to_image = takes_prompts(teacher)
     if (prompts is not None) != text_to_image:
         raise ValueError(f"prompts (a prompt file) go with a text-to-image teacher, and a text-to-image teacher needs "
                          f"them; teacher {teacher.name!r} is {'text-to-image' if text_to_image else 'not text-to-image'}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from distill.conditioning import takes_prompts
 from distill.eval.plots import save_image_grid, save_scatter_2d
 from distill.grids import FINALS, GRIDS
 from distill.paths import check_output_dir
@@ -53,7 +54,7 @@ OUTPUT_FILES = ("samples.safetensors", "samples.png", "sample_args.json")
 
 def guidance_problem(args, teacher) -> str | None:
     """Why --guidance-scale cannot act with this teacher and label (it would be a silent no-op or fail late)."""
-    prompted = getattr(teacher, "conditioning", "labels") == "prompts"
+    prompted = takes_prompts(teacher)
     if prompted != (args.prompt is not None):
         return ("--prompt is for text-to-image teachers; this teacher takes --class-label" if args.prompt is not None
                 else f"teacher {teacher.name!r} is text-conditioned: give --prompt TEXT")

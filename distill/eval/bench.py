@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from distill.conditioning import takes_prompts
 from distill.eval.fid import EXTRACTOR, bootstrap_fid_std, compute_features, feature_metrics, reference_cache_name, uint8_images
 from distill.eval.memorization import Memorization
 from distill.eval.solver_error import exact_metrics, make_problem, read_rows, write_rows
@@ -132,7 +133,7 @@ class BenchConfig:
             raise ValueError(f"unknown final {self.final!r}; allowed: clean, direct (the bench scores denoised samples)")
         if self.unconditional and teacher.num_classes and not teacher.has_uncond:
             raise ValueError(f"teacher {teacher.name!r} is class-conditional without an unconditional mode; drop --unconditional")
-        prompted = getattr(teacher, "conditioning", "labels") == "prompts"
+        prompted = takes_prompts(teacher)
         if prompted != (self.prompts is not None):
             raise ValueError(f"teacher {teacher.name!r} is text-conditioned: give a prompt file (--prompts prompts:<file>)"
                              if prompted else f"--prompts is for text-to-image teachers; {teacher.name!r} takes class labels")

@@ -21,7 +21,13 @@ It declares
       ``step % every == offset``, in declaration order);
   (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls;
       ``"data"``: real samples ``batch.x0`` and labels; ``"trajectories"``: rows of a trajectory cache
-      ``batch.traj``; ``"pairs"``: target / reference samples the objective makes itself in ``prepare``;
+      ``batch.traj``; ``"pairs"``: target / reference samples the objective makes itself in ``prepare``.
+      ``batch.cond`` is whatever conditions the teacher (``distill.conditioning``): class labels, or for a
+      text-to-image teacher a ``PromptCond`` the trainer encoded once per batch from the dataset's captions, a
+      prompt dataset (``dataset: prompts:<file>``, also for objectives without ``"data"``) or a cache's prompt
+      indices; with ``"data"`` and a latent teacher, ``batch.x0`` holds VAE latents. Objectives index, move and
+      concatenate ``cond`` (``cat_cond``, ``unconditional``) without asking which kind it is
+      (``takes_prompts(teacher)`` tells a guidance option that the null branch is a prompt);
   (d) a loss per network, ``loss(name, nets, batch)``: per-sample values [B], or a dict with ``"loss"`` [B]
       and named components (tensors or floats) that the trainer logs beside the total.
 

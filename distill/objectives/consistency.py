@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distill.conditioning import takes_prompts
 from distill.config import ConfigError, at_least, choice
 from distill.denoisers import classifier_free_guidance, guided_prediction
 from distill.grids import GRIDS, make_grid
@@ -122,7 +123,7 @@ class ConsistencyDistillation(Objective):
     @staticmethod
     def _check(o: ConsistencyOptions, teacher, cache) -> None:
         guided = o.guidance_scale is not None or o.guidance_range is not None
-        prompts = getattr(teacher, "conditioning", "labels") == "prompts"  # text-to-image: the null branch is a prompt
+        prompts = takes_prompts(teacher)  # text-to-image: the null branch is a prompt
         if guided and not prompts and not (teacher.num_classes and teacher.has_uncond):
             key = "guidance_scale" if o.guidance_scale is not None else "guidance_range"
             raise ConfigError(f"config key 'objective.{key}' needs a class-conditional teacher with an unconditional "

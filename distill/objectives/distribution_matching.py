@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distill.conditioning import cat_cond
+from distill.conditioning import cat_cond, takes_prompts
 from distill.config import ConfigError, at_least, choice
 from distill.denoisers import NetDenoiser, classifier_free_guidance
 from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
@@ -209,7 +209,7 @@ class DistributionMatching(Objective):
     def _real_denoiser(self, o):
         if o.guidance_scale is None:
             return self.teacher.denoise
-        prompts = getattr(self.teacher, "conditioning", "labels") == "prompts"  # text-to-image: prompts from `dataset`
+        prompts = takes_prompts(self.teacher)  # text-to-image: prompts from `dataset`
         if not prompts and not (self.teacher.num_classes and self.teacher.has_uncond and self.num_classes):
             raise ConfigError(f"config key 'objective.guidance_scale' needs a class-conditional teacher with an unconditional "
                               f"mode and student.class_conditional: true; {self.teacher.name!r} has {self.teacher.num_classes} "
