@@ -1,0 +1,103 @@
+"""Write a student's training cost (the bench's ``<student>.cost.json``) from the run folder(s) that made it.
+
+    python scripts/run_cost.py RUN_DIR [RUN_DIR ...] --hardware "1 thread of a 2-core x86_64 CPU, no GPU" \
+        --teacher-nfe-per-step 128 [--extra-teacher-nfe 192000 --extra-seconds 482] --out student.cost.json
+
+Several run folders add up (a progressive round's student also cost every earlier round; a reflow student also cost
+the round before it): ``steps`` and ``wall_seconds`` are summed over them, read from each folder's metrics.jsonl
+(seconds per step times the steps logged, the student's rows); ``batch_size`` is the runs' (they must agree);
+``trained_params`` counts the last folder's exported student. Teacher network evaluations are the objective's own
+count per update times the updates (``--teacher-nfe-per-step``: e.g. progressive 2 x batch, consistency with a
+2-evaluation solver step 2 x batch, reflow 0) plus what was spent outside training (``--extra-teacher-nfe``: a
+trajectory cache's samples x its NFE), whose time ``--extra-seconds`` adds to the wall time. Keys as ``distill.eval.bench.COST_KEYS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STUDENT_FILE = "student.safetensors"
+
+
+def run_steps_seconds(folder: Path) -> tuple[int, float]:
+    """(updates, seconds) of a run from its metrics.jsonl: the student's rows, seconds per step times the steps each
+    row covers."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {folder}; pass the run folder a distillation wrote")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("network") == "student"]
+    seconds, last = 0.0, 0
+    for r in rows:
+        if r["step"] > last:  # a resumed run may log a step again: count each step once
+            seconds += r["seconds_per_step"] * (r["step"] - last)
+            last = r["step"]
+    return last, seconds
+
+
+def run_batch_size(folder: Path) -> int:
+    import yaml
+
+    path = folder / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.yaml in {folder}; pass the run folder a distillation wrote")
+    return int(yaml.safe_load(path.read_text())["batch_size"])
+
+
+def trained_params(student: Path) -> int:
+    """Parameters in the student file (every tensor: the exported network's weights)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(student), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extra_teacher_nfe: int = 0,
+             student: Path | None = None, extra_seconds: float = 0.0) -> dict:
+    if not folders:
+        raise ValueError("no run folder given; pass at least one")
+    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds) < 0:
+        raise ValueError("teacher evaluations and extra seconds must be >= 0")
+    steps, seconds, batches = 0, 0.0, set()
+    for folder in folders:
+        n, s = run_steps_seconds(folder)
+        steps, seconds = steps + n, seconds + s
+        batches.add(run_batch_size(folder))
+    if len(batches) != 1:
+        raise ValueError(f"the runs' batch sizes differ ({sorted(batches)}); give runs of one batch size")
+    student = student or folders[-1] / STUDENT_FILE
+    if not student.is_file():
+        raise FileNotFoundError(f"no exported student at {student}; export the last run first or pass --student")
+    return {"steps": steps, "batch_size": batches.pop(), "wall_seconds": round(seconds + extra_seconds),
+            "hardware": hardware, "teacher_nfe": teacher_nfe_per_step * steps + extra_teacher_nfe,
+            "trained_params": trained_params(student)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders, in training order")
+    p.add_argument("--hardware", required=True, help='e.g. "1 thread of a 2-core x86_64 CPU, no GPU"')
+    p.add_argument("--teacher-nfe-per-step", type=int, required=True)
+    p.add_argument("--extra-teacher-nfe", type=int, default=0, help="teacher evaluations outside training")
+    p.add_argument("--extra-seconds", type=float, default=0.0, help="seconds outside training (a trajectory cache)")
+    p.add_argument("--student", help="the student file whose parameters count (default: the last run's export)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    try:
+        cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
+                        Path(a.student) if a.student else None, a.extra_seconds)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Path(a.out).write_text(json.dumps(cost) + "\n")
+    print(json.dumps(cost))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""scripts/run_cost.py: a student's cost sidecar from its run folders, summed over a lineage, read back by the bench."""
+
+import json
+
+import pytest
+import torch
+from conftest import load_script
+from safetensors.torch import save_file
+
+run_cost = load_script("run_cost")
+
+
+def fake_run(folder, rows, batch_size=64, params=((3, 4), (5,))):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"batch_size: {batch_size}\nseed: 0\n")
+    lines = [json.dumps({"step": s, "network": net, "loss": 1.0, "seconds_per_step": sps}) for s, net, sps in rows]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    save_file({f"w{i}": torch.zeros(shape) for i, shape in enumerate(params)}, str(folder / "student.safetensors"))
+    return folder
+
+
+def test_cost_sums_a_lineage_and_counts_teacher_evaluations(tmp_path):
+    # round 1: steps 0-50 at 0.2 s, 50-100 at 0.4 s (a fake-score row is not the student's); round 2: 30 steps at 1 s,
+    # with step 20 logged twice (a resume) and counted once
+    a = fake_run(tmp_path / "a", [(50, "student", 0.2), (50, "fake_score", 9.0), (100, "student", 0.4)])
+    b = fake_run(tmp_path / "b", [(20, "student", 1.0), (20, "student", 1.0), (30, "student", 1.0)])
+    out = tmp_path / "s.cost.json"
+    assert run_cost.main([str(a), str(b), "--hardware", "cpu", "--teacher-nfe-per-step", "128",
+                          "--extra-teacher-nfe", "7", "--extra-seconds", "4", "--out", str(out)]) == 0
+    cost = json.loads(out.read_text())
+    assert cost == {"steps": 130, "batch_size": 64, "wall_seconds": round(50 * 0.2 + 50 * 0.4 + 30 * 1.0 + 4),
+                    "hardware": "cpu", "teacher_nfe": 128 * 130 + 7, "trained_params": 12 + 5}
+    bench = load_script("bench")  # the bench reads the sidecar beside the student file as it is
+    student = tmp_path / "s.safetensors"
+    save_file({"w": torch.zeros(2)}, str(student))
+    assert bench.student_cost(str(student), None) == cost
+
+
+def test_bad_runs_are_refused_with_a_sentence(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", [(10, "student", 0.1)], batch_size=64)
+    b = fake_run(tmp_path / "b", [(10, "student", 0.1)], batch_size=32)
+    out = tmp_path / "c.json"
+    assert run_cost.main([str(a), str(b), "--hardware", "cpu", "--teacher-nfe-per-step", "0", "--out", str(out)]) == 2
+    assert "batch sizes differ" in capsys.readouterr().err and not out.exists()
+    assert run_cost.main([str(tmp_path / "nope"), "--hardware", "cpu", "--teacher-nfe-per-step", "0",
+                          "--out", str(out)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match=">= 0"):
+        run_cost.run_cost([a], "cpu", -1)
