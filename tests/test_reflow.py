@@ -1,6 +1,8 @@
 """Reflow / Rectified Diffusion (issue #15): one round of an exact model on a Gaussian teacher with a linear flow gives
 straight paths; the path is the pair's first-order path; options are validated; every variant resumes bit-identically."""
 
+import math
+
 import pytest
 import torch
 from distill_helpers import ROOT, run, same_tensors
@@ -140,7 +142,7 @@ def test_each_variant_resumes_bit_identically(tmp_path, ring8_pairs, variant):
     student = load_student(full / "student.safetensors")
     if "objective.phases=2" in variant:  # one DDIM step per phase, from each phase's start (later phases: 1% inside)
         ts = open_cache(ring8_pairs).ts
-        second = float(ts[3]) if getattr(student.schedule, "num_train_timesteps", None) else float(ts[3] - 0.01 * (ts[3] - ts[6]))
+        second = float(ts[3].floor()) if getattr(student.schedule, "num_train_timesteps", None) else float(ts[3] - 0.01 * (ts[3] - ts[6]))
         assert student.sampling_steps == (2,) and student.sampling_timesteps(2).tolist() == pytest.approx([float(ts[0]), second], abs=1e-12)
 
 
@@ -165,3 +167,22 @@ def test_reflow_eval_own_gives_students_their_recorded_steps_and_the_teacher_the
                                                ["own", "3"], 40)
     steps = [(r["model"], r["steps"]) for r in rows]
     assert steps == [("teacher", "ode"), ("teacher", 3), ("s", "ode"), *[("s", k) for k in load_student(student).sampling_steps]]
+
+
+def test_discrete_phases_start_at_a_time_their_own_phase_trained_on():
+    """On an integer-time schedule a later phase samples from floor(start): the largest time its phase trains on and
+    none the previous phase does (the mnist16 cache's 16-step uniform grid puts boundaries at 732.6, 466.2, 199.8)."""
+    from distill.objectives.reflow import phase_bounds, phase_starts
+
+    ts = torch.tensor([999.0 - 66.6 * i for i in range(16)] + [0.0, -1.0], dtype=torch.float64)[[*range(15), 16, 17]]
+    bounds = phase_bounds(len(ts), 4)
+    starts = phase_starts(ts, bounds, discrete=True, inset=0.01)
+    assert starts == [999.0, 732.0, 466.0, 199.0]
+    for k, start in enumerate(starts):
+        s, e = float(ts[bounds[k]]), float(ts[bounds[k + 1]])
+        assert math.floor(e) + 1 <= start <= math.floor(s)  # trained in its own phase (u in floor(e)+1 .. floor(s))
+        if k:
+            assert start < math.floor(float(ts[bounds[k - 1 + 1]])) + 1  # below the previous phase's lowest time
+    # continuous time keeps the inset
+    cont = phase_starts(ts, bounds, discrete=False, inset=0.01)
+    assert cont[0] == 999.0 and cont[1] == pytest.approx(732.6 - 0.01 * (732.6 - 466.2))

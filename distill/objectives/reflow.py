@@ -23,6 +23,7 @@ by that student.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,22 @@ def phase_bounds(num_points: int, phases: int) -> list[int]:
     return [round(k * (num_points - 1) / phases) for k in range(phases + 1)]
 
 
+def _discrete(schedule) -> bool:
+    return getattr(schedule, "num_train_timesteps", None) is not None
+
+
+def phase_starts(ts: torch.Tensor, bounds: list[int], discrete: bool, inset: float) -> list[float]:
+    """The time each phase's one sampling step starts from. Continuous time: later phases ``inset`` of their length
+    inside, away from the jump at the shared boundary. Integer times: phase k trains on floor(e)+1 .. floor(s), so a
+    later phase starts at floor(s), its own largest time (a fractional start such as 732.6 lies between two phases'
+    trained times); the previous phase's DDIM step lands there on the same line, as the line holds for every u."""
+    starts = [float(ts[i]) for i in bounds[:-1]]
+    if discrete:
+        return starts[:1] + [float(math.floor(s)) for s in starts[1:]]
+    ends = [float(ts[i]) for i in bounds[1:]]
+    return starts[:1] + [s - inset * (s - e) for s, e in zip(starts[1:], ends[1:])]
+
+
 def phase_pair(z_s: torch.Tensor, x_e: torch.Tensor, s, e) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0*, eps*) of the DDIM line from z_s at s that lands on x_e at e (``Point``s; x0* = x_e for a clean e): a DDIM
     step with a constant x0 keeps the implied eps, so the line is x_u = alpha_u x0* + sigma_u eps* for every u."""
@@ -86,10 +103,7 @@ class Reflow(Objective):
         self.points = grid_points(self.schedule, self.ts)
         if options.phases > 1:
             self.cache_keys = ("states", "label")
-            starts = [float(self.ts[i]) for i in self.bounds[:-1]]
-            if getattr(self.schedule, "num_train_timesteps", None) is None:  # integer times: a start is its phase's own
-                ends = [float(self.ts[i]) for i in self.bounds[1:]]
-                starts = starts[:1] + [s - options.phase_inset * (s - e) for s, e in zip(starts[1:], ends[1:])]
+            starts = phase_starts(self.ts, self.bounds, _discrete(self.schedule), options.phase_inset)
             self.student.sampling_steps = (options.phases,)
             self.student.info["sampling_timesteps"] = {str(options.phases): starts}
         self.student.info["reflow"] = {"phases": options.phases, "one_step": options.one_step,
@@ -116,7 +130,7 @@ class Reflow(Objective):
         r = torch.rand(len(k), generator=g, dtype=torch.float64)
         if self.o.one_step:
             return s
-        if getattr(self.schedule, "num_train_timesteps", None) is not None:
+        if _discrete(self.schedule):
             lo, hi = (e.floor() + 1).clamp(min=self.schedule.t_min), s.floor()
             return (lo + (r * (hi - lo + 1)).floor()).clamp(max=s)
         return s - (s - e.clamp(min=self.schedule.t_min)) * r
