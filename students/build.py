@@ -33,7 +33,10 @@ def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None,
     weights of the student file ``init_from`` when given (loaded before a LoRA adapter is added)."""
     num_classes = teacher.num_classes if cfg.class_conditional else 0
     info = {"teacher_hash": teacher.hash, "teacher": str(teacher.name), "data_shape": list(teacher.data_shape),
-            "num_classes": num_classes, "conditioning": getattr(teacher, "conditioning", "labels")}
+            "num_classes": num_classes, "conditioning": getattr(teacher, "conditioning", "labels"),
+            # the first teacher of a chain of student-teachers (progressive rounds, reflow rounds): what the bench checks
+            "root_teacher_hash": getattr(teacher, "root_teacher_hash", None) or teacher.hash,
+            "root_teacher": str(getattr(teacher, "root_teacher", None) or teacher.name)}
     if cfg.arch == "teacher":
         net, prediction, time_scale = _teacher_network(teacher), teacher.prediction_type, teacher.time_scale
         null_label = getattr(teacher, "null_class_label", None)

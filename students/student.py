@@ -132,7 +132,7 @@ INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "tr
 
 def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
     """Rebuild the Student wrapper around ``net`` from a student file's metadata."""
-    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher", "conditioning")}
+    info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher", "conditioning", "root_teacher_hash", "root_teacher")}
     info.update({k: json.loads(meta[k]) for k in INFO_JSON_KEYS if k in meta})
     timesteps = json.loads(meta["sampling_timesteps"])
     info["sampling_timesteps"] = timesteps

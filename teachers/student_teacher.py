@@ -29,6 +29,7 @@ class StudentTeacher(Teacher):
         self.has_uncond = self.num_classes == 0 or self.null_class_label is not None
         self.name, self.hash = name, content_hash
         self.parent_teacher_hash = student.info.get("teacher_hash")
+        self.root_teacher, self.root_teacher_hash = root_teacher(student.info)
 
     def _denoise(self, x, t, cond):
         return self.student(x, t, cond)
@@ -39,6 +40,23 @@ class StudentTeacher(Teacher):
     def to(self, *args, **kwargs) -> "StudentTeacher":
         self.student.to(*args, **kwargs)
         return self
+
+
+def root_teacher(info: dict, depth: int = 0) -> tuple[str, str]:
+    """(name, hash) of the first teacher of a student's chain: the file's ``root_teacher_hash`` when it records one,
+    else (a file from before that key) its parent file's root while the parent ``student:<file>`` is on disk, else
+    its own teacher."""
+    if info.get("root_teacher_hash"):
+        return str(info.get("root_teacher") or ""), str(info["root_teacher_hash"])
+    name, digest = str(info.get("teacher") or ""), str(info.get("teacher_hash") or "")
+    parent = Path(name[len("student:"):]) if name.startswith("student:") else None
+    if parent is not None and parent.is_file() and depth < 64 and file_sha256(parent) == digest:
+        from safetensors import safe_open
+
+        with safe_open(str(parent), "pt") as f:
+            meta = f.metadata() or {}
+        return root_teacher({k: meta.get(k) for k in ("root_teacher_hash", "root_teacher", "teacher", "teacher_hash")}, depth + 1)
+    return name, digest
 
 
 def load_student_teacher(path: str | Path) -> StudentTeacher:

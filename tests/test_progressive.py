@@ -134,6 +134,22 @@ def test_rounds_halve_chain_teachers_and_record_lineage(tmp_path):
 
     rows = json.loads((tmp_path / "chain" / "rounds.json").read_text())
     assert [r["student_steps"] for r in rows] == [4, 2, 1] and all(r["updates"] == 8 for r in rows)
+    # every round's file records the chain's first teacher, so the bench takes the last student for that teacher
+    from distill.eval.bench import check_student
+
+    root = load_teacher("gmm:ring8")
+    last = load_student(files[-1])
+    assert last.info["root_teacher_hash"] == root.hash and last.info["teacher_hash"] != root.hash
+    check_student(root, "pd-1", last)
+    with pytest.raises(ValueError, match="allow-other-teacher"):
+        check_student(load_teacher("gmm:aniso2d"), "pd-1", last)
+    # a file from before the key: the root is found through its parent files while they are on disk, and a
+    # parent that changed since is not followed
+    from teachers.student_teacher import root_teacher
+
+    old = {k: v for k, v in last.info.items() if k not in ("root_teacher_hash", "root_teacher")}
+    assert root_teacher(old)[1] == root.hash
+    assert root_teacher({**old, "teacher_hash": "0" * 64})[1] == "0" * 64
 
 
 def test_rounds_killed_mid_round_continue_bit_identically(tmp_path):

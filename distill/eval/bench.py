@@ -242,10 +242,18 @@ def check_student(teacher, name: str, student, allow_other_teacher: bool = False
     """A student that records the hash of the teacher it was distilled from must match the bench's teacher
     (unless ``allow_other_teacher``; its rows then carry both hashes)."""
     want = student_teacher_hash(student)
-    if want and want != teacher.hash and not allow_other_teacher:
+    if want and teacher.hash not in (want, student_root_hash(student)) and not allow_other_teacher:
         made_from = student.info.get("teacher") or "another teacher"
         raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the bench "
                          f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to bench it anyway")
+
+
+def student_root_hash(student) -> str:
+    """The hash of the first teacher of a student's chain (a progressive round's student: the network teacher of
+    round 1), ``teachers.student_teacher.root_teacher``; '' when its file records no teacher."""
+    from teachers.student_teacher import root_teacher
+
+    return root_teacher(getattr(student, "info", {}))[1] if student is not None else ""
 
 
 def student_teacher_hash(student) -> str:
