@@ -186,8 +186,8 @@ def load_students(paths: list[str], teacher, cost_files: list[str] = (), allow_o
     stems = [Path(p).stem for p in paths]
     names = [s if stems.count(s) == 1 else p for s, p in zip(stems, paths)]
     loaded = {name: load_student(path) for name, path in zip(names, paths)}
-    for name, student in loaded.items():
-        lib.check_student(teacher, name, student, allow_other_teacher)
+    for (name, student), path in zip(loaded.items(), paths):
+        lib.check_student(teacher, name, student, allow_other_teacher, near=Path(path).parent)
     costs = [student_cost(p, c) for p, c in zip(paths, cost_files or [None] * len(paths))]
     columns = {name: {"student_path": p, **{f"cost_{k}": v for k, v in cost.items()}} for name, p, cost in zip(names, paths, costs)}
     return loaded, columns

@@ -150,6 +150,16 @@ def test_rounds_halve_chain_teachers_and_record_lineage(tmp_path):
     old = {k: v for k, v in last.info.items() if k not in ("root_teacher_hash", "root_teacher")}
     assert root_teacher(old)[1] == root.hash
     assert root_teacher({**old, "teacher_hash": "0" * 64})[1] == "0" * 64
+    # the chain's files copied side by side elsewhere (the run folder gone): parents are found by hash in that folder
+    import shutil
+
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    for f in files:
+        shutil.copy(f, shelf / f"pd_{f.parent.name}.safetensors")
+    moved = {**old, "teacher": "student:/nonexistent/student.safetensors"}
+    assert root_teacher(moved)[1] == old["teacher_hash"]  # nothing to follow
+    assert root_teacher(moved, near=shelf)[1] == root.hash
 
 
 def test_rounds_killed_mid_round_continue_bit_identically(tmp_path):

@@ -238,22 +238,24 @@ def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor 
         return student.sample(noise, steps=steps, cond=cond, **({"w": guidance_scale} if takes_w else {}))
 
 
-def check_student(teacher, name: str, student, allow_other_teacher: bool = False) -> None:
-    """A student that records the hash of the teacher it was distilled from must match the bench's teacher
-    (unless ``allow_other_teacher``; its rows then carry both hashes)."""
+def check_student(teacher, name: str, student, allow_other_teacher: bool = False, near: str | Path | None = None) -> None:
+    """A student that records the hash of the teacher it was distilled from, or of its chain's first teacher, must
+    match the bench's teacher (unless ``allow_other_teacher``; its rows then carry both hashes). ``near``: the folder
+    of the student's file, searched by hash for the parents of a chain recorded before ``root_teacher_hash``."""
     want = student_teacher_hash(student)
-    if want and teacher.hash not in (want, student_root_hash(student)) and not allow_other_teacher:
+    if want and teacher.hash not in (want, student_root_hash(student, near)) and not allow_other_teacher:
         made_from = student.info.get("teacher") or "another teacher"
         raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the bench "
                          f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to bench it anyway")
 
 
-def student_root_hash(student) -> str:
+def student_root_hash(student, near: str | Path | None = None) -> str:
     """The hash of the first teacher of a student's chain (a progressive round's student: the network teacher of
-    round 1), ``teachers.student_teacher.root_teacher``; '' when its file records no teacher."""
+    round 1), ``teachers.student_teacher.root_teacher`` (parents also looked up by hash in ``near``); '' when its file
+    records no teacher."""
     from teachers.student_teacher import root_teacher
 
-    return root_teacher(getattr(student, "info", {}))[1] if student is not None else ""
+    return root_teacher(getattr(student, "info", {}), near)[1] if student is not None else ""
 
 
 def student_teacher_hash(student) -> str:
