@@ -22,9 +22,9 @@ from pathlib import Path
 STUDENT_FILE = "student.safetensors"
 
 
-def run_steps_seconds(folder: Path) -> tuple[int, float]:
+def run_steps_seconds(folder: Path, up_to: int | None = None) -> tuple[int, float]:
     """(updates, seconds) of a run from its metrics.jsonl: the student's rows, seconds per step times the steps each
-    row covers."""
+    row covers; ``up_to``: only the first that many steps (a student exported from a checkpoint of a longer run)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {folder}; pass the run folder a distillation wrote")
@@ -32,9 +32,12 @@ def run_steps_seconds(folder: Path) -> tuple[int, float]:
     rows = [r for r in rows if r.get("network") == "student"]
     seconds, last = 0.0, 0
     for r in rows:
-        if r["step"] > last:  # a resumed run may log a step again: count each step once
-            seconds += r["seconds_per_step"] * (r["step"] - last)
-            last = r["step"]
+        step = r["step"] if up_to is None else min(r["step"], up_to)
+        if step > last:  # a resumed run may log a step again: count each step once
+            seconds += r["seconds_per_step"] * (step - last)
+            last = step
+    if up_to is not None and last < up_to:
+        raise ValueError(f"{folder} logged {last} steps, fewer than --up-to {up_to}")
     return last, seconds
 
 
@@ -58,15 +61,19 @@ def trained_params(student: Path) -> int:
 
 
 def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extra_teacher_nfe: int = 0,
-             student: Path | None = None, extra_seconds: float = 0.0) -> dict:
+             student: Path | None = None, extra_seconds: float = 0.0, up_to: int | None = None,
+             teacher_nfe_per_step_last: int | None = None) -> dict:
     if not folders:
         raise ValueError("no run folder given; pass at least one")
-    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds) < 0:
+    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0) < 0:
         raise ValueError("teacher evaluations and extra seconds must be >= 0")
-    steps, seconds, batches = 0, 0.0, set()
-    for folder in folders:
-        n, s = run_steps_seconds(folder)
+    steps, seconds, batches, nfe = 0, 0.0, set(), extra_teacher_nfe
+    for i, folder in enumerate(folders):
+        last = i == len(folders) - 1
+        n, s = run_steps_seconds(folder, up_to if last else None)
         steps, seconds = steps + n, seconds + s
+        per_step = teacher_nfe_per_step_last if last and teacher_nfe_per_step_last is not None else teacher_nfe_per_step
+        nfe += round(per_step * n)
         batches.add(run_batch_size(folder))
     if len(batches) != 1:
         raise ValueError(f"the runs' batch sizes differ ({sorted(batches)}); give runs of one batch size")
@@ -74,7 +81,7 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extr
     if not student.is_file():
         raise FileNotFoundError(f"no exported student at {student}; export the last run first or pass --student")
     return {"steps": steps, "batch_size": batches.pop(), "wall_seconds": round(seconds + extra_seconds),
-            "hardware": hardware, "teacher_nfe": teacher_nfe_per_step * steps + extra_teacher_nfe,
+            "hardware": hardware, "teacher_nfe": nfe,
             "trained_params": trained_params(student)}
 
 
@@ -85,12 +92,15 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-nfe-per-step", type=int, required=True)
     p.add_argument("--extra-teacher-nfe", type=int, default=0, help="teacher evaluations outside training")
     p.add_argument("--extra-seconds", type=float, default=0.0, help="seconds outside training (a trajectory cache)")
+    p.add_argument("--up-to", type=int, help="count only the last run's first N steps (a checkpoint's export)")
+    p.add_argument("--teacher-nfe-per-step-last", type=float,
+                   help="the last run's teacher evaluations per step when its objective differs (e.g. dmd2: batch / 5)")
     p.add_argument("--student", help="the student file whose parameters count (default: the last run's export)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
         cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
-                        Path(a.student) if a.student else None, a.extra_seconds)
+                        Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,3 +47,14 @@ def test_bad_runs_are_refused_with_a_sentence(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match=">= 0"):
         run_cost.run_cost([a], "cpu", -1)
+
+
+def test_a_checkpoint_export_counts_only_its_steps_and_the_last_objective_its_own_rate(tmp_path):
+    # a progressive round (128 teacher evaluations a step) then a dmd2 fine-tune (64 / 5 a step) exported at step 40
+    a = fake_run(tmp_path / "a", [(100, "student", 0.5)])
+    b = fake_run(tmp_path / "b", [(25, "student", 1.0), (50, "student", 2.0)])
+    cost = run_cost.run_cost([a, b], "cpu", 128, up_to=40, teacher_nfe_per_step_last=64 / 5)
+    assert cost["steps"] == 140 and cost["wall_seconds"] == round(50 + 25 * 1.0 + 15 * 2.0)
+    assert cost["teacher_nfe"] == 128 * 100 + round(64 / 5 * 40)
+    with pytest.raises(ValueError, match="fewer than --up-to"):
+        run_cost.run_cost([a, b], "cpu", 128, up_to=60)
