@@ -296,6 +296,11 @@ SCHEDULES: dict[str, type[Schedule]] = {
 }
 
 
+def integer_times(schedule) -> bool:
+    """Whether ``schedule`` is trained on integer timesteps 0..N-1 (``DiscreteVP``: it has ``num_train_timesteps``)."""
+    return getattr(schedule, "num_train_timesteps", None) is not None
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.config()`` output."""
     config = dict(config)

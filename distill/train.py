@@ -67,6 +67,7 @@ from distill.paths import check_output_dir, file_sha256
 from distill.run_config import NetworkOptim, RunConfig, objective_options
 
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 NETWORKS_FILE = "networks.safetensors"  # the trained networks other than the student, and the objective's helpers
 
 
@@ -489,7 +490,7 @@ def open_run_files(run: Run, step: int, log=print) -> None:
         return
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
-    metrics = run.out / "metrics.jsonl"
+    metrics = run.out / METRICS_FILE
     if metrics.is_file():
         kept = []
         for line in metrics.read_text().splitlines():
@@ -509,12 +510,36 @@ def open_run_files(run: Run, step: int, log=print) -> None:
         run.trackers = True
 
 
+def updates_and_seconds(folder: str | Path, up_to: int | None = None, network: str = "student") -> tuple[int, float]:
+    """(updates, seconds) of a run folder from its metrics.jsonl: ``network``'s rows, each row's seconds per step times
+    the steps since the row before; ``up_to``: only the first that many steps (a checkpoint exported from a longer run).
+    A line cut short by a kill is skipped. The cost of a run for ``scripts/run_cost.py`` and progressive rounds."""
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {folder}; pass the run folder a distillation wrote")
+    seconds, last = 0.0, 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if row is None or row.get("network") != network:
+            continue
+        step = row["step"] if up_to is None else min(row["step"], up_to)
+        if step > last:  # past up_to, rows add nothing
+            seconds += row["seconds_per_step"] * (step - last)
+            last = step
+    if up_to is not None and last < up_to:
+        raise ValueError(f"{folder} logged {last} steps, fewer than the {up_to} asked for")
+    return last, seconds
+
+
 def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log) -> None:
     for name, values in stats.items():
         run.history.setdefault(name, []).append(values)
     if step % run.cfg.log_every or not run.accelerator.is_main_process:
         return
-    with open(run.out / "metrics.jsonl", "a") as f:
+    with open(run.out / METRICS_FILE, "a") as f:
         for name, rows in run.history.items():
             keys = [k for k in rows[-1] if k != "lr"]  # a component that starts mid-window (a GAN switched on late)
             mean = lambda k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows)  # noqa: E731  is averaged where present

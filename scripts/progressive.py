@@ -30,7 +30,7 @@ from distill.checkpoint import latest_valid_checkpoint  # noqa: E402
 from distill.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
 from distill.export import STUDENT_FILE  # noqa: E402
 from distill.run_config import load_run_config  # noqa: E402
-from distill.train import NonFiniteError, train  # noqa: E402
+from distill.train import NonFiniteError, train, updates_and_seconds  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 
@@ -59,14 +59,9 @@ def has_checkpoints(folder: Path) -> bool:
 
 
 def round_cost(folder: Path) -> dict:
-    """Updates and seconds of a finished round, from its metrics.jsonl (seconds per step times the steps logged)."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-    rows = [r for r in rows if r["network"] == "student"]
-    seconds, last = 0.0, 0
-    for r in rows:
-        seconds += r["seconds_per_step"] * (r["step"] - last)
-        last = r["step"]
-    return {"updates": last, "seconds_approx": round(seconds, 1)}
+    """Updates and seconds of a finished round (``distill.train.updates_and_seconds``)."""
+    updates, seconds = updates_and_seconds(folder)
+    return {"updates": updates, "seconds_approx": round(seconds, 1)}
 
 
 def run_rounds(config: str, out: Path, overrides: dict, final: int = 1, log=print, stop_at: tuple[int, int] | None = None) -> list[Path]:

@@ -5,48 +5,37 @@
 
 Several run folders add up (a progressive round's student also cost every earlier round; a reflow student also cost
 the round before it): ``steps`` and ``wall_seconds`` are summed over them, read from each folder's metrics.jsonl
-(seconds per step times the steps logged, the student's rows); ``batch_size`` is the runs' (they must agree);
-``trained_params`` counts the last folder's exported student. Teacher network evaluations are the objective's own
-count per update times the updates (``--teacher-nfe-per-step``: e.g. progressive 2 x batch, consistency with a
-2-evaluation solver step 2 x batch, reflow 0) plus what was spent outside training (``--extra-teacher-nfe``: a
-trajectory cache's samples x its NFE), whose time ``--extra-seconds`` adds to the wall time. Keys as ``distill.eval.bench.COST_KEYS``.
+(``distill.train.updates_and_seconds``: seconds per step times the steps logged, the student's rows; ``--up-to N``:
+the last run's first N steps, for a checkpoint's export); ``batch_size`` is the runs' (they must agree);
+``trained_params`` counts the exported student. Teacher network evaluations are the objective's own count per update
+times the updates (``--teacher-nfe-per-step``: e.g. progressive 2 x batch, consistency with a 2-evaluation solver
+step 2 x batch, reflow 0; ``--teacher-nfe-per-step-last`` when the last run's objective differs, e.g. dmd2 batch / 5)
+plus what was spent outside training (``--extra-teacher-nfe``: a trajectory cache's samples x its NFE), whose time
+``--extra-seconds`` adds to the wall time. Keys as ``distill.eval.bench.COST_KEYS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-STUDENT_FILE = "student.safetensors"
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
-
-def run_steps_seconds(folder: Path, up_to: int | None = None) -> tuple[int, float]:
-    """(updates, seconds) of a run from its metrics.jsonl: the student's rows, seconds per step times the steps each
-    row covers; ``up_to``: only the first that many steps (a student exported from a checkpoint of a longer run)."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {folder}; pass the run folder a distillation wrote")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("network") == "student"]
-    seconds, last = 0.0, 0
-    for r in rows:
-        step = r["step"] if up_to is None else min(r["step"], up_to)
-        if step > last:  # a resumed run may log a step again: count each step once
-            seconds += r["seconds_per_step"] * (step - last)
-            last = step
-    if up_to is not None and last < up_to:
-        raise ValueError(f"{folder} logged {last} steps, fewer than --up-to {up_to}")
-    return last, seconds
+from distill.export import STUDENT_FILE  # noqa: E402
+from distill.train import CONFIG_FILE, updates_and_seconds  # noqa: E402
 
 
 def run_batch_size(folder: Path) -> int:
     import yaml
 
-    path = folder / "config.yaml"
+    path = folder / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no config.yaml in {folder}; pass the run folder a distillation wrote")
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}; pass the run folder a distillation wrote")
     return int(yaml.safe_load(path.read_text())["batch_size"])
 
 
@@ -70,7 +59,7 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extr
     steps, seconds, batches, nfe = 0, 0.0, set(), extra_teacher_nfe
     for i, folder in enumerate(folders):
         last = i == len(folders) - 1
-        n, s = run_steps_seconds(folder, up_to if last else None)
+        n, s = updates_and_seconds(folder, up_to if last else None)
         steps, seconds = steps + n, seconds + s
         per_step = teacher_nfe_per_step_last if last and teacher_nfe_per_step_last is not None else teacher_nfe_per_step
         nfe += round(per_step * n)

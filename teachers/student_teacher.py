@@ -42,26 +42,30 @@ class StudentTeacher(Teacher):
         return self
 
 
-def root_teacher(info: dict, near: str | Path | None = None, depth: int = 0) -> tuple[str, str]:
+def root_teacher(info: dict, near: str | Path | None = None) -> tuple[str, str]:
     """(name, hash) of the first teacher of a student's chain: the file's ``root_teacher_hash`` when it records one,
     else (a file from before that key) its parent's root, the parent being the ``student:<file>`` it names when that
     file is on disk with the recorded hash, or a file with that hash in the folder ``near`` (the student's own, where
-    a chain's files are committed side by side), else its own teacher."""
-    if info.get("root_teacher_hash"):
-        return str(info.get("root_teacher") or ""), str(info["root_teacher_hash"])
-    name, digest = str(info.get("teacher") or ""), str(info.get("teacher_hash") or "")
-    if not name.startswith("student:") or depth >= 64:
-        return name, digest
-    parent = Path(name[len("student:"):])
-    if not (parent.is_file() and file_sha256(parent) == digest):
-        parent = next((p for p in sorted(Path(near).glob("*.safetensors")) if file_sha256(p) == digest), None) if near else None
-    if parent is None:
-        return name, digest
+    a chain's files are committed side by side; each file there is hashed once), else its own teacher."""
     from safetensors import safe_open
 
-    with safe_open(str(parent), "pt") as f:
-        meta = f.metadata() or {}
-    return root_teacher({k: meta.get(k) for k in ("root_teacher_hash", "root_teacher", "teacher", "teacher_hash")}, near, depth + 1)
+    by_hash = None
+    for _ in range(64):  # a chain is a few rounds long; this bounds a cycle of hand-edited files
+        if info.get("root_teacher_hash"):
+            return str(info.get("root_teacher") or ""), str(info["root_teacher_hash"])
+        name, digest = str(info.get("teacher") or ""), str(info.get("teacher_hash") or "")
+        if not name.startswith("student:"):
+            break
+        parent = Path(name[len("student:"):])
+        if not (parent.is_file() and file_sha256(parent) == digest):
+            if by_hash is None:
+                by_hash = {file_sha256(p): p for p in sorted(Path(near).glob("*.safetensors"))} if near else {}
+            parent = by_hash.get(digest)
+        if parent is None:
+            break
+        with safe_open(str(parent), "pt") as f:
+            info = f.metadata() or {}
+    return str(info.get("teacher") or ""), str(info.get("teacher_hash") or "")
 
 
 def load_student_teacher(path: str | Path) -> StudentTeacher:

@@ -1,7 +1,6 @@
 """Reflow / Rectified Diffusion (issue #15): one round of an exact model on a Gaussian teacher with a linear flow gives
 straight paths; the path is the pair's first-order path; options are validated; every variant resumes bit-identically."""
 
-import math
 
 import pytest
 import torch
@@ -170,19 +169,25 @@ def test_reflow_eval_own_gives_students_their_recorded_steps_and_the_teacher_the
 
 
 def test_discrete_phases_start_at_a_time_their_own_phase_trained_on():
-    """On an integer-time schedule a later phase samples from floor(start): the largest time its phase trains on and
-    none the previous phase does (the mnist16 cache's 16-step uniform grid puts boundaries at 732.6, 466.2, 199.8)."""
-    from distill.objectives.reflow import phase_bounds, phase_starts
+    """On an integer-time schedule a later phase samples from floor(start), a time the objective trains that phase on
+    and no other phase (the mnist16 cache's 16-step uniform grid puts boundaries at 732.6, 466.2, 199.8, which no
+    phase trains on)."""
+    from types import SimpleNamespace
 
-    ts = torch.tensor([999.0 - 66.6 * i for i in range(16)] + [0.0, -1.0], dtype=torch.float64)[[*range(15), 16, 17]]
+    from distill.objectives.reflow import Reflow, ReflowOptions, phase_bounds, phase_starts
+    from distill.schedules import DiscreteVP
+
+    ts = torch.tensor([999.0 - 66.6 * i for i in range(15)] + [0.0, -1.0], dtype=torch.float64)
     bounds = phase_bounds(len(ts), 4)
     starts = phase_starts(ts, bounds, discrete=True, inset=0.01)
     assert starts == [999.0, 732.0, 466.0, 199.0]
+    # the times Reflow._times draws for each phase (every integer of a phase is drawn among 20,000 draws)
+    fake = SimpleNamespace(ts=ts, bounds=bounds, o=ReflowOptions(phases=4), schedule=DiscreteVP(beta_schedule="squaredcos_cap_v2"))
+    g = torch.Generator().manual_seed(0)
+    trained = [set(Reflow._times(fake, torch.full((20000,), k), g).tolist()) for k in range(4)]
     for k, start in enumerate(starts):
-        s, e = float(ts[bounds[k]]), float(ts[bounds[k + 1]])
-        assert math.floor(e) + 1 <= start <= math.floor(s)  # trained in its own phase (u in floor(e)+1 .. floor(s))
-        if k:
-            assert start < math.floor(float(ts[bounds[k - 1 + 1]])) + 1  # below the previous phase's lowest time
+        assert start in trained[k] and not any(start in trained[j] for j in range(4) if j != k), (k, start)
+    assert not any(float(ts[b]) in t for b in bounds[1:-1] for t in trained)  # the fractional boundaries themselves
     # continuous time keeps the inset
     cont = phase_starts(ts, bounds, discrete=False, inset=0.01)
     assert cont[0] == 999.0 and cont[1] == pytest.approx(732.6 - 0.01 * (732.6 - 466.2))

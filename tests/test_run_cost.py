@@ -21,9 +21,11 @@ def fake_run(folder, rows, batch_size=64, params=((3, 4), (5,))):
 
 def test_cost_sums_a_lineage_and_counts_teacher_evaluations(tmp_path):
     # round 1: steps 0-50 at 0.2 s, 50-100 at 0.4 s (a fake-score row is not the student's); round 2: 30 steps at 1 s,
-    # with step 20 logged twice (a resume) and counted once
+    # with step 20 logged twice and counted once, and a last line cut short by a kill skipped
     a = fake_run(tmp_path / "a", [(50, "student", 0.2), (50, "fake_score", 9.0), (100, "student", 0.4)])
     b = fake_run(tmp_path / "b", [(20, "student", 1.0), (20, "student", 1.0), (30, "student", 1.0)])
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "network": "stud')
     out = tmp_path / "s.cost.json"
     assert run_cost.main([str(a), str(b), "--hardware", "cpu", "--teacher-nfe-per-step", "128",
                           "--extra-teacher-nfe", "7", "--extra-seconds", "4", "--out", str(out)]) == 0
@@ -56,5 +58,5 @@ def test_a_checkpoint_export_counts_only_its_steps_and_the_last_objective_its_ow
     cost = run_cost.run_cost([a, b], "cpu", 128, up_to=40, teacher_nfe_per_step_last=64 / 5)
     assert cost["steps"] == 140 and cost["wall_seconds"] == round(50 + 25 * 1.0 + 15 * 2.0)
     assert cost["teacher_nfe"] == 128 * 100 + round(64 / 5 * 40)
-    with pytest.raises(ValueError, match="fewer than --up-to"):
+    with pytest.raises(ValueError, match="fewer than the 60 asked for"):
         run_cost.run_cost([a, b], "cpu", 128, up_to=60)

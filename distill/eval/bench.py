@@ -243,7 +243,7 @@ def check_student(teacher, name: str, student, allow_other_teacher: bool = False
     match the bench's teacher (unless ``allow_other_teacher``; its rows then carry both hashes). ``near``: the folder
     of the student's file, searched by hash for the parents of a chain recorded before ``root_teacher_hash``."""
     want = student_teacher_hash(student)
-    if want and teacher.hash not in (want, student_root_hash(student, near)) and not allow_other_teacher:
+    if want and want != teacher.hash and not allow_other_teacher and student_root_hash(student, near) != teacher.hash:
         made_from = student.info.get("teacher") or "another teacher"
         raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the bench "
                          f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to bench it anyway")

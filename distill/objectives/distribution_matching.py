@@ -34,6 +34,7 @@ from distill.config import ConfigError, at_least, choice
 from distill.denoisers import NetDenoiser, classifier_free_guidance
 from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
+from distill.schedules import integer_times
 
 FAKE_SCORES = ("auto", "teacher_copy", "mlp")
 TIME_SAMPLINGS = ("uniform", "karras")
@@ -135,7 +136,7 @@ def times_of_u(schedule, u: torch.Tensor, kind: str, rho: float) -> torch.Tensor
     else:
         lo, hi = (sigma_tilde(schedule, schedule.t_min) ** (1 / rho)), (sigma_tilde(schedule, schedule.t_max) ** (1 / rho))
         t = time_of_sigma_tilde(schedule, (lo + u * (hi - lo)) ** rho).clamp(schedule.t_min, schedule.t_max)
-    return t.round() if getattr(schedule, "num_train_timesteps", None) is not None else t
+    return t.round() if integer_times(schedule) else t
 
 
 def sample_u(n: int, g: torch.Generator, lo_hi) -> torch.Tensor:

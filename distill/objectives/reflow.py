@@ -34,6 +34,7 @@ from distill.objectives.base import Batch, Network, Objective, register_objectiv
 from distill.objectives.diffusion import drop_labels
 from distill.objectives.progressive import check_ode_student, ddim_inverse
 from distill.param import eps_from_x0
+from distill.schedules import integer_times
 from distill.solvers.common import grid_points
 
 
@@ -56,10 +57,6 @@ def phase_bounds(num_points: int, phases: int) -> list[int]:
         raise ConfigError(f"config key 'objective.phases' is {phases}, but the trajectory cache has only "
                           f"{num_points - 1} steps; allowed: 1 to {num_points - 1}")
     return [round(k * (num_points - 1) / phases) for k in range(phases + 1)]
-
-
-def _discrete(schedule) -> bool:
-    return getattr(schedule, "num_train_timesteps", None) is not None
 
 
 def phase_starts(ts: torch.Tensor, bounds: list[int], discrete: bool, inset: float) -> list[float]:
@@ -103,7 +100,7 @@ class Reflow(Objective):
         self.points = grid_points(self.schedule, self.ts)
         if options.phases > 1:
             self.cache_keys = ("states", "label")
-            starts = phase_starts(self.ts, self.bounds, _discrete(self.schedule), options.phase_inset)
+            starts = phase_starts(self.ts, self.bounds, integer_times(self.schedule), options.phase_inset)
             self.student.sampling_steps = (options.phases,)
             self.student.info["sampling_timesteps"] = {str(options.phases): starts}
         self.student.info["reflow"] = {"phases": options.phases, "one_step": options.one_step,
@@ -130,7 +127,7 @@ class Reflow(Objective):
         r = torch.rand(len(k), generator=g, dtype=torch.float64)
         if self.o.one_step:
             return s
-        if _discrete(self.schedule):
+        if integer_times(self.schedule):
             lo, hi = (e.floor() + 1).clamp(min=self.schedule.t_min), s.floor()
             return (lo + (r * (hi - lo + 1)).floor()).clamp(max=s)
         return s - (s - e.clamp(min=self.schedule.t_min)) * r
