@@ -7,7 +7,18 @@ sigma~ = sigma / alpha and s = sigma~(t) - sigma~(t_min),
 
 Song et al. (2023), Eq. 9 / App. C, written as in LCM (Luo et al. 2023) for a network whose output is
 converted to a data prediction D_theta: c_skip(t_min) = 1 and c_out(t_min) = 0, so f(x, t_min) = x exactly
-(the boundary condition), and f -> D_theta at high noise. ``parameterization="denoiser"``: f = D_theta.
+(the boundary condition), and f -> D_theta at high noise. Between, c_skip + c_out exceeds 1 (1.25 at
+sigma~ = 0.33 on the cosine schedule) and x is the unscaled x_t, so a student started from the teacher is
+biased there (f = 1.25 x0 for D_theta = x0), a bias 4,000 CD steps did not remove (README, "multistep").
+
+``parameterization="consistency_edm"``: the same boundary applied to the EDM-preconditioned raw output
+F = (D_theta - c_skip^EDM x~) / c_out^EDM in the EDM chart x~ = x / alpha (Song et al. 2023, App. C;
+ECT, Geng et al. 2024, Sec. 3), with sigma~_min = sigma~(t_min):
+
+    f = c_skip(s) x~ + c_out(s) F,   s = sigma~ - sigma~_min,   c_skip^EDM = sigma_data^2 / (sigma~^2 + sigma_data^2),
+
+so f = D_theta wherever sigma~_min << sigma~ (a teacher-started student is the teacher's denoiser there) and
+f(x, t_min) = x / alpha(t_min). ``parameterization="denoiser"``: f = D_theta.
 
 How a student samples is part of the file (``sampler``):
   * ``consistency``: multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(x_T, T); then
@@ -31,7 +42,7 @@ from distill.grids import explicit_grid, make_grid
 from distill.param import append_dims
 from distill.schedules import Schedule, schedule_from_config
 
-PARAMETERIZATIONS = ("consistency", "denoiser")
+PARAMETERIZATIONS = ("consistency", "consistency_edm", "denoiser")
 SAMPLERS = ("consistency", "ode")
 MAX_SAMPLING_STEPS = 4
 
@@ -52,8 +63,27 @@ def parameterize(parameterization: str, schedule: Schedule, sigma_data: float, x
     """f(x, t) from the data prediction d = D_theta(x, t): d itself, or c_skip x + c_out d (module doc)."""
     if parameterization == "denoiser":
         return d
+    if parameterization == "consistency_edm":
+        coef_x, coef_d = edm_boundary(schedule, t, sigma_data)
+        return append_dims(coef_x, x.ndim).to(x) * x + append_dims(coef_d, x.ndim).to(x) * d
     c_skip, c_out = boundary(schedule, t, sigma_data)
     return append_dims(c_skip, x.ndim).to(x) * x + append_dims(c_out, x.ndim).to(x) * d
+
+
+def edm_boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, r) with f = a x + r D_theta for ``consistency_edm`` (module doc), float64, written in alpha and sigma so
+    that alpha = 0 (a flow's t_max) stays finite: with u = sigma - alpha sigma~_min (= alpha s),
+    a = c_skip(s) / alpha - r c_skip^EDM / alpha and r = c_out(s) / c_out^EDM (1 where sigma = 0)."""
+    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    log_a, log_s = schedule.log_alpha_sigma(t)
+    alpha, sigma = log_a.exp(), log_s.exp()
+    lo_a, lo_s = schedule.log_alpha_sigma(torch.tensor([schedule.t_min], dtype=torch.float64))
+    u = (sigma - alpha * float((lo_s - lo_a).exp()[0])).clamp_min(0.0)
+    sd2a2 = sigma_data**2 * alpha**2
+    r = torch.where(sigma > 0, u / sigma.clamp_min(1e-300) * ((sigma**2 + sd2a2) / (u**2 + sd2a2)).sqrt(),
+                    torch.ones_like(sigma))
+    a = sigma_data**2 * alpha / (u**2 + sd2a2) - r * sigma_data**2 * alpha / (sigma**2 + sd2a2)
+    return a, r
 
 
 class Student(NetDenoiser):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from distill_helpers import run, tiny_cfg
 
@@ -9,8 +10,10 @@ from distill.eval.exact import sliced_wasserstein
 from distill.grids import explicit_grid
 from distill.losses import distance, grouped_step
 from distill.objectives.base import Context
+from distill.schedules import get_schedule
 from distill.solvers import SOLVERS
 from students import build_student, load_student
+from students.student import edm_boundary, parameterize
 from teachers import load_teacher
 
 
@@ -27,6 +30,35 @@ def test_boundary_condition_holds_exactly_at_t_min(tmp_path):
     c_skip, c_out = student.boundary(torch.tensor([sched.t_min, sched.t_max]))
     assert c_skip[0] == 1 and c_out[0] == 0 and c_skip[1] < 1e-4 and c_out[1] > 0.999
     assert not torch.allclose(student(x, torch.full((16,), 0.5)), x)
+
+
+@pytest.mark.parametrize("schedule", ["vp_cosine", "edm", "rectified_flow"])
+def test_consistency_edm_is_the_boundary_on_the_edm_raw_output(schedule):
+    """consistency_edm: f = c_skip(s) x~ + c_out(s) F with x~ = x / alpha and F = (D - c_skip^EDM x~) / c_out^EDM
+    (Song et al. 2023, App. C) at interior times; f(x, t_min) = x / alpha(t_min); f -> D where sigma~ >> sigma~_min,
+    finite at a flow's t_max (alpha = 0)."""
+    sched, sd = get_schedule(schedule), 0.5
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    lo_a, lo_s = sched.log_alpha_sigma(torch.tensor([sched.t_min], dtype=torch.float64))
+    st_min = float((lo_s - lo_a).exp()[0])
+    for u in (0.05, 0.3, 0.7, 0.95):
+        t = torch.full((5,), sched.t_min + u * (sched.t_max - sched.t_min), dtype=torch.float64)
+        log_a, log_s = sched.log_alpha_sigma(t)
+        alpha, st = log_a.exp()[:, None], (log_s - log_a).exp()[:, None]
+        xt, s = x / alpha, st - st_min
+        F = (d - sd**2 / (st**2 + sd**2) * xt) / (st * sd / (st**2 + sd**2).sqrt())
+        ref = sd**2 / (s**2 + sd**2) * xt + s * sd / (s**2 + sd**2).sqrt() * F
+        assert torch.allclose(parameterize("consistency_edm", sched, sd, x, t, d), ref, rtol=1e-9, atol=1e-9), (schedule, u)
+    t_min = torch.full((5,), sched.t_min, dtype=torch.float64)
+    alpha_min = float(sched.log_alpha_sigma(t_min)[0].exp()[0])
+    assert torch.allclose(parameterize("consistency_edm", sched, sd, x, t_min, d), x / alpha_min, rtol=1e-12, atol=0)
+    a, r = edm_boundary(sched, torch.tensor([sched.t_max], dtype=torch.float64), sd)
+    assert torch.isfinite(a).all() and abs(float(a[0])) < 1e-3 and abs(float(r[0]) - 1) < 1e-3
+    # the old form is biased between: f = (c_skip + c_out) x0 > x0 for D = x = x0 at sigma~ = sigma_data
+    t_mid = sched.t_of_lam(torch.tensor([math.log(1 / sd)], dtype=torch.float64)).expand(5)
+    old = parameterize("consistency", sched, sd, x, t_mid, x)
+    assert (old / x).min() > 1.2
 
 
 def test_pseudo_huber_and_l2_distances():

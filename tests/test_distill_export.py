@@ -138,15 +138,15 @@ def test_unet_student_as_a_diffusers_folder(tmp_path, unet_teacher):
     assert (tmp_path / "dif" / "student.json").is_file()
 
 
-@pytest.mark.parametrize("sampler", ["consistency", "ode"])
-def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tmp_path, sampler):
+@pytest.mark.parametrize("sampler, parameterization", [("consistency", "consistency"), ("consistency", "consistency_edm"),
+                                                       ("ode", "denoiser")])
+def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tmp_path, sampler, parameterization):
     """ConsistencyModelPipeline.from_pretrained(folder) with the exported FewStepScheduler reproduces
     Student.sample at 1 and at several steps, from the same generator (initial noise, then re-noising draws)."""
     from diffusers import ConsistencyModelPipeline, DDPMScheduler
 
     teacher = save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=4), DDPMScheduler(prediction_type="v_prediction"),
                                   teacher_json={"num_classes": 3, "null_class_label": 3})
-    parameterization = "consistency" if sampler == "consistency" else "denoiser"
     cfg = tiny_cfg(tmp_path / "r", f"teacher={teacher}", "student.arch=teacher", "student.model={}", "student.class_conditional=true",
                    f"student.sampler={sampler}", f"student.parameterization={parameterization}", "student.sampling_grid=uniform")
     student = build_student(cfg.student, load_teacher(teacher)).eval()
