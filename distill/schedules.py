@@ -301,6 +301,12 @@ def integer_times(schedule) -> bool:
     return getattr(schedule, "num_train_timesteps", None) is not None
 
 
+def sigma_tilde(schedule, t) -> torch.Tensor:
+    """sigma(t) / alpha(t), EDM's sigma (the noise level of x_t / alpha), float64 on the CPU, flattened."""
+    log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1))
+    return (log_s - log_a).exp()
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.config()`` output."""
     config = dict(config)

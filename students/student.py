@@ -40,7 +40,7 @@ from torch import nn
 from distill.denoisers import NetDenoiser
 from distill.grids import explicit_grid, make_grid
 from distill.param import append_dims
-from distill.schedules import Schedule, schedule_from_config
+from distill.schedules import Schedule, schedule_from_config, sigma_tilde
 
 PARAMETERIZATIONS = ("consistency", "consistency_edm", "denoiser")
 SAMPLERS = ("consistency", "ode")
@@ -49,11 +49,8 @@ MAX_SAMPLING_STEPS = 4
 
 def boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_skip, c_out) of the consistency parameterization at times ``t`` (module doc), float64."""
-    def sigma_tilde(t_):
-        log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t_, dtype=torch.float64).cpu())
-        return (log_s - log_a).exp()
-
-    s = sigma_tilde(t) - float(sigma_tilde(torch.tensor([schedule.t_min]))[0])
+    # t_min as a default-dtype tensor, as callers build their t: c_out(t_min) is then exactly 0
+    s = sigma_tilde(schedule, t) - float(sigma_tilde(schedule, torch.tensor([schedule.t_min]))[0])
     sd2 = sigma_data**2
     return sd2 / (s**2 + sd2), s / (s**2 + sd2).sqrt()
 
@@ -77,8 +74,7 @@ def edm_boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tupl
     t = torch.as_tensor(t, dtype=torch.float64).cpu()
     log_a, log_s = schedule.log_alpha_sigma(t)
     alpha, sigma = log_a.exp(), log_s.exp()
-    lo_a, lo_s = schedule.log_alpha_sigma(torch.tensor([schedule.t_min], dtype=torch.float64))
-    u = (sigma - alpha * float((lo_s - lo_a).exp()[0])).clamp_min(0.0)
+    u = (sigma - alpha * float(sigma_tilde(schedule, schedule.t_min)[0])).clamp_min(0.0)
     sd2a2 = sigma_data**2 * alpha**2
     r = torch.where(sigma > 0, u / sigma.clamp_min(1e-300) * ((sigma**2 + sd2a2) / (u**2 + sd2a2)).sqrt(),
                     torch.ones_like(sigma))

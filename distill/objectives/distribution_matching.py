@@ -34,7 +34,7 @@ from distill.config import ConfigError, at_least, choice
 from distill.denoisers import NetDenoiser, classifier_free_guidance
 from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
-from distill.schedules import integer_times
+from distill.schedules import integer_times, sigma_tilde
 
 FAKE_SCORES = ("auto", "teacher_copy", "mlp")
 TIME_SAMPLINGS = ("uniform", "karras")
@@ -118,12 +118,6 @@ def check_unit_range(value, key: str) -> None:
 
 
 # -- time sampling ------------------------------------------------------------------------------------------
-def sigma_tilde(schedule, t) -> torch.Tensor:
-    """sigma(t) / alpha(t) (EDM's sigma), float64."""
-    log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64).reshape(-1))
-    return (log_s - log_a).exp()
-
-
 def time_of_sigma_tilde(schedule, s: torch.Tensor) -> torch.Tensor:
     return schedule.t_of_lam(-2.0 * s.log())  # lambda = log(alpha^2 / sigma^2)
 
