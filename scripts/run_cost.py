@@ -9,9 +9,10 @@ the round before it): ``steps`` and ``wall_seconds`` are summed over them, read 
 the last run's first N steps, for a checkpoint's export); ``batch_size`` is the runs' (they must agree);
 ``trained_params`` counts the exported student. Teacher network evaluations are the objective's own count per update
 times the updates (``--teacher-nfe-per-step``: e.g. progressive 2 x batch, consistency with a 2-evaluation solver
-step 2 x batch, reflow 0; ``--teacher-nfe-per-step-last`` when the last run's objective differs, e.g. dmd2 batch / 5)
-plus what was spent outside training (``--extra-teacher-nfe``: a trajectory cache's samples x its NFE), whose time
-``--extra-seconds`` adds to the wall time. Keys as ``distill.eval.bench.COST_KEYS``.
+step 2 x batch, reflow 0; ``--teacher-nfe-per-step-last`` when the last run's objective differs, e.g. dmd2 batch / 5;
+``--teacher-nfe-per-run`` one value per folder for a lineage of several objectives) plus what was spent outside
+training (``--extra-teacher-nfe``: a trajectory cache's samples x its NFE), whose time ``--extra-seconds`` adds to the
+wall time. Keys as ``distill.eval.bench.COST_KEYS``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def trained_params(student: Path) -> int:
 
 def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extra_teacher_nfe: int = 0,
              student: Path | None = None, extra_seconds: float = 0.0, up_to: int | None = None,
-             teacher_nfe_per_step_last: int | None = None) -> dict:
+             teacher_nfe_per_step_last: int | None = None, teacher_nfe_per_run: list[float] | None = None) -> dict:
     if not folders:
         raise ValueError("no run folder given; pass at least one")
-    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0) < 0:
+    if teacher_nfe_per_run is not None and len(teacher_nfe_per_run) != len(folders):
+        raise ValueError(f"--teacher-nfe-per-run has {len(teacher_nfe_per_run)} values for {len(folders)} run folders; "
+                         f"give one per run, in training order")
+    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0,
+           *(teacher_nfe_per_run or [])) < 0:
         raise ValueError("teacher evaluations and extra seconds must be >= 0")
     steps, seconds, batches, nfe = 0, 0.0, set(), extra_teacher_nfe
     for i, folder in enumerate(folders):
@@ -62,6 +67,8 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extr
         n, s = updates_and_seconds(folder, up_to if last else None)
         steps, seconds = steps + n, seconds + s
         per_step = teacher_nfe_per_step_last if last and teacher_nfe_per_step_last is not None else teacher_nfe_per_step
+        if teacher_nfe_per_run is not None:
+            per_step = teacher_nfe_per_run[i]
         nfe += round(per_step * n)
         batches.add(run_batch_size(folder))
     if len(batches) != 1:
@@ -84,12 +91,16 @@ def main(argv=None) -> int:
     p.add_argument("--up-to", type=int, help="count only the last run's first N steps (a checkpoint's export)")
     p.add_argument("--teacher-nfe-per-step-last", type=float,
                    help="the last run's teacher evaluations per step when its objective differs (e.g. dmd2: batch / 5)")
+    p.add_argument("--teacher-nfe-per-run", help="comma-separated teacher evaluations per step, one per run folder "
+                   "(a lineage of different objectives, e.g. 128,...,64,64); replaces the two options above")
     p.add_argument("--student", help="the student file whose parameters count (default: the last run's export)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
+        per_run = None if a.teacher_nfe_per_run is None else [float(v) for v in a.teacher_nfe_per_run.split(",")]
         cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
-                        Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last)
+                        Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last,
+                        per_run)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

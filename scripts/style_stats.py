@@ -9,7 +9,8 @@ sample i from noise seed seed + i with label i mod K), plus a before/after pictu
 Writes <out>/style.csv (a row per student and step count, then the general data and the target set) and, for every
 student after the first, <out>/before_after_<name>.png (first student on top, this one below, the same noise). With
 ``--bench-csv`` (a ``scripts/bench.py`` CSV of the same students, named by file stem) also <out>/results.csv: per
-student and step count, mean ink, ``ink_progress`` (the fraction of the way from the first student's mean ink to the
+student and step count, mean ink, its 10th percentile ``ink_p10`` (the worst decile's edge when mean ink is the
+reward), ``ink_progress`` (the fraction of the way from the first student's mean ink to the
 target's) and FID, ``fid_change`` against the first student at the same step count.
 """
 
@@ -52,7 +53,9 @@ def parse_args(argv=None):
 
 def statistics(x: torch.Tensor, labels: torch.Tensor | None, classifier) -> dict:
     on = ((x.float().clamp(-1, 1) + 1) / 2 > 0.5).flatten(1).float().mean(1)  # stroke area, blind to blur's grey halo
-    row = {"mean_ink": float(mean_ink(x).mean()), "ink_std": float(mean_ink(x).std()), "on_fraction": float(on.mean())}
+    ink = mean_ink(x)
+    row = {"mean_ink": float(ink.mean()), "ink_std": float(ink.std()), "ink_p10": float(ink.float().quantile(0.1)),
+           "on_fraction": float(on.mean())}  # ink_p10: the worst decile's edge when the reward is mean ink
     if labels is not None:
         with torch.no_grad():
             row["accuracy"] = float((classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean())
@@ -82,6 +85,7 @@ def joined_rows(rows: list[dict], bench_csv: Path, students: dict) -> list[dict]
         before = cells[(first, k)]["mean_ink"]
         out.append({"name": name, "steps": k, "num_samples": r["num_samples"], "mean_ink": round(r["mean_ink"], 4),
                     "target_ink": round(target, 4), "ink_progress": round((r["mean_ink"] - before) / (target - before), 3),
+                    "ink_p10": round(r["ink_p10"], 4),
                     "on_fraction": round(r["on_fraction"], 4), "accuracy": round(r["accuracy"], 4),
                     "fid": f and f["fid"], "fid_std": f and f["fid_std"],
                     "fid_change": f and f0 and round(float(f["fid"]) - float(f0["fid"]), 3),
@@ -122,7 +126,8 @@ def run(args) -> int:
                      "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
         print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "on_fraction", "accuracy"])
+    write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "ink_p10", "on_fraction",
+                                                  "accuracy"])
     if args.bench_csv is not None:
         write_csv(joined_rows(rows, args.bench_csv, students), args.out / "results.csv")
     first = next(iter(students))

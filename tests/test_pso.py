@@ -218,7 +218,7 @@ def test_style_stats_script(tmp_path):
     assert load_script("style_stats").main(["--students", f"a={cd},b={cd}", "--student-steps", "1", "--num-samples", "20",
                                             "--grid-samples", "4", "--out", str(tmp_path), "--bench-csv", str(bench)]) == 0
     rows = (tmp_path / "style.csv").read_text().splitlines()
-    assert rows[0] == "kind,name,steps,num_samples,mean_ink,ink_std,on_fraction,accuracy" and len(rows) == 5
+    assert rows[0] == "kind,name,steps,num_samples,mean_ink,ink_std,ink_p10,on_fraction,accuracy" and len(rows) == 5
     assert rows[1].split(",")[4] == rows[2].split(",")[4]  # the same file, the same noise: the same statistic
     assert (tmp_path / "before_after_b.png").is_file()
     import csv

@@ -60,3 +60,18 @@ def test_a_checkpoint_export_counts_only_its_steps_and_the_last_objective_its_ow
     assert cost["teacher_nfe"] == 128 * 100 + round(64 / 5 * 40)
     with pytest.raises(ValueError, match="fewer than the 60 asked for"):
         run_cost.run_cost([a, b], "cpu", 128, up_to=60)
+
+
+def test_a_lineage_of_three_objectives_counts_each_run_at_its_own_rate(tmp_path):
+    # progressive (128 a step), then SiD (64), then Uni-Instruct (64) from the SiD student: one rate per folder
+    a = fake_run(tmp_path / "a", [(100, "student", 0.5)])
+    b = fake_run(tmp_path / "b", [(30, "student", 1.0)])
+    c = fake_run(tmp_path / "c", [(20, "student", 2.0)])
+    cost = run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64, 64])
+    assert cost["steps"] == 150 and cost["teacher_nfe"] == 128 * 100 + 64 * 30 + 64 * 20
+    out = tmp_path / "cost.json"
+    assert run_cost.main([str(a), str(b), str(c), "--hardware", "cpu", "--teacher-nfe-per-step", "128",
+                          "--teacher-nfe-per-run", "128,64,64", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["teacher_nfe"] == cost["teacher_nfe"]
+    with pytest.raises(ValueError, match="has 2 values for 3 run folders"):
+        run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64])
