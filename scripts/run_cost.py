@@ -50,15 +50,17 @@ def trained_params(student: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extra_teacher_nfe: int = 0,
+def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: float | None, extra_teacher_nfe: int = 0,
              student: Path | None = None, extra_seconds: float = 0.0, up_to: int | None = None,
              teacher_nfe_per_step_last: int | None = None, teacher_nfe_per_run: list[float] | None = None) -> dict:
     if not folders:
         raise ValueError("no run folder given; pass at least one")
+    if teacher_nfe_per_step is None and teacher_nfe_per_run is None:
+        raise ValueError("no teacher evaluation rate given; pass --teacher-nfe-per-step or --teacher-nfe-per-run")
     if teacher_nfe_per_run is not None and len(teacher_nfe_per_run) != len(folders):
         raise ValueError(f"--teacher-nfe-per-run has {len(teacher_nfe_per_run)} values for {len(folders)} run folders; "
                          f"give one per run, in training order")
-    if min(teacher_nfe_per_step, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0,
+    if min(teacher_nfe_per_step or 0, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0,
            *(teacher_nfe_per_run or [])) < 0:
         raise ValueError("teacher evaluations and extra seconds must be >= 0")
     steps, seconds, batches, nfe = 0, 0.0, set(), extra_teacher_nfe
@@ -66,9 +68,10 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extr
         last = i == len(folders) - 1
         n, s = updates_and_seconds(folder, up_to if last else None)
         steps, seconds = steps + n, seconds + s
-        per_step = teacher_nfe_per_step_last if last and teacher_nfe_per_step_last is not None else teacher_nfe_per_step
         if teacher_nfe_per_run is not None:
             per_step = teacher_nfe_per_run[i]
+        else:
+            per_step = teacher_nfe_per_step_last if last and teacher_nfe_per_step_last is not None else teacher_nfe_per_step
         nfe += round(per_step * n)
         batches.add(run_batch_size(folder))
     if len(batches) != 1:
@@ -81,11 +84,19 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: int, extr
             "trained_params": trained_params(student)}
 
 
+def parse_rates(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--teacher-nfe-per-run is {text!r}; allowed: comma-separated numbers, one per run folder") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders, in training order")
     p.add_argument("--hardware", required=True, help='e.g. "1 thread of a 2-core x86_64 CPU, no GPU"')
-    p.add_argument("--teacher-nfe-per-step", type=int, required=True)
+    p.add_argument("--teacher-nfe-per-step", type=int, help="teacher evaluations per training step of every run "
+                   "(required unless --teacher-nfe-per-run is given)")
     p.add_argument("--extra-teacher-nfe", type=int, default=0, help="teacher evaluations outside training")
     p.add_argument("--extra-seconds", type=float, default=0.0, help="seconds outside training (a trajectory cache)")
     p.add_argument("--up-to", type=int, help="count only the last run's first N steps (a checkpoint's export)")
@@ -97,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
-        per_run = None if a.teacher_nfe_per_run is None else [float(v) for v in a.teacher_nfe_per_run.split(",")]
+        per_run = None if a.teacher_nfe_per_run is None else parse_rates(a.teacher_nfe_per_run)
         cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
                         Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last,
                         per_run)

@@ -209,6 +209,16 @@ def test_class_conditional_references_match_the_target_labels(tmp_path):
         assert (load_classifier()(obj.bank.x).argmax(1) == obj.bank.labels).float().mean() >= 0.8
 
 
+def test_style_statistics_on_known_images():
+    from conftest import load_script
+
+    # sample i is a constant image at ink level i / 10 (x = 2 ink - 1): mean 0.45, 10th percentile 0.09 (linear quantile)
+    x = (torch.arange(10, dtype=torch.float32) / 10 * 2 - 1).view(10, 1, 1, 1).expand(10, 1, 4, 4)
+    row = load_script("style_stats").statistics(x, None, None)
+    assert row["mean_ink"] == pytest.approx(0.45) and row["ink_p10"] == pytest.approx(0.09)
+    assert row["on_fraction"] == pytest.approx(0.4)  # ink 0.6, 0.7, 0.8, 0.9 are above half
+
+
 def test_style_stats_script(tmp_path):
     from conftest import load_script
 

@@ -70,8 +70,12 @@ def test_a_lineage_of_three_objectives_counts_each_run_at_its_own_rate(tmp_path)
     cost = run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64, 64])
     assert cost["steps"] == 150 and cost["teacher_nfe"] == 128 * 100 + 64 * 30 + 64 * 20
     out = tmp_path / "cost.json"
-    assert run_cost.main([str(a), str(b), str(c), "--hardware", "cpu", "--teacher-nfe-per-step", "128",
-                          "--teacher-nfe-per-run", "128,64,64", "--out", str(out)]) == 0
+    assert run_cost.main([str(a), str(b), str(c), "--hardware", "cpu", "--teacher-nfe-per-run", "128,64,64",
+                          "--out", str(out)]) == 0  # the per-run rates alone are enough
     assert json.loads(out.read_text())["teacher_nfe"] == cost["teacher_nfe"]
+    out.unlink()
+    for bad in (["--teacher-nfe-per-run", "128,x,64"], []):  # an unparsable rate, or no rate at all: refused, nothing written
+        assert run_cost.main([str(a), str(b), str(c), "--hardware", "cpu", *bad, "--out", str(out)]) == 2
+        assert not out.exists()
     with pytest.raises(ValueError, match="has 2 values for 3 run folders"):
         run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64])
