@@ -39,6 +39,16 @@ def test_numeric_reference_solve_agrees_with_the_closed_form():
         assert (ours - teacher.exact_ode_solution(x, t, teacher.schedule.t_clean)).abs().max() < 1e-2
 
 
+def test_numeric_reference_solve_starts_a_flow_teacher_at_pure_noise():
+    teacher = load_teacher("gmm:gauss2d", schedule="rectified_flow")  # lam(t = 1) = -inf: the solve starts at the floor
+    plain = types.SimpleNamespace(schedule=teacher.schedule, denoise=teacher.denoise)
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in (teacher.schedule.t_max, 0.5):
+        ours = teacher_ode_end(plain, x, t, steps=40)
+        t_exact = min(t, 1 - 1e-7)  # the closed form divides by alpha(t), 0 at t = 1; the ODE moves x by ~1e-7 before it
+        assert (ours - teacher.exact_ode_solution(x, t_exact, teacher.schedule.t_clean)).abs().max() < 2e-2
+
+
 def test_script_writes_rows_and_replaces_a_students_rows_on_rerun(tmp_path):
     import importlib.util
     import pathlib

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.grids import explicit_grid
+from distill.grids import LAM_FLOOR, explicit_grid
 from distill.solvers import get_solver
 
 
@@ -25,8 +25,11 @@ def teacher_ode_end(teacher, x: torch.Tensor, t: float, cond=None, *, steps: int
     if hasattr(teacher, "exact_ode_solution") and len(getattr(teacher, "weights", ())) == 1:
         return teacher.exact_ode_solution(x, t, teacher.schedule.t_clean)
     sched = teacher.schedule
+    # uniform in log-SNR from lam(t) itself, unlike make_grid's "logsnr", which spaces from grids.LAM_FLOOR (-7) whenever
+    # lam(t) is below it (mnist16 at t = 999: -9.9); only an infinite lam(t) (a flow teacher at t = 1) starts at the floor
     lam = sched.lam(torch.tensor([float(t), float(sched.t_min)], dtype=torch.float64))
-    times = sched.t_of_lam(torch.linspace(float(lam[0]), float(lam[1]), steps, dtype=torch.float64))
+    lo = float(lam[0]) if torch.isfinite(lam[0]) else LAM_FLOOR
+    times = sched.t_of_lam(torch.linspace(lo, float(lam[1]), steps, dtype=torch.float64))
     times[0] = float(t)  # exactly the state's time (t_of_lam round-trips to ~1e-12)
     grid = explicit_grid(sched, times, final="clean")
     return get_solver("dpmpp_2m").fn(teacher.denoise, x, grid, schedule=teacher.schedule, cond=cond)
