@@ -57,6 +57,8 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: float | N
         raise ValueError("no run folder given; pass at least one")
     if teacher_nfe_per_step is None and teacher_nfe_per_run is None:
         raise ValueError("no teacher evaluation rate given; pass --teacher-nfe-per-step or --teacher-nfe-per-run")
+    if teacher_nfe_per_run is not None and teacher_nfe_per_step_last is not None:
+        raise ValueError("--teacher-nfe-per-run already gives the last run's rate; drop --teacher-nfe-per-step-last")
     if teacher_nfe_per_run is not None and len(teacher_nfe_per_run) != len(folders):
         raise ValueError(f"--teacher-nfe-per-run has {len(teacher_nfe_per_run)} values for {len(folders)} run folders; "
                          f"give one per run, in training order")

@@ -77,5 +77,7 @@ def test_a_lineage_of_three_objectives_counts_each_run_at_its_own_rate(tmp_path)
     for bad in (["--teacher-nfe-per-run", "128,x,64"], []):  # an unparsable rate, or no rate at all: refused, nothing written
         assert run_cost.main([str(a), str(b), str(c), "--hardware", "cpu", *bad, "--out", str(out)]) == 2
         assert not out.exists()
+    with pytest.raises(ValueError, match="drop --teacher-nfe-per-step-last"):  # two rates for the last run: refused
+        run_cost.run_cost([a, b, c], "cpu", None, teacher_nfe_per_step_last=12.8, teacher_nfe_per_run=[128, 64, 64])
     with pytest.raises(ValueError, match="has 2 values for 3 run folders"):
         run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64])
