@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-nfe-per-step-last", type=float,
                    help="the last run's teacher evaluations per step when its objective differs (e.g. dmd2: batch / 5)")
     p.add_argument("--teacher-nfe-per-run", help="comma-separated teacher evaluations per step, one per run folder "
-                   "(a lineage of different objectives, e.g. 128,...,64,64); replaces the two options above")
+                   "(a lineage of different objectives, e.g. 128,...,64,64); used instead of --teacher-nfe-per-step, "
+                   "not with --teacher-nfe-per-step-last")
     p.add_argument("--student", help="the student file whose parameters count (default: the last run's export)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
