@@ -1,6 +1,6 @@
-"""distill: the core of the few-step workbench (schedules, parameterizations, grids, solvers, eval).
-
-Nothing in this package imports ``teachers`` or ``students``.
+"""distill: the few-step workbench below the model adapters: ``core`` (the noise process and its maths), ``data``,
+``solvers`` (the training-free suite and the prepared samplers), ``objectives``, ``engine`` (the trainer and its
+files) and ``eval``. Nothing in this package imports ``teachers`` or ``students`` (docs/architecture.md).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -278,7 +278,7 @@ def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int 
 
 def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """All samples [N, ...] and labels [N] of a dataset in memory (the small datasets trainers index by
-    ``distill.checkpoint.batch_indices``)."""
+    ``distill.engine.checkpoint.batch_indices``)."""
     if isinstance(data, TensorDataset):
         return data.x, data.labels
     pairs = [data[i] for i in range(len(data))]

@@ -28,13 +28,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from distill.data import MNIST16_SPLITS, load_dataset
+from distill.core.grids import GRIDS
+from distill.data import MNIST16_SPLITS
+from distill.engine.paths import check_output_dir
 from distill.eval import bench as lib
-from distill.eval.fid import EXTRACTOR, INCEPTION
-from distill.grids import GRIDS
-from distill.paths import check_output_dir
 from distill.solvers import SOLVERS
 from teachers import load_teacher
 
@@ -91,165 +88,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def reference_set(name: str, split: str, image_column: str, data_shape) -> torch.Tensor:
-    """All images of a dataset split as one tensor in [-1, 1] at the teacher's resolution."""
-    if name == "mnist16":
-        return load_dataset("mnist16", split).x
-    channels, resolution = data_shape[0], data_shape[-1]
-    ds = load_dataset(name, split, image_column=image_column, resolution=resolution, channels=channels)
-    return torch.stack([ds[i][0] for i in range(len(ds))])
-
-
-def make_metric(teacher, cfg: lib.BenchConfig, args):
-    """ExactMetric for analytic teachers; FidMetric (mnist16 classifier, or Inception for other datasets) for images."""
-    if lib.is_analytic(teacher):
-        return lib.ExactMetric(teacher, cfg, args.reference_steps)
-    if not lib.is_image(teacher):
-        raise ValueError(f"the bench measures image teachers (FID) and analytic gmm:* teachers (exact metrics); "
-                         f"{teacher.name!r} makes data of shape {teacher.data_shape}")
-    extractor, weights, splits = EXTRACTOR, None, data_splits(args)
-    shape = getattr(teacher, "image_shape", teacher.data_shape)  # a latent teacher is measured on decoded images
-    if args.reference_dataset == "mnist16":
-        if shape[0] != 1:
-            raise ValueError(f"teacher {teacher.name!r} makes {shape[0]}-channel images: measure it with "
-                             "torch-fidelity's Inception, giving --reference-dataset hf:<name or folder> and --inception-weights PATH")
-        for split in splits.values():
-            if split is not None and split not in MNIST16_SPLITS:
-                raise ValueError(f"unknown mnist16 split {split!r}; allowed: {', '.join(MNIST16_SPLITS)}")
-    elif args.reference_dataset.startswith("hf:"):
-        extractor = INCEPTION
-        if args.inception_weights is None:
-            raise ValueError("FID with torch-fidelity's Inception needs --inception-weights PATH (a local .pth of its "
-                             "weights, as nothing is downloaded by default) or --inception-weights download")
-        if args.inception_weights != "download":
-            if not Path(args.inception_weights).is_file():
-                raise FileNotFoundError(f"no Inception weights file at {args.inception_weights!r} (--inception-weights)")
-            weights = args.inception_weights
-    else:
-        raise ValueError(f"unknown --reference-dataset {args.reference_dataset!r}; allowed: mnist16, hf:<name or folder>")
-    sets = {k: None if v is None else reference_set(args.reference_dataset, v, args.image_column, shape)
-            for k, v in splits.items()}
-    return lib.FidMetric(sets["reference"], extractor=extractor, weights_path=weights, cache_root=args.fid_cache,
-                         kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, floor_set=sets["floor"],
-                         floor_name=f"{splits['floor']} vs {splits['reference']}", train_set=sets["train"], heldout_set=sets["heldout"])
-
-
-def data_splits(args) -> dict[str, str | None]:
-    """The splits of the reference, the floor, the training data and the held-out data (mnist16 defaults: the
-    benchmark's own three-way split of distill.data)."""
-    mnist = args.reference_dataset == "mnist16"
-    return {"reference": args.reference or ("reference" if mnist else "train"),
-            "floor": args.floor_split or ("floor" if mnist else None),
-            "train": args.train_split or ("train" if mnist else None),
-            "heldout": args.heldout_split or ("heldout" if mnist else None)}
-
-
-def student_cost(path: str, cost_file: str | None) -> dict:
-    """A student's training cost: the file's own ``training_cost`` metadata (a JSON object), else ``cost_file``,
-    else ``<student>.cost.json`` beside it, else nothing. Keys: ``lib.COST_KEYS``; others are refused."""
-    import json
-
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        text = (f.metadata() or {}).get("training_cost")
-    source = f"the training_cost metadata of {path}"
-    if text is None:
-        sidecar = Path(path).with_suffix(".cost.json")
-        cost_path = Path(cost_file) if cost_file else sidecar if sidecar.is_file() else None
-        if cost_path is None:
-            return {}
-        if not cost_path.is_file():
-            raise FileNotFoundError(f"no cost file at {cost_path} (--cost)")
-        text, source = cost_path.read_text(), str(cost_path)
-    cost = json.loads(text)
-    unknown = sorted(set(cost) - set(lib.COST_KEYS)) if isinstance(cost, dict) else ["(not a JSON object)"]
-    if unknown:
-        raise ValueError(f"{source} has unknown cost keys {unknown}; allowed: {', '.join(lib.COST_KEYS)}")
-    return cost
-
-
-def load_students(paths: list[str], teacher, cost_files: list[str] = (), allow_other_teacher: bool = False) -> tuple[dict, dict]:
-    """{name: student} through ``students.load_student`` (name: the file's stem, or its path when stems clash), and
-    {name: extra CSV columns}: the file's path and its training cost (``student_cost``)."""
-    if not paths:
-        return {}, {}
-    if cost_files and len(cost_files) != len(paths):
-        raise ValueError(f"--cost names {len(cost_files)} files for {len(paths)} students; allowed: one per student, in order")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no student file at {', '.join(missing)}")
+def _load_student(path: str):
+    """``students.load_student`` (imported on first use), the loader ``lib.load_students`` is given."""
     try:
         from students import load_student
     except ImportError:
         raise ValueError("--students needs students.load_student, which this checkout does not have yet") from None
-    stems = [Path(p).stem for p in paths]
-    names = [s if stems.count(s) == 1 else p for s, p in zip(stems, paths)]
-    loaded = {name: load_student(path) for name, path in zip(names, paths)}
-    for (name, student), path in zip(loaded.items(), paths):
-        lib.check_student(teacher, name, student, allow_other_teacher, near=Path(path).parent)
-    costs = [student_cost(p, c) for p, c in zip(paths, cost_files or [None] * len(paths))]
-    columns = {name: {"student_path": p, **{f"cost_{k}": v for k, v in cost.items()}} for name, p, cost in zip(names, paths, costs)}
-    return loaded, columns
+    return load_student(path)
 
 
-def redraw(out: Path, plot_with: list[Path] = ()) -> None:
-    import json
-
-    rows = lib.read_bench_rows(out / lib.CSV)
-    if not any(r["kind"] not in lib.DATA_KINDS for r in rows):
-        raise FileNotFoundError(f"no benchmark cells in {out / lib.CSV}")
-    if plot_with:  # one more picture with the cells of other folders of the same settings (e.g. the classic solvers)
-        others = []
-        for folder in plot_with:
-            if not (folder / lib.CSV).is_file():
-                raise FileNotFoundError(f"no {lib.CSV} in {folder} (--plot-with)")
-            others += [r for r in lib.read_bench_rows(folder / lib.CSV) if r["kind"] not in lib.DATA_KINDS]
-        lib.plot_bench(others + rows, out / lib.PNG.replace(".png", "_with_" + "_".join(f.name for f in plot_with) + ".png"))
-    lib.plot_bench(rows, out / lib.PNG)
-    teacher_cost = json.loads((out / lib.TEACHER_COST).read_text()) if (out / lib.TEACHER_COST).is_file() else None
-    lib.plot_cost(rows, out / lib.COST_PNG, teacher_cost)
-    (out / lib.TABLE).write_text(lib.markdown_table(rows))
-    lib.save_method_grids(out)
+student_cost = lib.student_cost  # a student's training cost (tests/test_run_cost.py reads it through this script)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.plot_only:
-            redraw(args.out, args.plot_with)
+            lib.redraw(args.out, args.plot_with)
             print(f"redrew {args.out / lib.PNG}")
             return 0
         if args.teacher is None:
             raise ValueError("--teacher is required (unless --plot-only)")
         check_output_dir(args.out, "--out")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device} needs a GPU, but torch sees none; use --device cpu")
-        solvers = lib.parse_solvers(args.solvers)
-        variants = {label: (solver, opts) for label, solver, opts in map(lib.parse_variant, args.variant)}
-        solvers += [v for v in variants if v not in solvers]
+        lib.check_device(args.device)
+        solvers, variants = lib.parse_methods(args.solvers, args.variant)
         nfes = lib.parse_int_list(args.nfe, "--nfe")
         student_paths = [p for p in args.students.split(",") if p]
         student_steps = lib.parse_int_list(args.student_steps, "--student-steps") if student_paths else []
         teacher = load_teacher(args.teacher)
-        if not lib.is_analytic(teacher) and hasattr(teacher, "to"):
-            teacher.to(args.device)
+        lib.place_teacher(teacher, args.device)
         cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size, grid=args.grid, final=args.final,
-                          guidance_scale=args.guidance_scale, unconditional=args.unconditional, save_images=args.save_images,
-                          device=args.device, variants=variants, prompts=args.prompts)
+                              guidance_scale=args.guidance_scale, unconditional=args.unconditional, save_images=args.save_images,
+                              device=args.device, variants=variants, prompts=args.prompts)
         cfg.validate(teacher)
-        metric = make_metric(teacher, cfg, args)
+        metric = lib.make_metric(teacher, cfg, reference_dataset=args.reference_dataset, reference=args.reference,
+                                 floor_split=args.floor_split, train_split=args.train_split, heldout_split=args.heldout_split,
+                                 image_column=args.image_column, inception_weights=args.inception_weights, fid_cache=args.fid_cache,
+                                 kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, reference_steps=args.reference_steps)
         metric.check(cfg.num_samples)
-        students, columns = load_students(student_paths, teacher, [p for p in args.cost.split(",") if p],
-                                          args.allow_other_teacher)
+        students, columns = lib.load_students(student_paths, teacher, _load_student, [p for p in args.cost.split(",") if p],
+                                              args.allow_other_teacher)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    cells = lib.plan_cells(solvers, nfes, list(students), student_steps, variants=variants)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "commands.txt", "a") as f:
-        f.write("python scripts/bench.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "\n")
-    lib.run_bench(teacher, cells, cfg, metric, args.out, students=students, student_columns=columns)
-    redraw(args.out)
+    command = "python scripts/bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lib.benchmark(teacher, cfg, metric, args.out, solvers, nfes, students=students, student_steps=student_steps,
+                  student_columns=columns, command=command)
     print(f"wrote {args.out / lib.CSV} and {args.out / lib.PNG}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Empirical model statistics of DPM-Solver-v3 for any teacher (distill/ems.py), for ``--solvers dpm_solver_v3``.
+"""Empirical model statistics of DPM-Solver-v3 for any teacher (distill/solvers/prepared/dpm_v3/ems.py), for ``--solvers dpm_solver_v3``.
 
     python scripts/compute_ems.py --teacher mnist16 --data mnist16 [--n-lams 60 --num-samples 384 --batch-size 128]
     python scripts/compute_ems.py --teacher gmm:aniso2d            # analytic teachers: exact data samples
@@ -21,8 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill import prepared
-from distill.ems import EmsConfig, EmsRun
+from distill.solvers.prepared import files as prepared
+from distill.solvers.prepared.dpm_v3.ems import EmsConfig, EmsRun
 from teachers import load_teacher
 
 

@@ -18,9 +18,9 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-from distill.config import ConfigError, parse_overrides  # noqa: E402
-from distill.run_config import load_run_config  # noqa: E402
-from distill.train import NonFiniteError, train  # noqa: E402
+from distill.engine.config import ConfigError, parse_overrides  # noqa: E402
+from distill.engine.run_config import load_run_config  # noqa: E402
+from distill.engine.train import NonFiniteError, train  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 

@@ -26,10 +26,11 @@ import argparse
 import json
 import sys
 
-from distill.export import check_diffusers_exportable, read_student_file, resolve_student_file, save_diffusers, save_student
-from distill.lora import has_lora, save_peft_adapter
-from distill.paths import check_output_dir, check_output_file
+from distill.engine.export import read_student_file, resolve_student_file, save_student
+from distill.engine.lora import has_lora, save_peft_adapter
+from distill.engine.paths import check_output_dir, check_output_file
 from students import load_student
+from students.diffusers_export import check_diffusers_exportable, save_diffusers
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
-"""Fit the Gaussian of Gaussian teleportation (distill/teleport.py) for a teacher: mean and covariance of its data in
-the teacher's scaling, per class for a class-conditional teacher (plus one over all data for label -1).
+"""Fit the Gaussian of Gaussian teleportation (distill/solvers/prepared/teleport/gaussian.py) for a teacher: mean and
+covariance of its data in the teacher's scaling, per class for a class-conditional teacher (plus one over all data for label -1).
 
     python scripts/fit_gaussian.py --teacher mnist16 --data mnist16
     python scripts/fit_gaussian.py --teacher gmm:aniso2d             # analytic teachers: exact data samples
@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from distill import prepared
-from distill.teleport import fit_gaussian
+from distill.solvers.prepared import files as prepared
+from distill.solvers.prepared.teleport.gaussian import fit_gaussian
 from teachers import load_teacher
 
 

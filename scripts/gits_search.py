@@ -1,4 +1,4 @@
-"""GITS time-grid search (distill/gits.py) for a teacher: warm-up trajectories on a fine grid, the cost matrix of
+"""GITS time-grid search (distill/solvers/prepared/gits/search.py) for a teacher: warm-up trajectories on a fine grid, the cost matrix of
 first-order jumps, and the dynamic programme for every requested step count.
 
     python scripts/gits_search.py --teacher mnist16 --steps 2,3,4,5,6,7,8,9,10 [--num-samples 256 --fine-steps 60]
@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distill import gits, prepared
+from distill.core.grids import GRIDS
 from distill.eval.bench import parse_int_list
-from distill.grids import GRIDS
 from distill.solvers import per_sample_noise
+from distill.solvers.prepared import files as prepared
+from distill.solvers.prepared.gits import search as gits
 from teachers import load_teacher
 
 

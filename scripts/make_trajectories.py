@@ -20,9 +20,9 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
 import argparse
 import sys
 
-from distill.grids import FINALS, GRIDS
-from distill.paths import check_output_dir
-from distill.trajectories import generate
+from distill.core.grids import FINALS, GRIDS
+from distill.engine.paths import check_output_dir
+from distill.engine.trajectories import generate
 from teachers import load_teacher
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-from distill.checkpoint import latest_valid_checkpoint  # noqa: E402
-from distill.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
-from distill.export import STUDENT_FILE  # noqa: E402
-from distill.run_config import load_run_config  # noqa: E402
-from distill.train import NonFiniteError, train, updates_and_seconds  # noqa: E402
+from distill.engine.checkpoint import latest_valid_checkpoint  # noqa: E402
+from distill.engine.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
+from distill.engine.export import STUDENT_FILE  # noqa: E402
+from distill.engine.run_config import load_run_config  # noqa: E402
+from distill.engine.train import NonFiniteError, train, updates_and_seconds  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 
@@ -59,7 +59,7 @@ def has_checkpoints(folder: Path) -> bool:
 
 
 def round_cost(folder: Path) -> dict:
-    """Updates and seconds of a finished round (``distill.train.updates_and_seconds``)."""
+    """Updates and seconds of a finished round (``distill.engine.train.updates_and_seconds``)."""
     updates, seconds = updates_and_seconds(folder)
     return {"updates": updates, "seconds_approx": round(seconds, 1)}
 

@@ -29,10 +29,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from distill.core.grids import GRIDS  # noqa: E402
 from distill.eval.exact import rmse, sliced_wasserstein  # noqa: E402
 from distill.eval.solver_error import make_problem  # noqa: E402
 from distill.eval.straightness import ode_path, straightness  # noqa: E402
-from distill.grids import GRIDS  # noqa: E402
 from distill.solvers import sample  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 

@@ -5,7 +5,7 @@
 
 Several run folders add up (a progressive round's student also cost every earlier round; a reflow student also cost
 the round before it): ``steps`` and ``wall_seconds`` are summed over them, read from each folder's metrics.jsonl
-(``distill.train.updates_and_seconds``: seconds per step times the steps logged, the student's rows; ``--up-to N``:
+(``distill.engine.train.updates_and_seconds``: seconds per step times the steps logged, the student's rows; ``--up-to N``:
 the last run's first N steps, for a checkpoint's export); ``batch_size`` is the runs' (they must agree);
 ``trained_params`` counts the exported student. Teacher network evaluations are the objective's own count per update
 times the updates (``--teacher-nfe-per-step``: e.g. progressive 2 x batch, consistency with a 2-evaluation solver
@@ -27,8 +27,8 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-from distill.export import STUDENT_FILE  # noqa: E402
-from distill.train import CONFIG_FILE, updates_and_seconds  # noqa: E402
+from distill.engine.export import STUDENT_FILE  # noqa: E402
+from distill.engine.train import CONFIG_FILE, updates_and_seconds  # noqa: E402
 
 
 def run_batch_size(folder: Path) -> int:

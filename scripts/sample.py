@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from distill.conditioning import takes_prompts
+from distill.core.conditioning import takes_prompts
+from distill.core.grids import FINALS, GRIDS
+from distill.engine.paths import check_output_dir
 from distill.eval.plots import save_image_grid, save_scatter_2d
-from distill.grids import FINALS, GRIDS
-from distill.paths import check_output_dir
 from distill.solvers import SOLVERS, per_sample_noise, sample
 from teachers import load_teacher
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--solver", required=True, help=f"one of: {', '.join(sorted(SOLVERS))}")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations per sample")
     p.add_argument("--grid", default="logsnr", choices=GRIDS)
-    p.add_argument("--final", default="clean", choices=FINALS, help="how the grid ends (see distill.grids)")
+    p.add_argument("--final", default="clean", choices=FINALS, help="how the grid ends (see distill.core.grids)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--class-label", type=int, default=None, help="class for a class-conditional teacher (-1: unconditional)")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from distill.core.grids import GRIDS
 from distill.eval.solver_error import fits, make_problem, plot, read_rows, run_cell, write_rows
-from distill.grids import GRIDS
 from distill.solvers import SOLVERS
 from teachers import load_teacher
 

@@ -1,4 +1,4 @@
-"""Train the AMED time predictor (distill/amed.py) for a teacher: AMED-Solver (--solver amed) or AMED-Plugin
+"""Train the AMED time predictor (distill/solvers/prepared/amed/predictor.py) for a teacher: AMED-Solver (--solver amed) or AMED-Plugin
 (--solver euler_amed | dpmpp_2m_amed), on teacher trajectories through the grids the sampler will use.
 
     python scripts/train_amed.py --teacher mnist16 --solver amed --nfe 2,4,6,8,10 [--batch-size 64 --num-batches 40]
@@ -23,10 +23,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill import prepared
-from distill.amed import PLUGIN_RULES, AmedConfig, train_amed
+from distill.core.grids import GRIDS
 from distill.eval.bench import parse_int_list
-from distill.grids import GRIDS
+from distill.solvers.prepared import files as prepared
+from distill.solvers.prepared.amed.predictor import PLUGIN_RULES
+from distill.solvers.prepared.amed.train import AmedConfig, train_amed
 from teachers import load_teacher
 
 

@@ -4,7 +4,7 @@
     accelerate launch scripts/train_teacher.py --config configs/teachers/ring8_mlp.yaml --set max_steps=2000
 
 Resumes from the latest complete checkpoint in <output_dir>/checkpoints unless --no-resume (then a folder that
-already has checkpoints is refused). The run is the ``diffusion`` objective in the main trainer (distill/train.py).
+already has checkpoints is refused). The run is the ``diffusion`` objective in the main trainer (distill/engine/train.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
 import argparse
 import sys
 
-from distill.config import ConfigError, parse_overrides
+from distill.engine.config import ConfigError, parse_overrides
 from teachers.training import load_config, train
 
 

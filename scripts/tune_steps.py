@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from distill.data import MNIST16_SPLITS, load_dataset
+from distill.engine.export import read_student_file, save_student
+from distill.engine.paths import check_output_file
 from distill.eval.tune import candidate_times, fid_score, greedy_timesteps
-from distill.export import read_student_file, save_student
-from distill.paths import check_output_file
 from students import load_student
 from students.student import MAX_SAMPLING_STEPS
 

@@ -6,9 +6,9 @@ import copy
 import json
 from pathlib import Path
 
-from distill.export import CONDITION_PREFIX, read_student_file
-from distill.lora import inject_lora
-from distill.run_config import LoraSettings, StudentConfig
+from distill.engine.export import CONDITION_PREFIX, read_student_file
+from distill.engine.lora import inject_lora
+from distill.engine.run_config import LoraSettings, StudentConfig
 from students.networks import NETWORKS, network_from_config
 from students.student import Student, student_from_metadata
 
@@ -77,7 +77,7 @@ def _load_parent(student: Student, path: Path) -> None:
 
 
 def load_student(path: str | Path) -> Student:
-    """A student from a file written by ``distill.export.save_student`` (LoRA re-injected if not merged)."""
+    """A student from a file written by ``distill.engine.export.save_student`` (LoRA re-injected if not merged)."""
     state, meta = read_student_file(path)
     net = network_from_config(meta["network_class"], json.loads(meta["network_config"]))
     lora = json.loads(meta.get("lora", "null"))

@@ -16,7 +16,7 @@ UNet's ``timestep_cond``), else as a ``StableDiffusionPipeline`` (call it with `
 Its config holds what the student file holds: the noise schedule, the network's prediction type and time scale,
 the parameterization (consistency boundary condition or plain denoiser), sigma_data, the sampler (``consistency``:
 re-noise between steps; ``ode``: DDIM steps) and the sampling times of every recorded step count. ``step`` turns
-the UNet output into the student's sample with the project's own functions (``distill.param``,
+the UNet output into the student's sample with the project's own functions (``distill.core.param``,
 ``students.student.parameterize``, ``distill.solvers.common.ddim_step``): the same arithmetic, so the same
 numbers. LCM's scheduler cannot stand in: its boundary coefficients use t * timestep_scaling where ours use the
 EDM-chart sigma~(t) - sigma~(t_min), and it has no deterministic sampler.
@@ -31,8 +31,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from distill.param import combine_x0, x0_coefficients
-from distill.schedules import schedule_from_config
+from distill.core.param import combine_x0, x0_coefficients
+from distill.core.schedules import schedule_from_config
 from distill.solvers.common import ddim_step, grid_points
 
 

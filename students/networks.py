@@ -10,7 +10,7 @@ import inspect
 
 from torch import nn
 
-from distill.nets import TimeMLP
+from distill.core.nets import TimeMLP
 
 
 def check_model_keys(arch: str, cls, kwargs: dict, fixed: tuple[str, ...]) -> None:

@@ -37,10 +37,10 @@ import json
 import torch
 from torch import nn
 
-from distill.denoisers import NetDenoiser
-from distill.grids import explicit_grid, make_grid
-from distill.param import append_dims
-from distill.schedules import Schedule, schedule_from_config, sigma_tilde
+from distill.core.denoisers import NetDenoiser
+from distill.core.grids import explicit_grid, make_grid
+from distill.core.param import append_dims
+from distill.core.schedules import Schedule, schedule_from_config, sigma_tilde
 
 PARAMETERIZATIONS = ("consistency", "consistency_edm", "denoiser")
 SAMPLERS = ("consistency", "ode")

@@ -2,7 +2,7 @@
 
 ``load_teacher(spec)`` accepts
   * ``gmm:<preset>`` or ``gmm:<preset>@<schedule>``: an analytic Gaussian mixture (presets in
-    ``teachers.gmm.PRESETS``; schedules in ``distill.schedules.SCHEDULES``, default ``vp_linear``);
+    ``teachers.gmm.PRESETS``; schedules in ``distill.core.schedules.SCHEDULES``, default ``vp_linear``);
   * a zoo name (``mnist16``): a teacher trained by this project and committed under ``teachers/zoo/``;
   * a path to a local diffusers folder (see ``teachers.diffusers_folder``); a text-to-image pipeline folder whose
     unet is a UNet2DConditionModel (Stable Diffusion style) gives a latent, prompt-conditioned teacher
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.denoisers import classifier_free_guidance
+from distill.core.denoisers import classifier_free_guidance
 from teachers.base import Teacher
 from teachers.diffusers_folder import DiffusersTeacher, load_diffusers_teacher
+from teachers.folders import names_cond_unet
 from teachers.gmm import PRESETS as GMM_PRESETS
 from teachers.gmm import GaussianMixtureTeacher, load_gmm
 
@@ -26,6 +27,16 @@ ZOO_TEACHERS = {"mnist16": ZOO / "mnist16"}
 
 __all__ = ["Teacher", "GaussianMixtureTeacher", "DiffusersTeacher", "load_teacher", "classifier_free_guidance",
            "GMM_PRESETS"]
+
+
+def load_teacher_folder(path: str | Path) -> Teacher:
+    """A local diffusers folder: a text-to-image pipeline (``teachers.sd_pipeline``) or a pixel UNet
+    (``teachers.diffusers_folder``)."""
+    if Path(path).is_dir() and names_cond_unet(Path(path)):
+        from teachers.sd_pipeline import load_sd_pipeline_teacher
+
+        return load_sd_pipeline_teacher(path)
+    return load_diffusers_teacher(path)
 
 
 def load_teacher(spec: str | Path, schedule=None) -> Teacher:
@@ -43,11 +54,11 @@ def load_teacher(spec: str | Path, schedule=None) -> Teacher:
         if not (folder / "model_index.json").is_file():
             raise FileNotFoundError(f"zoo teacher {spec_str!r} is not in {folder}; train it with "
                                     f"scripts/train_teacher.py --config configs/teachers/{spec_str}.yaml")
-        teacher = load_diffusers_teacher(folder)
+        teacher = load_teacher_folder(folder)
         teacher.name = spec_str
         return teacher
     if Path(spec_str).exists():
-        return load_diffusers_teacher(spec_str)
+        return load_teacher_folder(spec_str)
     raise FileNotFoundError(
         f"teacher {spec_str!r} is neither gmm:<preset> (presets: {', '.join(GMM_PRESETS)}), a zoo name "
         f"({', '.join(ZOO_TEACHERS)}), student:<file.safetensors>, nor an existing diffusers folder"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.conditioning import UNCOND, PromptCond
-from distill.schedules import Schedule
+from distill.core.conditioning import UNCOND, PromptCond
+from distill.core.schedules import Schedule
 
 
 class Teacher:

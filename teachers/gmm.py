@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from distill.schedules import Schedule, get_schedule
+from distill.core.schedules import Schedule, get_schedule
 from teachers.base import Teacher
 
 

@@ -5,7 +5,7 @@ The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: ``model_i
 (transformers classes, e.g. CLIPTextModel / CLIPTokenizer) and ``scheduler/``. The teacher is the UNet in latent
 space, through the same denoiser contract as a pixel UNet (``data_shape`` is the latent shape; the schedule and
 parameterization come from the scheduler config exactly as for ``teachers.diffusers_folder``: epsilon,
-v_prediction, sample, FlowMatch*). Conditioning is a ``distill.conditioning.PromptCond``:
+v_prediction, sample, FlowMatch*). Conditioning is a ``distill.core.conditioning.PromptCond``:
 
     cond = teacher.encode_prompts(["a red fox", ...])            # text encoder once per prompt batch (cached)
     latents = sample(teacher, noise, solver="dpmpp_2m", nfe=8, cond=cond, guidance_scale=7.5)
@@ -21,22 +21,11 @@ from pathlib import Path
 
 import torch
 
-from distill.conditioning import PromptCond
-from teachers.diffusers_folder import DiffusersTeacher, _file_hash, _read_json, schedule_from_scheduler_config
+from distill.core.conditioning import PromptCond
+from teachers.diffusers_folder import DiffusersTeacher
+from teachers.folders import COND_UNET, file_hash, read_json, schedule_from_scheduler_config
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-COND_UNET = "UNet2DConditionModel"
-
-
-def names_cond_unet(root: Path) -> bool:
-    """Whether the folder ``root`` is a pipeline whose model_index.json (or unet config) names a UNet2DConditionModel."""
-    index = root / "model_index.json"
-    if index.is_file():
-        unet = _read_json(index).get("unet") or [None, None]
-        if isinstance(unet, list) and len(unet) == 2 and unet[1] == COND_UNET:
-            return True
-    config = root / "unet" / "config.json"
-    return index.is_file() and config.is_file() and _read_json(config).get("_class_name") == COND_UNET
 
 
 class StableDiffusionTeacher(DiffusersTeacher):
@@ -145,16 +134,16 @@ def _component_class(index: dict, name: str, root: Path):
 def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     """A ``StableDiffusionTeacher`` from a local pipeline folder (module doc), with ``local_files_only=True``."""
     root = Path(path)
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     classes = {name: _component_class(index, name, root) for name in COMPONENTS}
-    unet_cfg = _read_json(root / "unet" / "config.json")
+    unet_cfg = read_json(root / "unet" / "config.json")
     if unet_cfg.get("_class_name") != COND_UNET or classes["unet"].__name__ != COND_UNET:
         raise ValueError(f"{root}/unet is a {unet_cfg.get('_class_name')!r}, not a {COND_UNET}; a text-to-image teacher "
                          f"folder needs a {COND_UNET} unet")
     sched_path = root / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks scheduler/scheduler_config.json")
-    schedule, prediction, time_scale = schedule_from_scheduler_config(_read_json(sched_path))
+    schedule, prediction, time_scale = schedule_from_scheduler_config(read_json(sched_path))
     loaded = {name: classes[name].from_pretrained(root / name, local_files_only=True)
               for name in ("unet", "vae", "text_encoder", "tokenizer")}
     return StableDiffusionTeacher(loaded["unet"], schedule, prediction, time_scale=time_scale,
@@ -167,4 +156,4 @@ def pipeline_hash(root: Path) -> str:
     root = Path(root)
     files = [root / "model_index.json", root / "scheduler" / "scheduler_config.json"] + sorted(
         p for name in ("unet", "vae", "text_encoder", "tokenizer") for p in (root / name).rglob("*") if p.is_file())
-    return _file_hash(files)
+    return file_hash(files)

@@ -9,7 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from distill.nets import TimeMLP
+from distill.core.nets import TimeMLP
 
 
 @dataclass
@@ -18,7 +18,7 @@ class ToyMLPOutput(BaseOutput):
 
 
 class ToyMLP(ModelMixin, ConfigMixin):
-    """``distill.nets.TimeMLP`` with diffusers' save_pretrained / from_pretrained and UNet-style output."""
+    """``distill.core.nets.TimeMLP`` with diffusers' save_pretrained / from_pretrained and UNet-style output."""
 
     @register_to_config
     def __init__(self, dim: int = 2, hidden: int = 256, layers: int = 3, time_features: int = 64,

@@ -2,7 +2,7 @@
 
 Epsilon, sample or v prediction; class-conditional with label dropout so one model also serves unconditional
 sampling and classifier-free guidance; EMA; atomic checkpoints and exact resume. The run is the ``diffusion``
-objective (``distill.objectives.diffusion``) in the project's one training loop (``distill.train``): this module
+objective (``distill.objectives.diffusion``) in the project's one training loop (``distill.engine.train``): this module
 maps the teacher config onto a run config, supplies the untrained network, and at the end saves the EMA
 weights as a diffusers pipeline folder that both ``teachers.load_teacher`` and diffusers accept.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from distill.config import from_dict, merge, read_yaml
+from distill.core.param import PREDICTION_TYPES
+from distill.core.schedules import BETA_SCHEDULES, DiscreteVP
 from distill.data import load_dataset
-from distill.param import PREDICTION_TYPES
-from distill.schedules import BETA_SCHEDULES, DiscreteVP
+from distill.engine.config import from_dict, merge, read_yaml
 
 ARCHS = ("unet", "mlp")
 
@@ -114,7 +114,7 @@ class UntrainedTeacher:
 
 def run_config(cfg: TeacherConfig):
     """The teacher config as a run of the ``diffusion`` objective (same keys, same meaning)."""
-    from distill.run_config import OptimConfig, RunConfig, StudentConfig
+    from distill.engine.run_config import OptimConfig, RunConfig, StudentConfig
 
     return RunConfig(teacher=f"untrained:{cfg.dataset}", objective={"name": "diffusion", "label_dropout": cfg.label_dropout,
                                                                      "space": "raw"},
@@ -133,8 +133,8 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     ``resume``: continue from the newest complete checkpoint if there is one (False: a folder that has
     checkpoints is refused). ``stop_at`` ends the run early after checkpointing that step (returns None).
     """
-    from distill.checkpoint import latest_checkpoint
-    from distill.train import train as train_run
+    from distill.engine.checkpoint import latest_checkpoint
+    from distill.engine.train import train as train_run
     from students.student import Student
 
     data = load_dataset(cfg.dataset, "train", **cfg.dataset_options)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from distill.config import parse_overrides
-from distill.run_config import load_run_config
-from distill.train import train
+from distill.engine.config import parse_overrides
+from distill.engine.run_config import load_run_config
+from distill.engine.train import train
 from students import build_student
 from teachers import load_teacher
 

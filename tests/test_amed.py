@@ -4,9 +4,10 @@ accounting, files tied to their teacher, resumable training."""
 import pytest
 import torch
 
-from distill.amed import AmedConfig, AmedPredictor, train_amed
 from distill.eval.exact import rmse
 from distill.solvers import sample
+from distill.solvers.prepared.amed.predictor import AmedPredictor
+from distill.solvers.prepared.amed.train import AmedConfig, train_amed
 from teachers import load_teacher
 
 

@@ -11,9 +11,9 @@ import torch
 from conftest import load_script
 from distill_helpers import RING8, TINY, run, same_tensors, tiny_cfg
 
-from distill.checkpoint import MANIFEST
-from distill.export import save_student
-from distill.run_config import StudentConfig
+from distill.engine.checkpoint import MANIFEST
+from distill.engine.export import save_student
+from distill.engine.run_config import StudentConfig
 from students import build_student
 from teachers import load_teacher
 
@@ -121,8 +121,8 @@ def test_exponent_literals_are_floats_on_the_command_line_and_in_yaml(tmp_path):
     saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 1e-4 and saved["grad_clip"] == 1e30
     # a string field keeps a string that looks like a number
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
     assert load_run_config(RING8, parse_overrides(["output_dir=1e5"])).output_dir == "1e5"
 
 

@@ -1,4 +1,4 @@
-"""FID vs NFE (scripts/bench.py, distill/eval/bench.py): end to end on a tiny UNet, resume, FID against
+"""FID vs NFE (scripts/bench.py, distill/eval/bench/): end to end on a tiny UNet, resume, FID against
 torch-fidelity, identical noise in every cell, exact metrics for analytic teachers, bad input."""
 
 import csv

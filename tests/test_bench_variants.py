@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distill.eval import bench as lib
-from distill.teleport import fit_gaussian
+from distill.solvers.prepared.teleport.gaussian import fit_gaussian
 from teachers import load_teacher
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill.checkpoint import (
+from distill.engine.checkpoint import (
     MANIFEST,
     checkpoint_problem,
     complete_checkpoints,

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from distill_helpers import RING8, ROOT, run, tiny_cfg
 
-from distill.config import ConfigError
-from distill.run_config import load_run_config
+from distill.engine.config import ConfigError
+from distill.engine.run_config import load_run_config
 
 
 @pytest.mark.parametrize("overrides,message", [

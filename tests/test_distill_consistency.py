@@ -6,11 +6,11 @@ import pytest
 import torch
 from distill_helpers import run, tiny_cfg
 
+from distill.core.grids import explicit_grid
+from distill.core.schedules import get_schedule
 from distill.eval.exact import sliced_wasserstein
-from distill.grids import explicit_grid
-from distill.losses import distance, grouped_step
 from distill.objectives.base import Context
-from distill.schedules import get_schedule
+from distill.objectives.losses import distance, grouped_step
 from distill.solvers import SOLVERS
 from students import build_student, load_student
 from students.student import edm_boundary, parameterize

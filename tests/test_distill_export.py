@@ -8,8 +8,8 @@ from conftest import save_teacher_folder, tiny_unet
 from distill_helpers import ROOT, run, tensors, tiny_cfg
 from safetensors.torch import save_file
 
-from distill.export import read_student_file
-from distill.trajectories import generate
+from distill.engine.export import read_student_file
+from distill.engine.trajectories import generate
 from students import build_student, load_student
 from teachers import load_teacher
 
@@ -51,11 +51,11 @@ def test_truncated_file_and_foreign_file_give_one_clear_sentence(tmp_path):
     with pytest.raises(ValueError, match=r"cut.safetensors' is not a readable safetensors file \(truncated or corrupt"):
         load_student(tmp_path / "cut.safetensors")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="has no fewstep-distill/student metadata: it was not written by distill.export"):
+    with pytest.raises(ValueError, match="has no fewstep-distill/student metadata: it was not written by distill.engine.export"):
         load_student(tmp_path / "plain.safetensors")
     assert _export_cli()([str(tmp_path / "cut.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 1
     with pytest.raises(FileNotFoundError, match="no EMA student file in"):
-        load_student(__import__("distill.export").export.resolve_student_file(tmp_path, ema=True))
+        load_student(__import__("distill.engine.export").engine.export.resolve_student_file(tmp_path, ema=True))
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tm
     cfg = tiny_cfg(tmp_path / "r", f"teacher={teacher}", "student.arch=teacher", "student.model={}", "student.class_conditional=true",
                    f"student.sampler={sampler}", f"student.parameterization={parameterization}", "student.sampling_grid=uniform")
     student = build_student(cfg.student, load_teacher(teacher)).eval()
-    from distill.export import save_diffusers
+    from students.diffusers_export import save_diffusers
 
     with torch.no_grad():
         for p in student.net.parameters():  # a non-trivial network, not the random init only

@@ -9,8 +9,8 @@ import time
 import pytest
 from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tiny_cfg
 
-from distill.checkpoint import complete_checkpoints
-from distill.train import NonFiniteError, check_world_size
+from distill.engine.checkpoint import complete_checkpoints
+from distill.engine.train import NonFiniteError, check_world_size
 
 SCRIPT = str(ROOT / "scripts" / "distill.py")
 

@@ -11,12 +11,12 @@ import torch
 from distill_helpers import run, same_tensors, tiny_cfg
 from torch import nn
 
-from distill.config import ConfigError
-from distill.losses import add_noise
+from distill.core.param import PREDICTION_TYPES, from_x0
+from distill.engine.config import ConfigError
 from distill.objectives.base import Batch, Context
 from distill.objectives.consistency import ConsistencyDistillation, ConsistencyOptions, curriculum_scales, lognormal_weights
+from distill.objectives.losses import add_noise
 from distill.objectives.slam import SlamOptions, SubPathLinearApproximation, sub_path_point
-from distill.param import PREDICTION_TYPES, from_x0
 from students import build_student, load_student
 from students.student import Student
 from teachers import load_teacher
@@ -167,7 +167,7 @@ def test_curriculum_doubles_from_s0_to_s1_and_lognormal_weights_follow_the_erf_m
     assert [curriculum_scales(k, 400_000, 11, 1281) for k in (0, 49_999, 50_000, 100_000, 399_999)] == [11, 11, 21, 41, 1281]
     assert curriculum_scales(10**9, 400_000, 11, 1281) == 1281
     teacher = load_teacher("gmm:ring8")
-    from distill.grids import make_grid
+    from distill.core.grids import make_grid
 
     ts = make_grid(teacher.schedule, 40, "karras", final="t_min")
     p = lognormal_weights(teacher.schedule, ts, 1, -1.1, 2.0)

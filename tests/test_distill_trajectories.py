@@ -6,8 +6,8 @@ import pytest
 import torch
 from distill_helpers import run, tiny_cfg
 
+from distill.engine.trajectories import TrajectoryCache, generate, open_cache
 from distill.solvers import sample
-from distill.trajectories import TrajectoryCache, generate, open_cache
 from teachers import load_teacher
 
 SETTINGS = {"solver": "euler", "nfe": 4, "num_samples": 10, "shard_size": 4, "seed": 5}

@@ -9,11 +9,11 @@ import pytest
 import torch
 from distill_helpers import ROOT, run, same_tensors, subprocess_env, tiny_cfg
 
-from distill.config import ConfigError, from_dict
+from distill.engine.config import ConfigError, from_dict
+from distill.engine.run_config import StudentConfig
 from distill.objectives import get_objective
 from distill.objectives.base import Batch, Context
 from distill.objectives.distribution_matching import times_of_u
-from distill.run_config import StudentConfig
 from students import build_student
 from teachers import load_teacher
 from teachers.gmm import GaussianMixtureTeacher
@@ -260,7 +260,7 @@ def _dm(name):
 
 @pytest.fixture(scope="module")
 def ring_cache(tmp_path_factory):
-    from distill.trajectories import generate
+    from distill.engine.trajectories import generate
 
     out = tmp_path_factory.mktemp("cache") / "traj"
     generate(load_teacher("gmm:ring8"), out, solver="euler", nfe=4, num_samples=64, shard_size=64, log=lambda m: None)

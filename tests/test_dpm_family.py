@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
+from distill.core.grids import make_grid
 from distill.eval.exact import ode_reference, rmse
-from distill.grids import make_grid
 from distill.solvers import get_solver, sample
 from teachers import load_teacher
 

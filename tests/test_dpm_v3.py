@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from distill.ems import EmsConfig, EmsRun
 from distill.eval.exact import rmse
 from distill.solvers import SOLVERS, sample
-from distill.solvers.dpm_v3 import EMS, taylor_derivatives
+from distill.solvers.prepared.dpm_v3.ems import EmsConfig, EmsRun
+from distill.solvers.prepared.dpm_v3.solver import EMS, taylor_derivatives
 from teachers import load_teacher
 
 
@@ -171,8 +171,8 @@ def test_ems_state_resumes_and_refuses_other_settings(tmp_path):
 def test_ems_grid_ends_have_the_true_derivative_in_lam(beta_schedule):
     """At exactly t_max the schedule's clamps made d log alpha / d lam zero (it is sigma^2 for VP), which turned
     s and b at t_max into noise of size 1e5 on mnist16; the grid's ends lie just inside."""
-    from distill.ems import _dlog_alpha_dlam, lam_grid
-    from distill.schedules import DiscreteVP
+    from distill.core.schedules import DiscreteVP
+    from distill.solvers.prepared.dpm_v3.ems import _dlog_alpha_dlam, lam_grid
 
     schedule = DiscreteVP(beta_schedule=beta_schedule)
     for lam in lam_grid(schedule, 10)[[0, -1]]:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from distill_helpers import RING8, ROOT, TINY, run, subprocess_env, tiny_cfg
 
-from distill.launch import launch_warning, requested_processes
+from distill.engine.launch import launch_warning, requested_processes
 
 
 def _launch(tmp_path, config: dict | None, *launch_args, sets=(), port=29571):

@@ -12,8 +12,8 @@ from conftest import load_script, save_teacher_folder
 from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tensors, tiny_cfg
 from toy_objectives import ToyVSD  # registers the toy objectives
 
-from distill.config import ConfigError
-from distill.train import lr_lambda
+from distill.engine.config import ConfigError
+from distill.engine.train import lr_lambda
 from students import build_student, load_student
 from teachers import load_teacher
 
@@ -191,7 +191,7 @@ def test_init_from_chain_student_teaches_the_next_round_and_round_two_resumes_bi
     assert distill([*round2, "--output-dir", str(killed), "--resume", "latest"]) == 0
     assert same_tensors(tmp_path / "full" / "student.safetensors", killed / "student.safetensors")
     # lineage recorded in the run folder and in the exported student
-    from distill.train import file_sha256
+    from distill.engine.train import file_sha256
 
     digest = file_sha256(parent)
     assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["init_from_sha256"] == digest
@@ -238,14 +238,14 @@ def test_extra_condition_is_zero_at_initialisation_survives_copies_and_files(tmp
     assert torch.equal(twin(x, t, gamma=g), moved) and torch.equal(student(x, t), before)  # the hook follows the copy
     with pytest.raises(ValueError, match=r"extra conditions \['w'\] are not inputs of this network; it takes: gamma"):
         student(x, t, w=g)
-    from distill.export import save_student
+    from distill.engine.export import save_student
 
     save_student(student, tmp_path / "s.safetensors")
     assert torch.equal(load_student(tmp_path / "s.safetensors")(x, t, gamma=g), moved)
 
 
 def test_ode_sampler_takes_solver_steps_with_the_students_denoiser(tmp_path):
-    from distill.grids import explicit_grid
+    from distill.core.grids import explicit_grid
     from distill.solvers import SOLVERS
 
     cfg = tiny_cfg(tmp_path / "r", "student.parameterization=denoiser", "student.sampler=ode", "student.sampling_steps=[1, 2, 8]")
@@ -255,7 +255,7 @@ def test_ode_sampler_takes_solver_steps_with_the_students_denoiser(tmp_path):
     ref = SOLVERS["euler"].fn(student.denoise, noise.clone(), explicit_grid(student.schedule, ts), schedule=student.schedule)
     seen = []
     assert torch.equal(student.sample(noise, 8, callback=seen.append), ref) and len(seen) == 8
-    from distill.export import save_student
+    from distill.engine.export import save_student
 
     save_student(student, tmp_path / "s.safetensors")
     loaded = load_student(tmp_path / "s.safetensors")
@@ -264,8 +264,8 @@ def test_ode_sampler_takes_solver_steps_with_the_students_denoiser(tmp_path):
 
 
 def test_one_conversion_for_teachers_students_and_copies(make_teacher_folder):
-    from distill.denoisers import NetDenoiser
-    from distill.roles import teacher_copy
+    from distill.core.denoisers import NetDenoiser
+    from distill.engine.roles import teacher_copy
 
     for prediction in ("epsilon", "v_prediction", "sample"):
         folder, net, _ = make_teacher_folder(prediction_type=prediction, name=prediction)
@@ -280,8 +280,8 @@ def test_one_conversion_for_teachers_students_and_copies(make_teacher_folder):
 
 
 def test_lora_disabled_runs_the_frozen_base_network(make_teacher_folder):
-    from distill.roles import lora_disabled
-    from distill.run_config import LoraSettings, StudentConfig
+    from distill.engine.roles import lora_disabled
+    from distill.engine.run_config import LoraSettings, StudentConfig
 
     folder, _, _ = make_teacher_folder(prediction_type="epsilon")
     teacher = load_teacher(folder)

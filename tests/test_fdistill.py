@@ -10,12 +10,12 @@ import torch
 import torch.multiprocessing as mp
 from distill_helpers import run, same_tensors, tensors, tiny_cfg
 
-from distill.config import ConfigError, from_dict
+from distill.engine.config import ConfigError, from_dict
+from distill.engine.run_config import StudentConfig
 from distill.objectives import get_objective
 from distill.objectives.base import Batch, Context
-from distill.objectives.distribution_matching import discriminator_bce
+from distill.objectives.critic import discriminator_bce
 from distill.objectives.f_divergence import DIVERGENCES, FDISTILL_DIVERGENCES, UNI_DIVERGENCES, ratio_of_logit
-from distill.run_config import StudentConfig
 from students import build_student
 from teachers import load_teacher
 

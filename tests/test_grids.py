@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from distill.grids import GRIDS, explicit_grid, make_grid
-from distill.schedules import EDM, DiscreteVP, RectifiedFlow, VPLinear
+from distill.core.grids import GRIDS, explicit_grid, make_grid
+from distill.core.schedules import EDM, DiscreteVP, RectifiedFlow, VPLinear
 
 SCHEDULES = [DiscreteVP(), VPLinear(), EDM(), RectifiedFlow()]
 

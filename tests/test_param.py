@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distill.param import PREDICTION_TYPES, from_x0, to_x0
-from distill.schedules import DiscreteVP, RectifiedFlow
+from distill.core.param import PREDICTION_TYPES, from_x0, to_x0
+from distill.core.schedules import DiscreteVP, RectifiedFlow
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

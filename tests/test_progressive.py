@@ -5,8 +5,8 @@ import pytest
 import torch
 from distill_helpers import ROOT, run, same_tensors
 
-from distill.config import ConfigError
-from distill.grids import explicit_grid
+from distill.core.grids import explicit_grid
+from distill.engine.config import ConfigError
 from distill.objectives.progressive import loss_weight, progressive_target, teacher_grid
 from distill.solvers import SOLVERS
 from students import load_student
@@ -18,8 +18,8 @@ TINY = ["student.model.hidden=32", "student.model.layers=1", "objective.student_
 
 
 def tiny_cfg(out, *overrides):
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
 
     return load_run_config(CONFIG, parse_overrides([*TINY, *overrides, f"output_dir={out}"]))
 
@@ -46,7 +46,7 @@ def test_target_equals_two_teacher_ddim_steps_on_an_analytic_teacher(schedule):
     g = torch.Generator().manual_seed(0)
     i = torch.arange(4).repeat(4)  # every student interval, the last one (into clean data) included
     x0, eps = teacher.sample_data(len(i), g), torch.randn(len(i), 2, generator=g, dtype=torch.float64)
-    from distill.losses import add_noise
+    from distill.objectives.losses import add_noise
 
     z = add_noise(teacher.schedule, x0, eps, grid[2 * i])
     target = _check_two_steps_in_one(teacher, z, i, grid)
@@ -113,7 +113,7 @@ ROUND_SETS = [*TINY, "max_steps=8", "checkpoint_every=3"]
 def _rounds(out, **kw):
     from conftest import load_script
 
-    from distill.config import parse_overrides
+    from distill.engine.config import parse_overrides
 
     return load_script("progressive").run_rounds(str(CONFIG), out, parse_overrides(ROUND_SETS), 1, log=lambda m: None, **kw)
 
@@ -121,7 +121,7 @@ def _rounds(out, **kw):
 def test_rounds_halve_chain_teachers_and_record_lineage(tmp_path):
     files = _rounds(tmp_path / "chain")
     assert [f.parent.name for f in files] == ["steps-4", "steps-2", "steps-1"]
-    from distill.train import file_sha256
+    from distill.engine.train import file_sha256
 
     for parent, child in zip(files, files[1:]):
         s = load_student(child)
@@ -145,7 +145,7 @@ def test_rounds_halve_chain_teachers_and_record_lineage(tmp_path):
         check_student(load_teacher("gmm:aniso2d"), "pd-1", last)
     # a file from before the key: the root is found through its parent files while they are on disk, and a
     # parent that changed since is not followed
-    from teachers.student_teacher import root_teacher
+    from distill.engine.lineage import root_teacher
 
     old = {k: v for k, v in last.info.items() if k not in ("root_teacher_hash", "root_teacher")}
     assert root_teacher(old)[1] == root.hash
@@ -170,7 +170,7 @@ def test_rounds_killed_mid_round_continue_bit_identically(tmp_path):
     resumed = _rounds(out)
     for a, b in zip(full, resumed):
         assert same_tensors(a, b), b
-    from distill.train import file_sha256
+    from distill.engine.train import file_sha256
 
     # the resumed round's file still records its parent (the engine re-derives the lineage on resume)
     assert load_student(resumed[1]).info["lineage"] == {"init_from": str(resumed[0]), "sha256": file_sha256(resumed[0])}

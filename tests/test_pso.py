@@ -8,10 +8,10 @@ import pytest
 import torch
 from distill_helpers import ROOT, run, same_tensors, tensors, tiny_cfg
 
-from distill.config import ConfigError
+from distill.engine.config import ConfigError
 from distill.objectives.base import Batch
 from distill.objectives.pso import gaussian_log_prob, hinge_loss, pso_logits, pso_loss, transition_log_prob
-from distill.rewards import get_reward
+from distill.objectives.rewards import get_reward
 
 LORA = "lora={rank: 2, alpha: 2, target_modules: [inp, out.1]}"
 
@@ -73,7 +73,7 @@ def test_pso_logits_and_loss_follow_the_formula():
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_logits_are_exactly_zero_at_step_zero(tmp_path, parent, lora):
-    from distill.train import start
+    from distill.engine.train import start
     from students import build_student
     from teachers import load_teacher
 
@@ -178,7 +178,7 @@ CONFIGS = ["pso_mnist16", "pso_online_mnist16", "finetune_mnist16"]
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_mnist16_configs_load(name):
-    from distill.run_config import load_run_config
+    from distill.engine.run_config import load_run_config
 
     cfg = load_run_config(ROOT / "configs" / "distill" / f"{name}.yaml")
     assert cfg.init_from == "results/mnist16/students/cd_mnist16.safetensors" and cfg.lora is not None
@@ -186,9 +186,9 @@ def test_mnist16_configs_load(name):
 
 
 def test_class_conditional_references_match_the_target_labels(tmp_path):
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
-    from distill.train import start
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
+    from distill.engine.train import start
     from students import build_student
     from teachers import load_teacher
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 from distill_helpers import ROOT, run, same_tensors
 
-from distill.config import ConfigError, parse_overrides
+from distill.core.grids import explicit_grid, make_grid
+from distill.engine.config import ConfigError, parse_overrides
+from distill.engine.run_config import load_run_config
+from distill.engine.trajectories import generate, open_cache
 from distill.eval.exact import ode_reference
-from distill.grids import explicit_grid, make_grid
-from distill.losses import add_noise
 from distill.objectives.base import Batch, Context
+from distill.objectives.losses import add_noise
 from distill.objectives.reflow import Reflow, ReflowOptions, phase_pair
-from distill.run_config import load_run_config
 from distill.solvers import SOLVERS
 from distill.solvers.common import ddim_step, grid_points
-from distill.trajectories import generate, open_cache
 from students import load_student
 from teachers import load_teacher
 
@@ -174,8 +174,8 @@ def test_discrete_phases_start_at_a_time_their_own_phase_trained_on():
     phase trains on)."""
     from types import SimpleNamespace
 
+    from distill.core.schedules import DiscreteVP
     from distill.objectives.reflow import Reflow, ReflowOptions, phase_bounds, phase_starts
-    from distill.schedules import DiscreteVP
 
     ts = torch.tensor([999.0 - 66.6 * i for i in range(15)] + [0.0, -1.0], dtype=torch.float64)
     bounds = phase_bounds(len(ts), 4)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from distill.schedules import (
+from distill.core.schedules import (
     EDM,
     SCHEDULES,
     VE,

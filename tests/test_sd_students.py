@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_sd_pipeline
 
-from distill.export import save_student
-from distill.run_config import StudentConfig
+from distill.engine.export import save_student
+from distill.engine.run_config import StudentConfig
 from students import build_student, load_student
 from teachers import load_teacher
 
@@ -144,8 +144,8 @@ def test_objective_families_on_the_tiny_pipeline_resume_bit_identically_and_expo
     from distill_helpers import ROOT, run, same_tensors
     from test_distill_export import _export_cli
 
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
 
     shared = tmp_path_factory.getbasetemp() / "sd_objectives"
     shared.mkdir(exist_ok=True)
@@ -167,7 +167,7 @@ def test_objective_families_on_the_tiny_pipeline_resume_bit_identically_and_expo
         assert any("gan_g" in r for r in rows) and any("gan_d" in r for r in rows)
     if objective == "reflow":  # the cache holds prompt indices in the seeded order, no embeddings
         from distill.data import load_dataset
-        from distill.trajectories import TrajectoryCache
+        from distill.engine.trajectories import TrajectoryCache
 
         cache = TrajectoryCache(shared / "cache")
         rows = cache.rows(range(6))
@@ -224,9 +224,9 @@ def test_teacher_in_bf16_under_mixed_precision_and_offloaded_encoders(sd_folder,
     to bf16 after the student was copied from the float32 weights; LCM-style CD steps run and stay finite."""
     from distill_helpers import ROOT
 
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
-    from distill.train import train
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
+    from distill.engine.train import train
 
     loaded = []
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import diffusers_float64, tiny_sd_pipeline
 
-from distill.conditioning import PromptCond
+from distill.core.conditioning import PromptCond
 from distill.solvers import sample
 from teachers import load_teacher
 
@@ -136,8 +136,8 @@ def test_lcm_style_consistency_distillation_resumes_bit_identically_and_exports(
     from distill_helpers import run, same_tensors
     from test_distill_export import _export_cli
 
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
     from students import load_student
 
     data = _pairs_folder(tmp_path / "pairs")
@@ -212,8 +212,8 @@ class _ImageStats:
 
 
 def test_bench_takes_prompts_in_a_seeded_order_and_measures_decoded_images(sd, tmp_path):
+    from distill.engine.run_config import StudentConfig
     from distill.eval.bench import BenchConfig, cond_for, generate, plan_cells, prompt_order, run_bench
-    from distill.run_config import StudentConfig
     from students import build_student
 
     teacher = load_teacher(sd[0])
@@ -257,8 +257,8 @@ def test_lcm_lora_with_a_fixed_guidance_scale(sd, tmp_path):
     trains, the export merges it, and the student has no w input."""
     from distill_helpers import ROOT, run
 
-    from distill.config import parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
     from students import load_student
 
     modules = ("[to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2, conv_shortcut, "
@@ -282,8 +282,8 @@ def test_data_free_distribution_matching_with_a_prompt_file(sd, tmp_path):
     data samples are needed."""
     from distill_helpers import ROOT, run, same_tensors
 
-    from distill.config import ConfigError, parse_overrides
-    from distill.run_config import load_run_config
+    from distill.engine.config import ConfigError, parse_overrides
+    from distill.engine.run_config import load_run_config
 
     (tmp_path / "p.txt").write_text("the cat\na red fox\nthe sea\na dog\n")
     base = [f"teacher={sd[0]}", f"dataset=prompts:{tmp_path / 'p.txt'}", "objective.guidance_scale=2.0",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from distill.denoisers import classifier_free_guidance
+from distill.core.denoisers import classifier_free_guidance
 from distill.eval.exact import ode_reference, rmse
 from distill.solvers import SOLVERS, get_solver, sample
 from teachers import load_teacher

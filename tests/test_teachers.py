@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import save_teacher_folder, tiny_unet
 
-from distill.param import to_x0
+from distill.core.param import to_x0
 from teachers import load_teacher
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from distill import gits
+from distill.core.grids import make_grid
 from distill.eval.exact import rmse
-from distill.grids import make_grid
 from distill.solvers import sample
-from distill.teleport import GaussianFit, fit_gaussian, gaussian_denoiser, gaussian_flow, handoff_time
+from distill.solvers.prepared.gits import search as gits
+from distill.solvers.prepared.teleport.gaussian import GaussianFit, fit_gaussian, gaussian_denoiser, gaussian_flow, handoff_time
 from teachers import load_teacher
 
 

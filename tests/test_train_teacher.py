@@ -61,7 +61,7 @@ def test_bad_configs_fail_before_any_work(overrides, message):
 
 
 def test_nested_set_overrides_merge_into_the_model_block():
-    from distill.config import parse_overrides
+    from distill.engine.config import parse_overrides
 
     cfg = load_config("configs/teachers/ring8_mlp.yaml", parse_overrides(["model.hidden=32", "max_steps=7"]))
     assert cfg.model == {"hidden": 32, "layers": 3} and cfg.max_steps == 7

@@ -4,15 +4,15 @@ import pytest
 import torch
 from conftest import load_script
 
+from distill.core.schedules import DiscreteVP
 from distill.eval.tune import candidate_times, greedy_timesteps
-from distill.schedules import DiscreteVP
 
 
 @pytest.fixture(scope="module")
 def mnist16_student(tmp_path_factory):
     """The committed mnist16 teacher's network as an untrained one-step student file."""
-    from distill.export import save_student
-    from distill.run_config import StudentConfig
+    from distill.engine.export import save_student
+    from distill.engine.run_config import StudentConfig
     from students.build import build_student
     from teachers import load_teacher
 

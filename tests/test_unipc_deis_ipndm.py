@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import diffusers_float64, diffusers_loop
 
+from distill.core.grids import make_grid
 from distill.eval.exact import ode_reference, rmse
-from distill.grids import make_grid
 from distill.solvers import SOLVERS, sample
 from teachers import load_teacher
 

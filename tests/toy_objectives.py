@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from distill.losses import add_noise, denoising_loss
 from distill.objectives.base import OBJECTIVES, Network, Objective, register_objective
+from distill.objectives.losses import add_noise, denoising_loss
 
 
 @dataclass

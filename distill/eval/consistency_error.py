@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.grids import LAM_FLOOR, explicit_grid
+from distill.core.grids import LAM_FLOOR, explicit_grid
 from distill.solvers import get_solver
 
 

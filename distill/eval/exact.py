@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distill.schedules import Schedule
+from distill.core.schedules import Schedule
 from distill.solvers.common import Point, chart_scale, grid_points
 
 

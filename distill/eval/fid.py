@@ -9,49 +9,15 @@ say little. It is registered with torch-fidelity as ``mnist16-classifier`` so th
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from distill.core.nets import DEFAULT_WEIGHTS, Mnist16Classifier, load_classifier  # noqa: F401  (the extractor's network)
 
 EXTRACTOR = "mnist16-classifier"
 FEATURE = "penultimate"
 INCEPTION = "inception-v3-compat"  # torch-fidelity's Inception (the usual FID features), for RGB images
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "teachers" / "zoo" / "mnist16_classifier.safetensors"
-
-
-class Mnist16Classifier(nn.Module):
-    """Three conv layers (16 -> 8 -> 4 pixels), a 128-d feature layer, a 10-way head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.SiLU(),
-        )
-        self.features = nn.Sequential(nn.Flatten(), nn.Linear(128 * 4 * 4, 128), nn.SiLU())
-        self.head = nn.Linear(128, 10)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """x in [-1, 1], [B, 1, 16, 16] -> [B, 128]."""
-        return self.features(self.conv(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-def load_classifier(path: str | Path | None = None) -> Mnist16Classifier:
-    from safetensors.torch import load_file
-
-    path = Path(path or os.environ.get("MNIST16_CLASSIFIER", DEFAULT_WEIGHTS))
-    if not path.is_file():
-        raise FileNotFoundError(f"no mnist16 classifier weights at {path}; train them with scripts/train_classifier.py")
-    model = Mnist16Classifier()
-    model.load_state_dict(load_file(str(path)))
-    return model.eval().requires_grad_(False)
 
 
 def uint8_images(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from distill.denoisers import classifier_free_guidance
+from distill.core.denoisers import classifier_free_guidance
 from distill.eval.exact import ode_reference, rmse, sliced_wasserstein
 from distill.solvers import get_solver, per_sample_noise, sample
 

@@ -1,6 +1,6 @@
 """Check the bench's FID spread on mnist16: one solver cell on several fresh noise-seed sets against its bootstrap.
 
-    OMP_NUM_THREADS=1 python -m distill.eval.spread_check dpmpp_2m 4 2000 8
+    OMP_NUM_THREADS=1 python scripts/spread_check.py dpmpp_2m 4 2000 8
 
 Seed set k uses noise seeds k*N..(k+1)*N-1 (set 0 is the bench's cell), labels i mod 10, the bench's grid
 (uniform, direct final step) and reference; prints each set's FID and, for the first three sets, the bootstrap
@@ -9,11 +9,8 @@ spread with and without keeping the class counts fixed (``bootstrap_fid_std(...,
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from distill.data import load_dataset
 from distill.eval.fid import bootstrap_fid_std, compute_features, feature_statistics, frechet_distance
 from distill.solvers import per_sample_noise, sample
 
@@ -26,11 +23,10 @@ def cell_features(teacher, solver: str, nfe: int, seeds: range, labels: torch.Te
     return compute_features(x)
 
 
-def main(argv: list[str]) -> None:
-    from teachers import load_teacher
-
-    solver, nfe, n, sets = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    teacher, ref = load_teacher("mnist16"), compute_features(load_dataset("mnist16", "reference").x)
+def spread_check(teacher, reference: torch.Tensor, solver: str, nfe: int, n: int, sets: int, log=print) -> list[float]:
+    """FID of one solver cell on ``sets`` disjoint noise-seed sets of ``n`` samples against ``reference`` images; logs each
+    set's FID and, for the first three sets, the bootstrap spread with and without fixed class counts."""
+    ref = compute_features(reference)
     stats, labels = feature_statistics(ref), torch.arange(n) % 10
     fids = []
     for k in range(sets):
@@ -38,10 +34,6 @@ def main(argv: list[str]) -> None:
         fids.append(frechet_distance(*feature_statistics(f), *stats))
         boot = (f"; bootstrap std {bootstrap_fid_std(f, ref, seed=k):.3f}, with fixed class counts "
                 f"{bootstrap_fid_std(f, ref, seed=k, strata=labels):.3f}") if k < 3 else ""
-        print(f"seed set {k}: FID {fids[-1]:.3f}{boot}", flush=True)
-    print(f"{solver} at {nfe} NFE, {n} samples: std of FID over {sets} seed sets {torch.tensor(fids).std():.3f}")
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    main(sys.argv[1:])
+        log(f"seed set {k}: FID {fids[-1]:.3f}{boot}")
+    log(f"{solver} at {nfe} NFE, {n} samples: std of FID over {sets} seed sets {torch.tensor(fids).std():.3f}")
+    return fids

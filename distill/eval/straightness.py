@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.grids import make_grid
+from distill.core.grids import make_grid
 from distill.solvers import get_solver
 
 

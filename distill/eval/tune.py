@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from distill.grids import spaced_times
+from distill.core.grids import spaced_times
 
 Score = Callable[[list[float]], float]
 

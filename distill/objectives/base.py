@@ -22,7 +22,7 @@ It declares
   (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls;
       ``"data"``: real samples ``batch.x0`` and labels; ``"trajectories"``: rows of a trajectory cache
       ``batch.traj``; ``"pairs"``: target / reference samples the objective makes itself in ``prepare``.
-      ``batch.cond`` is whatever conditions the teacher (``distill.conditioning``): class labels, or for a
+      ``batch.cond`` is whatever conditions the teacher (``distill.core.conditioning``): class labels, or for a
       text-to-image teacher a ``PromptCond`` the trainer encoded once per batch from the dataset's captions, a
       prompt dataset (``dataset: prompts:<file>``, also for objectives without ``"data"``) or a cache's prompt
       indices; with ``"data"`` and a latent teacher, ``batch.x0`` holds VAE latents. Objectives index, move and
@@ -84,7 +84,7 @@ class Batch:
     device: torch.device
     size: int  # per-rank batch size
     x0: torch.Tensor | None = None  # real data ("data")
-    cond: Any = None  # class labels [B], a distill.conditioning.PromptCond (prompts), or None (unconditional)
+    cond: Any = None  # class labels [B], a distill.core.conditioning.PromptCond (prompts), or None (unconditional)
     traj: dict[str, torch.Tensor] | None = None  # trajectory-cache rows ("trajectories")
     extra: dict[str, Any] = field(default_factory=dict)  # filled by Objective.prepare ("pairs", ...)
 
@@ -114,17 +114,17 @@ class Context:
         return value if self.reducer is None or self.num_processes == 1 else self.reducer(value, op)
 
     def teacher_copy(self, trainable: bool = True) -> nn.Module:
-        from distill.roles import teacher_copy
+        from distill.engine.roles import teacher_copy
 
         return teacher_copy(self.teacher, trainable)
 
     def student_copy(self, trainable: bool = False) -> nn.Module:
-        from distill.roles import module_copy
+        from distill.engine.roles import module_copy
 
         return module_copy(self.student, trainable)
 
     def discriminator_head(self, net: nn.Module, **kwargs) -> nn.Module:
-        from distill.roles import discriminator_head
+        from distill.engine.roles import discriminator_head
 
         return discriminator_head(net, self.teacher.data_shape, **kwargs)
 
@@ -176,9 +176,9 @@ class Objective:
 
     def save_result(self, folder: Path, student: nn.Module, ema: nn.Module | None, training_config: dict, final: bool) -> None:
         """Write the run's product into ``folder`` (a checkpoint, or the run folder when ``final``): by default the
-        student file and its EMA, LoRA merged only at the end (``distill.export``)."""
-        from distill.export import EMA_FILE, STUDENT_FILE, save_student
-        from distill.lora import has_lora, save_peft_adapter
+        student file and its EMA, LoRA merged only at the end (``distill.engine.export``)."""
+        from distill.engine.export import EMA_FILE, STUDENT_FILE, save_student
+        from distill.engine.lora import has_lora, save_peft_adapter
 
         save_student(student, folder / STUDENT_FILE, merge_lora=final, training_config=training_config)
         if ema is not None:

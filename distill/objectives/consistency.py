@@ -1,7 +1,7 @@
 """Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2), with the options of LCM and of
 improved consistency training.
 
-On the N-point grid t_1 = t_min < ... < t_N = t_max (a ``distill.grids`` spacing, Karras rho = 7 by default):
+On the N-point grid t_1 = t_min < ... < t_N = t_max (a ``distill.core.grids`` spacing, Karras rho = 7 by default):
 
     x ~ data,  n ~ p(n),  z ~ N(0, I),   x_{t_{n+k}} = alpha(t_{n+k}) x + sigma(t_{n+k}) z
     x^_{t_n} = one step of a registered teacher solver from t_{n+k} to t_n            (no grad)
@@ -22,7 +22,7 @@ Options beyond Algorithm 2:
   * ``guidance_range`` [w_min, w_max]: guidance-distilled students (Meng et al. 2023; LCM, Luo et al. 2023,
     Eq. 9): the teacher step uses classifier-free guidance with w ~ U[w_min, w_max] per sample, and student
     and target take w as an extra embedded input (``student.add_condition("w")``; a UNet2DConditionModel takes it
-    through its ``time_cond_proj_dim`` input as LCM does, ``distill.denoisers.guidance_scale_embedding``); at sampling
+    through its ``time_cond_proj_dim`` input as LCM does, ``distill.core.denoisers.guidance_scale_embedding``); at sampling
     ``student.sample(..., w=2.0)`` picks the scale at no extra NFE (default: the middle of the range). With a
     text-to-image teacher ``cond`` is a ``PromptCond`` and the unconditional branch is the empty (or negative) prompt.
 
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.conditioning import takes_prompts
-from distill.config import ConfigError, at_least, choice
-from distill.denoisers import classifier_free_guidance, guided_prediction
-from distill.grids import GRIDS, make_grid
-from distill.losses import add_noise, distance, grouped_step
+from distill.core.conditioning import takes_prompts
+from distill.core.denoisers import classifier_free_guidance, guided_prediction
+from distill.core.grids import GRIDS, make_grid
+from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import Batch, Network, Objective, ema_update, register_objective, unwrap
+from distill.objectives.losses import add_noise, distance, grouped_step
 from distill.solvers import SOLVERS
 
 TIME_SAMPLINGS = ("uniform", "lognormal")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.conditioning import PromptCond
-from distill.config import at_least, choice
-from distill.denoisers import UNCOND
-from distill.losses import LOSS_SPACES, denoising_loss
+from distill.core.conditioning import PromptCond
+from distill.core.denoisers import UNCOND
+from distill.engine.config import at_least, choice
 from distill.objectives.base import Batch, Network, Objective, register_objective
+from distill.objectives.losses import LOSS_SPACES, denoising_loss
 
 
 @dataclass

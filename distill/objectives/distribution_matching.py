@@ -23,101 +23,19 @@ Notes and pitfalls of the public code: ``../shared/ALGORITHMS.md`` sections 3-5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from distill.conditioning import cat_cond, takes_prompts
-from distill.config import ConfigError, at_least, choice
-from distill.denoisers import NetDenoiser, classifier_free_guidance
-from distill.losses import LOSS_SPACES, add_noise, alpha_sigma, denoising_loss
+from distill.core.conditioning import cat_cond, takes_prompts
+from distill.core.denoisers import NetDenoiser, classifier_free_guidance
+from distill.core.schedules import integer_times, sigma_tilde
+from distill.engine.config import ConfigError
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
-from distill.schedules import integer_times, sigma_tilde
-
-FAKE_SCORES = ("auto", "teacher_copy", "mlp")
-TIME_SAMPLINGS = ("uniform", "karras")
-MULTISTEP_INPUTS = ("backward", "data")
-GAN_FEATURES = ("fake_score", "teacher")
-VSD_WEIGHTINGS = ("uniform", "snr", "eps")
+from distill.objectives.critic import Critic, discriminator_bce, mlp_fake_score
+from distill.objectives.distribution_matching_options import DMD2Options, DMDOptions, DMOptions, SiDOptions, VSDOptions
+from distill.objectives.losses import add_noise, alpha_sigma, denoising_loss
 
 
-# -- options ----------------------------------------------------------------------------------------------
-def _range(default):
-    return field(default_factory=lambda: list(default))
-
-
-@dataclass
-class DMOptions:
-    """Options every objective of the family has (config ``objective:``)."""
-
-    fake_score: str = choice("auto", FAKE_SCORES)  # auto: teacher_copy for a network teacher, mlp for an analytic one
-    fake_hidden: int = at_least(128, 1)  # width of the mlp fake score
-    fake_layers: int = at_least(3, 1)  # residual blocks of the mlp fake score
-    fake_loss_space: str = choice("raw", LOSS_SPACES)  # fake-score denoising loss: the network's own target, or x0
-    time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t: uniform in t, or Karras rho-spacing in sigma/alpha
-    rho: float = at_least(7.0, 1.0)  # Karras rho of time_sampling karras
-    t_range: list = _range([0.02, 0.98])  # [lo, hi] of u for the generator loss (DMD: 2%-98% of the Karras grid)
-    fake_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u for the fake-score loss
-    critic_steps: int = at_least(1, 1)  # fake-score (and head) steps per generator step (TTUR)
-    generator_start_step: int = at_least(0, 0)  # the generator updates from this step on (fake-score warm-up)
-    start_sigma: float | None = at_least(None, 1e-6)  # generator input time as sigma/alpha (SiD: 2.5); null: t_max
-    generator_steps: int = at_least(1, 1, 4)  # k: a k-step generator (2-4: DMD2 backward simulation or noised data)
-    multistep_input: str = choice("backward", MULTISTEP_INPUTS)  # inputs of the later steps of a multi-step generator
-    guidance_scale: float | None = None  # classifier-free guidance of the teacher score (real score = guided teacher)
-
-    def __post_init__(self):
-        for key in ("t_range", "fake_t_range"):
-            check_unit_range(getattr(self, key), f"objective.{key}")
-
-
-@dataclass
-class GanOptions(DMOptions):
-    gan_g_weight: float = at_least(0.0, 0.0)  # generator GAN weight (DMD2: 3e-3)
-    gan_d_weight: float = at_least(0.0, 0.0)  # discriminator BCE weight in the fake-score loss (DMD2: 1e-2)
-    gan_start_step: int = at_least(0, 0)  # GAN terms from this step on (DMD2 adds the GAN late)
-    gan_features: str = choice("fake_score", GAN_FEATURES)  # head on the fake score's bottleneck, or the frozen teacher's
-    gan_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u at which real and fake are noised for the GAN
-    head_hidden: int = at_least(64, 1)  # width of the discriminator head
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_unit_range(self.gan_t_range, "objective.gan_t_range")
-
-
-@dataclass
-class VSDOptions(DMOptions):
-    weighting: str = choice("uniform", VSD_WEIGHTINGS)  # c(t): x0 space (Diff-Instruct), score space (snr), eps space
-    time_sampling: str = choice("uniform", TIME_SAMPLINGS)
-
-
-@dataclass
-class DMDOptions(DMOptions):
-    regression_weight: float = at_least(0.25, 0.0)  # lambda_reg of the (noise, teacher sample) regression (DMD, Eq. 9)
-
-
-@dataclass
-class DMD2Options(GanOptions):
-    critic_steps: int = at_least(5, 1)  # DMD2: dfake_gen_update_ratio 5
-    gan_g_weight: float = at_least(3e-3, 0.0)
-    gan_d_weight: float = at_least(1e-2, 0.0)
-
-
-@dataclass
-class SiDOptions(GanOptions):
-    alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is Uni-Instruct's SIM branch)
-    t_range: list = _range([0.0, 0.8])  # SiD: t ~ U[0, 800/1000] on the Karras grid
-    start_sigma: float | None = at_least(2.5, 1e-6)  # SiD: G(2.5 z, sigma = 2.5)
-
-
-def check_unit_range(value, key: str) -> None:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-    if not ok or not 0.0 <= value[0] <= value[1] <= 1.0:
-        raise ConfigError(f"config key {key!r} is {value!r}; allowed: [lo, hi] with 0 <= lo <= hi <= 1")
-
-
-# -- time sampling ------------------------------------------------------------------------------------------
 def time_of_sigma_tilde(schedule, s: torch.Tensor) -> torch.Tensor:
     return schedule.t_of_lam(-2.0 * s.log())  # lambda = log(alpha^2 / sigma^2)
 
@@ -136,46 +54,6 @@ def times_of_u(schedule, u: torch.Tensor, kind: str, rho: float) -> torch.Tensor
 def sample_u(n: int, g: torch.Generator, lo_hi) -> torch.Tensor:
     lo, hi = lo_hi
     return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
-
-
-# -- networks --------------------------------------------------------------------------------------------------
-def mlp_fake_score(teacher, hidden: int, layers: int, num_classes: int) -> NetDenoiser:
-    """A fresh ``TimeMLP`` v-prediction denoiser on the teacher's schedule (for teachers without a network)."""
-    from distill.nets import TimeMLP
-
-    if len(teacher.data_shape) != 1:
-        raise ConfigError(f"objective.fake_score 'mlp' needs flat data; {teacher.name!r} has shape {list(teacher.data_shape)} "
-                          f"(use teacher_copy)")
-    net = TimeMLP(teacher.data_shape[0], hidden, layers, num_class_embeds=num_classes + 1 if num_classes else None,
-                  time_scale=1000.0 / float(teacher.schedule.t_max))
-    return NetDenoiser(net, teacher.schedule, "v_prediction", null_class_label=num_classes if num_classes else None)
-
-
-class Critic(nn.Module):
-    """The fake score D_fake and, for GAN objectives, a discriminator head: ``forward(x, t, cond)`` is D_fake;
-    ``forward(..., logits=True)`` returns (D_fake, logit per sample) from one network call, the head reading the
-    bottleneck of the fake score (or, with ``teacher_net``, of the frozen teacher: not a submodule)."""
-
-    def __init__(self, score: NetDenoiser, head: nn.Module | None = None, teacher_net: nn.Module | None = None):
-        super().__init__()
-        self.score, self.head = score, head
-        self._teacher_net = [teacher_net]  # a list: not registered, not checkpointed
-
-    @property
-    def schedule(self):
-        return self.score.schedule
-
-    @property
-    def prediction_type(self):
-        return self.score.prediction_type
-
-    def forward(self, x, t, cond=None, *, raw: bool = False, logits: bool = False):
-        if not logits:
-            return self.score(x, t, cond, raw=raw)
-        d, feats = self.score.features(x, t, cond)
-        if self._teacher_net[0] is not None:
-            feats = self._teacher_net[0].features(x, t, cond)[1]
-        return d, self.head(feats)
 
 
 # -- the family ----------------------------------------------------------------------------------------------
@@ -337,10 +215,10 @@ class DistributionMatching(Objective):
                 "real_logit": l_real.mean(), "fake_logit": l_fake.mean()}
 
     def _denoising_error(self, d, x, x_t, t, eps):
-        """The denoising loss of ``distill.losses.denoising_loss`` from a data prediction ``d`` already computed."""
+        """The denoising loss of ``distill.objectives.losses.denoising_loss`` from a data prediction ``d`` already computed."""
         if self.o.fake_loss_space == "x0":
             return (d - x).pow(2).flatten(1).mean(1)
-        from distill.param import from_x0
+        from distill.core.param import from_x0
 
         a, s = alpha_sigma(self.schedule, t, x)
         pt = self.fake.prediction_type
@@ -368,12 +246,6 @@ class DistributionMatching(Objective):
 
     def matching_loss(self, x, x_t, t, cond, nets) -> dict:
         raise NotImplementedError
-
-
-def discriminator_bce(l_real: torch.Tensor, l_fake: torch.Tensor) -> torch.Tensor:
-    """Per-sample non-saturating BCE softplus(-l_real) + softplus(l_fake) (Goodfellow et al. 2014; DMD2, Eq. 4): at its
-    optimum the logit is log p_t / q_t, the density ratio f-distill and Uni-Instruct read."""
-    return F.softplus(-l_real) + F.softplus(l_fake)
 
 
 def gradient_form(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

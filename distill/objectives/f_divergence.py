@@ -26,9 +26,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distill.config import ConfigError, at_least, choice
+from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import register_objective
-from distill.objectives.distribution_matching import DMD, DistributionMatching, GanOptions, _range, gradient_form, sid_loss
+from distill.objectives.critic import discriminator_bce  # noqa: F401  (named in the module doc)
+from distill.objectives.distribution_matching import DMD, DistributionMatching, gradient_form, sid_loss
+from distill.objectives.distribution_matching_options import GanOptions, _range
 
 
 # -- divergences: f, h(r) = f''(r) r^2 and h'' in closed form ------------------------------------------------------

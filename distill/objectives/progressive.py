@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import ConfigError, at_least, choice
-from distill.grids import GRIDS, make_grid
-from distill.losses import add_noise, alpha_sigma
+from distill.core.grids import GRIDS, make_grid
+from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import Batch, Network, Objective, register_objective
+from distill.objectives.losses import add_noise, alpha_sigma
 from distill.solvers.common import ddim_step, grid_points
 
 WEIGHTINGS = ("constant", "snr", "snr_trunc", "v_mse")

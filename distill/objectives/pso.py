@@ -2,7 +2,7 @@
 and the naive baseline (``finetune``). Notes on the released code: ``../shared/ALGORITHMS.md`` section 7.
 
 The reference model p_ref is the student as it was at step 0: with LoRA (config ``lora:``, the default of the
-shipped configs) the same network with its adapters disabled (``distill.roles.lora_disabled``); with full
+shipped configs) the same network with its adapters disabled (``distill.engine.roles.lora_disabled``); with full
 fine-tuning a frozen copy (a checkpointed helper, so a resumed run keeps the step-0 weights).
 
 ``pso`` (offline): a target set (config ``dataset`` + ``dataset_options``) and ``num_references`` reference samples
@@ -21,7 +21,7 @@ with a random reference of its label; the pair shares the noise z and a time t d
 paper's equation numbers were not checked: its full text was out of reach, see ALGORITHMS.md 7 and 13).
 
 ``pso_online``: for each conditioning, two stochastic ``steps``-step trajectories of the current student's
-consistency sampler, x_{k+1} = alpha_{k+1} f(x_k, t_k) + sigma_{k+1} z, ranked by a reward (``distill.rewards``).
+consistency sampler, x_{k+1} = alpha_{k+1} f(x_k, t_k) + sigma_{k+1} z, ranked by a reward (``distill.objectives.rewards``).
 Each re-noising transition is Gaussian, log p(x_{k+1} | x_k) = log N(x_{k+1}; alpha_{k+1} f(x_k, t_k),
 sigma_{k+1}^2 I) averaged over dimensions; per transition r = clip(p_theta / p_ref, 1 - eps, 1 + eps) and
 loss = -log sigmoid(beta (log r_win - log r_lose)), averaged over the steps - 1 stochastic transitions (ties: 0).
@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.config import ConfigError, at_least, choice
-from distill.losses import alpha_sigma, denoising_loss
+from distill.engine.config import ConfigError, at_least, choice
+from distill.engine.roles import lora_disabled
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
 from distill.objectives.diffusion import sample_times
-from distill.rewards import REWARDS, get_reward
-from distill.roles import lora_disabled
+from distill.objectives.losses import alpha_sigma, denoising_loss
+from distill.objectives.rewards import REWARDS, get_reward
 
 LOSSES = ("logistic", "hinge")
 WEIGHTINGS = ("snr", "uniform")
@@ -61,7 +61,7 @@ def inherit_sampling_times(student) -> None:
         return
     import json
 
-    from distill.export import read_student_file
+    from distill.engine.export import read_student_file
 
     meta = read_student_file(lineage["init_from"])[1]
     stored = json.loads(meta.get("sampling_timesteps", "{}"))
@@ -180,7 +180,7 @@ class PSO(FineTuneBase):
 
     def __init__(self, options: PSOOptions, ctx):
         super().__init__(options, ctx)
-        from distill.lora import has_lora
+        from distill.engine.lora import has_lora
 
         if self.num_classes and options.num_references < self.num_classes:
             raise ConfigError(f"config key 'objective.num_references' is {options.num_references}; allowed: at least the "
@@ -267,7 +267,7 @@ class FineTune(FineTuneBase):
 # -- online PSO -----------------------------------------------------------------------------------------------
 @dataclass
 class PSOOnlineOptions:
-    reward: str = choice("class_confidence", sorted(REWARDS))  # distill.rewards name
+    reward: str = choice("class_confidence", sorted(REWARDS))  # distill.objectives.rewards name
     reward_sign: float = choice(1.0, (1.0, -1.0))  # -1: prefer lower rewards (mean_ink -1: thin strokes)
     reward_class: int | None = at_least(None, 0)  # class_confidence of an unconditional student: the requested class
     steps: int = at_least(4, 2)  # trajectory steps (steps - 1 stochastic transitions are trained)
@@ -284,7 +284,7 @@ class PSOOnline(Objective):
 
     def __init__(self, options: PSOOnlineOptions, ctx):
         super().__init__(options, ctx)
-        from distill.lora import has_lora
+        from distill.engine.lora import has_lora
 
         self.student = ctx.student
         if options.inherit_times:

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import ConfigError, at_least, choice
-from distill.losses import DISTANCES, LOSS_SPACES, denoising_loss
+from distill.core.param import eps_from_x0
+from distill.core.schedules import integer_times
+from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import Batch, Network, Objective, register_objective
 from distill.objectives.diffusion import drop_labels
+from distill.objectives.losses import DISTANCES, LOSS_SPACES, denoising_loss
 from distill.objectives.progressive import check_ode_student, ddim_inverse
-from distill.param import eps_from_x0
-from distill.schedules import integer_times
 from distill.solvers.common import grid_points
 
 

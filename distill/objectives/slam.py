@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import at_least
+from distill.core.param import append_dims
+from distill.engine.config import at_least
 from distill.objectives.base import register_objective
 from distill.objectives.consistency import ConsistencyDistillation, ConsistencyOptions
-from distill.param import append_dims
 
 
 @dataclass

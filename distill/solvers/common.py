@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.schedules import Schedule
+from distill.core.schedules import Schedule
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from distill.param import eps_from_x0
+from distill.core.param import eps_from_x0
 from distill.solvers.basic import _emit
 from distill.solvers.common import Point, ddim_step, exp_step, grid_points, multistep_order, multistep_terms, t_batch
 from distill.solvers.registry import register

@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
-from distill.denoisers import CountingDenoiser, classifier_free_guidance
-from distill.grids import CLEAN_FINALS, GRIDS, explicit_grid, make_grid
-from distill.schedules import Schedule
+from distill.core.denoisers import CountingDenoiser, classifier_free_guidance
+from distill.core.grids import CLEAN_FINALS, GRIDS, explicit_grid, make_grid
+from distill.core.schedules import Schedule
 from distill.solvers.registry import get_solver
 
 
@@ -40,11 +40,11 @@ def _load_prepared(options: dict, teacher) -> dict:
     """Solver options given as file paths (``ems``, ``amed``), loaded and checked against the teacher."""
     out = dict(options)
     if isinstance(out.get("ems"), (str, Path)):
-        from distill.solvers.dpm_v3 import EMS
+        from distill.solvers.prepared.dpm_v3.solver import EMS
 
         out["ems"] = EMS.load(out["ems"], teacher)
     if isinstance(out.get("amed"), (str, Path)):
-        from distill.amed import AmedPredictor
+        from distill.solvers.prepared.amed.predictor import AmedPredictor
 
         out["amed"] = AmedPredictor.load(out["amed"], teacher)
     return out
@@ -74,11 +74,11 @@ def sample(
     exactly that many network evaluations) or ``timesteps`` (an explicit decreasing list in the
     teacher's native units, e.g. a diffusers scheduler's ``timesteps``). ``final="clean"`` ends on
     the denoised sample after a step from t_min; ``"direct"`` ends on it straight from the last spaced time
-    (no step spent below t_min, see ``distill.grids``); ``final="t_min"`` stops at t_min. x_T = noise * sqrt(alpha_T^2 + sigma_T^2).
+    (no step spent below t_min, see ``distill.core.grids``); ``final="t_min"`` stops at t_min. x_T = noise * sqrt(alpha_T^2 + sigma_T^2).
     With ``return_info=True`` also returns ``{"nfe": counted, "ts": grid}``.
 
     ``grid`` may also be the path of a GITS grid file (``scripts/gits_search.py``), which holds one searched grid
-    per step count. ``teleport`` (a ``distill.teleport.GaussianFit`` or its file) with ``handoff_sigma`` (an EDM
+    per step count. ``teleport`` (a ``distill.solvers.prepared.teleport.gaussian.GaussianFit`` or its file) with ``handoff_sigma`` (an EDM
     noise level sigma / alpha) jumps from t_max to that level with the closed-form Gaussian solution and spends
     the NFE on a grid from there (with ``timesteps=``, to timesteps[0]); the jump costs no NFE. Solver options
     ``ems`` and ``amed`` may be file paths: they are loaded and checked against the teacher.
@@ -92,7 +92,7 @@ def sample(
         denoiser = classifier_free_guidance(denoiser, guidance_scale)
     t_start = None
     if teleport is not None:
-        from distill.teleport import GaussianFit, gaussian_flow, handoff_time
+        from distill.solvers.prepared.teleport.gaussian import GaussianFit, gaussian_flow, handoff_time
 
         if guidance_scale is not None:
             raise ValueError("teleport has no closed form under classifier-free guidance; drop guidance_scale or teleport")
@@ -106,7 +106,7 @@ def sample(
     if timesteps is not None:
         ts = explicit_grid(schedule, timesteps, final=final)
     elif grid not in GRIDS and str(grid).endswith(".json"):
-        from distill.gits import load_grid
+        from distill.solvers.prepared.gits.search import load_grid
 
         if t_start is not None:
             raise ValueError("a searched grid file fixes its own start; use teleport with timesteps= or a grid kind")

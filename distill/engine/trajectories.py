@@ -1,0 +1,208 @@
+"""Trajectory caches: teacher probability-flow ODE trajectories stored as sharded safetensors + a manifest.
+
+A cache folder holds ``manifest.json`` (format, teacher name and hash, solver, NFE, grid kind, final, the
+grid times ``ts``, guidance scale, seed, sample and shard counts, data shape) and ``shard-00000.safetensors``,
+... with, per sample: ``noise`` (the standard-normal initial noise), ``states`` [K + 1, ...] (the state at
+every grid time, recorded by the solver callback; the last is the solver's output), ``sample`` (= the last
+state) and ``label`` (-1: unconditional). Shard k draws its noise and labels from
+``torch.Generator().manual_seed(seed * 1_000_003 + k)``, so any shard can be regenerated alone.
+
+A text-to-image teacher's cache stores its prompts by reference, never as embeddings: the manifest names a prompt
+dataset (``prompts``: ``prompts:<file>`` or ``prompts:hf:<...>``) and the sha256 of its prompt list
+(``prompts_hash``), sample j is the j-th prompt of that dataset's seeded order (``PromptDataset.order(seed)``), and
+its ``label`` is that prompt's index in the list; ``TrajectoryCache.prompt_texts(labels)`` reads them back, and the
+trainer encodes them with the teacher's (cached) text encoder per batch.
+
+``generate`` resumes: a shard that opens with the expected count is kept, anything else is redone; a folder
+whose manifest disagrees with the settings asked for is refused. ``open_cache`` refuses a cache made by
+another teacher or with other settings. Objectives read rows with ``TrajectoryCache.rows(indices)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from distill.core.conditioning import takes_prompts
+from distill.core.grids import CLEAN_FINALS, make_grid
+from distill.solvers import get_solver, sample
+
+FORMAT = "fewstep-distill/trajectories"
+MANIFEST = "manifest.json"
+MATCH_KEYS = ("format", "teacher_hash", "solver", "nfe", "grid", "final", "guidance_scale", "seed", "num_samples",
+              "shard_size", "data_shape", "class_labels", "prompts", "prompts_hash")
+
+
+def cache_settings(teacher, *, solver: str, nfe: int, num_samples: int, shard_size: int = 1024, grid: str = "logsnr",
+                   final: str = "t_min", guidance_scale: float | None = None, seed: int = 0,
+                   class_labels: bool = False, prompts: str | None = None) -> dict:
+    """The manifest of a cache for these settings (validated: solver, NFE, grid; ``prompts``: a prompt dataset
+    for a text-to-image teacher, module doc)."""
+    if num_samples < 1 or shard_size < 1:
+        raise ValueError(f"num_samples and shard_size must be at least 1, got {num_samples} and {shard_size}")
+    if class_labels and not teacher.num_classes:
+        raise ValueError(f"class_labels needs a class-conditional teacher; {teacher.name!r} has no classes")
+    text_to_image = takes_prompts(teacher)
+    if (prompts is not None) != text_to_image:
+        raise ValueError(f"prompts (a prompt file) go with a text-to-image teacher, and a text-to-image teacher needs "
+                         f"them; teacher {teacher.name!r} is {'text-to-image' if text_to_image else 'not text-to-image'}")
+    steps = get_solver(solver).steps_for_nfe(nfe, final in CLEAN_FINALS)
+    ts = make_grid(teacher.schedule, steps, grid, final=final)
+    return {"format": FORMAT, "teacher": str(teacher.name), "teacher_hash": teacher.hash, "solver": solver, "nfe": nfe,
+            "grid": grid, "final": final, "ts": ts.tolist(), "guidance_scale": guidance_scale, "seed": seed,
+            "num_samples": num_samples, "shard_size": shard_size, "num_shards": math.ceil(num_samples / shard_size),
+            "data_shape": list(teacher.data_shape), "class_labels": class_labels,
+            **({"prompts": prompts, "prompts_hash": _prompt_dataset(prompts).content_hash()} if prompts else {})}
+
+
+def _prompt_dataset(spec: str):
+    from distill.data import load_dataset
+
+    return load_dataset(spec)
+
+
+def check_match(folder: Path, have: dict, want: dict) -> None:
+    for key in MATCH_KEYS:
+        if key in want and have.get(key) != want[key]:
+            raise ValueError(f"trajectory cache {str(folder)!r} was made with {key}={have.get(key)!r}, not the "
+                             f"{want[key]!r} asked for; use another folder or delete this cache")
+
+
+def _shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:05d}.safetensors"
+
+
+def _shard_count(m: dict, k: int) -> int:
+    return min(m["shard_size"], m["num_samples"] - k * m["shard_size"])
+
+
+def shard_complete(path: Path, count: int) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata().get("count") == str(count) and set(f.keys()) == {"noise", "states", "sample", "label"}
+    except Exception:  # missing, truncated or foreign: redo it
+        return False
+
+
+def make_shard(teacher, m: dict, k: int) -> dict[str, torch.Tensor]:
+    """Trajectories of shard ``k``: the solver run on the manifest's grid, every state recorded."""
+    n, g = _shard_count(m, k), torch.Generator().manual_seed(m["seed"] * 1_000_003 + k)
+    noise = torch.randn((n, *m["data_shape"]), generator=g)
+    label = torch.randint(0, teacher.num_classes, (n,), generator=g) if m["class_labels"] else torch.full((n,), -1)
+    cond = label if m["class_labels"] else None
+    if m.get("prompts"):  # sample j: the j-th prompt of the seeded order; label = its index in the prompt list
+        prompts = _prompt_dataset(m["prompts"])
+        label = torch.tensor(prompts.order(m["seed"], k * m["shard_size"] + n)[k * m["shard_size"]:])
+        cond = teacher.encode_prompts([prompts.prompts[j] for j in label.tolist()])
+    states: dict[int, torch.Tensor] = {}
+    ts = m["ts"] if m["final"] == "t_min" else m["ts"][:-1]  # explicit_grid appends the clean point again
+    x = sample(teacher, noise, solver=m["solver"], timesteps=ts, final=m["final"], guidance_scale=m["guidance_scale"],
+               cond=cond, callback=lambda info: states.__setitem__(info["i"], info["x"].clone()))
+    stacked = torch.stack([states[i] for i in range(len(m["ts"]) - 1)] + [x], dim=1)
+    return {"noise": noise, "states": stacked.float().contiguous(), "sample": x.float().contiguous(), "label": label}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **settings) -> Path:
+    """Make (or finish) the cache in ``out``; ``settings`` are those of ``cache_settings``."""
+    from safetensors.torch import save_file
+
+    out, m = Path(out), cache_settings(teacher, **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).is_file():
+        check_match(out, json.loads((out / MANIFEST).read_text()), m)
+    else:
+        _write_json(out / MANIFEST, m)
+    todo = [k for k in range(m["num_shards"]) if not shard_complete(_shard_path(out, k), _shard_count(m, k))]
+    done = m["num_samples"] - sum(_shard_count(m, k) for k in todo)
+    bar = tqdm(total=m["num_samples"], initial=done, desc="trajectories", unit="traj", mininterval=5, disable=not progress)
+    for k in todo:
+        path, count = _shard_path(out, k), _shard_count(m, k)
+        with torch.no_grad():
+            tensors = make_shard(teacher, m, k)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "shard": str(k), "count": str(count)})
+        os.replace(tmp, path)
+        bar.update(count)
+        log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
+    bar.close()
+    return out
+
+
+KEYS = ("noise", "states", "sample", "label")
+
+
+class TrajectoryCache:
+    """A complete cache, read lazily: shards are opened memory-mapped on first use and ``rows`` reads only the
+    rows and keys asked for, so a 100k-sample cache is never loaded whole into each process."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not (self.folder / MANIFEST).is_file():
+            raise FileNotFoundError(f"{str(self.folder)!r} is not a trajectory cache (no {MANIFEST})")
+        self.manifest = m = json.loads((self.folder / MANIFEST).read_text())
+        for k in range(m["num_shards"]):
+            if not shard_complete(_shard_path(self.folder, k), _shard_count(m, k)):
+                raise ValueError(f"trajectory cache {str(self.folder)!r} is incomplete (shard {k} missing or truncated); "
+                                 f"rerun scripts/make_trajectories.py with the same arguments to finish it")
+        self.ts = torch.tensor(m["ts"], dtype=torch.float64)
+        self.num_samples, self.shard_size = m["num_samples"], m["shard_size"]
+        self._open: dict[int, object] = {}
+        self._prompts: list[str] | None = None
+
+    def prompt_texts(self, labels: torch.Tensor) -> list[str]:
+        """The prompts of a text-to-image cache's rows (their ``label``s index the manifest's prompt dataset, whose
+        prompt list must still hash as recorded)."""
+        if self._prompts is None:
+            spec = self.manifest.get("prompts")
+            if not spec:
+                raise ValueError(f"trajectory cache {str(self.folder)!r} holds no prompts (not a text-to-image teacher's)")
+            ds = _prompt_dataset(spec)
+            if ds.content_hash() != self.manifest["prompts_hash"]:
+                raise ValueError(f"the prompts {spec!r} of trajectory cache {str(self.folder)!r} changed since it was made "
+                                 f"(sha256 differs); restore them or make the cache again")
+            self._prompts = ds.prompts
+        return [self._prompts[int(j)] for j in labels.tolist()]
+
+    def _shard(self, k: int):
+        if k not in self._open:
+            from safetensors import safe_open
+
+            self._open[k] = safe_open(str(_shard_path(self.folder, k)), "pt")
+        return self._open[k]
+
+    def rows(self, indices, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The cache rows ``indices`` (global sample numbers, in that order), only ``keys`` (default: all)."""
+        keys = tuple(keys or KEYS)
+        unknown = sorted(set(keys) - set(KEYS))
+        if unknown:
+            raise ValueError(f"unknown trajectory keys {unknown}; allowed: {', '.join(KEYS)}")
+        picked: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+        for i in torch.as_tensor(indices).tolist():
+            shard, local = divmod(int(i), self.shard_size)
+            f = self._shard(shard)
+            for key in keys:
+                picked[key].append(f.get_slice(key)[local:local + 1])
+        return {key: torch.cat(parts) for key, parts in picked.items()}
+
+    def __getstate__(self):  # open shard handles are not picklable; reopen after a copy
+        return {**self.__dict__, "_open": {}}
+
+
+def open_cache(folder: str | Path, **expect) -> TrajectoryCache:
+    """Open a cache, refusing it unless every given manifest key (``teacher_hash=...``, ``solver=...``) matches."""
+    cache = TrajectoryCache(folder)
+    check_match(cache.folder, cache.manifest, expect)
+    return cache

@@ -1,0 +1,67 @@
+"""The bench end to end, as ``scripts/bench.py`` runs it: the device check, placing the teacher, ``parse_methods``'
+solvers and variants planned into cells and run (``benchmark``), then the table and the pictures redrawn from the
+files (``redraw``, also alone for ``--plot-only``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distill.eval.bench.cells import plan_cells
+from distill.eval.bench.config import COST_PNG, CSV, DATA_KINDS, PNG, TABLE, TEACHER_COST, BenchConfig, is_analytic
+from distill.eval.bench.plots import plot_bench, plot_cost, save_method_grids
+from distill.eval.bench.rows import read_bench_rows, run_bench
+from distill.eval.bench.tables import markdown_table
+
+
+def check_device(device: str) -> None:
+    """A CUDA device needs a GPU that torch sees."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} needs a GPU, but torch sees none; use --device cpu")
+
+
+def place_teacher(teacher, device: str) -> None:
+    """Move a network teacher to ``device`` (an analytic teacher stays where it is: its samples follow the noise)."""
+    if not is_analytic(teacher) and hasattr(teacher, "to"):
+        teacher.to(device)
+
+
+def benchmark(teacher, cfg: BenchConfig, metric, out: str | Path, solvers: list[str], nfes: list[int], *,
+              students: dict | None = None, student_steps: list[int] = (), student_columns: dict | None = None,
+              command: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Every solver (and ``cfg.variants`` label) at every NFE it can spend exactly and every student at every step
+    count, run where not yet in ``out/fid_vs_nfe.csv`` (``run_bench``), then the table and the pictures redrawn
+    (``redraw``). ``command``, the command line, is first appended to ``out/commands.txt``. Returns the CSV's rows."""
+    out, students = Path(out), students or {}
+    cells = plan_cells(solvers, nfes, list(students), student_steps, log=log, variants=cfg.variants)
+    out.mkdir(parents=True, exist_ok=True)
+    if command is not None:
+        with open(out / "commands.txt", "a") as f:
+            f.write(command + "\n")
+    rows = run_bench(teacher, cells, cfg, metric, out, students=students, student_columns=student_columns, log=log)
+    redraw(out)
+    return rows
+
+
+def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
+    """fid_vs_nfe.png, fid_vs_cost.png (when students record their cost), the table and the sample grids, from the
+    files in ``out``; with ``plot_with`` also fid_vs_nfe_with_<names>.png, adding those folders' cells."""
+    out, plot_with = Path(out), [Path(f) for f in plot_with]
+    rows = read_bench_rows(out / CSV)
+    if not any(r["kind"] not in DATA_KINDS for r in rows):
+        raise FileNotFoundError(f"no benchmark cells in {out / CSV}")
+    if plot_with:  # one more picture with the cells of other folders of the same settings (e.g. the classic solvers)
+        others = []
+        for folder in plot_with:
+            if not (folder / CSV).is_file():
+                raise FileNotFoundError(f"no {CSV} in {folder} (--plot-with)")
+            others += [r for r in read_bench_rows(folder / CSV) if r["kind"] not in DATA_KINDS]
+        plot_bench(others + rows, out / PNG.replace(".png", "_with_" + "_".join(f.name for f in plot_with) + ".png"))
+    plot_bench(rows, out / PNG)
+    teacher_cost = json.loads((out / TEACHER_COST).read_text()) if (out / TEACHER_COST).is_file() else None
+    plot_cost(rows, out / COST_PNG, teacher_cost)
+    (out / TABLE).write_text(markdown_table(rows))
+    save_method_grids(out)

@@ -1,0 +1,92 @@
+"""The config options of the distribution-matching family (``objective:`` in a run config): what every objective of
+the family takes (``DMOptions``), the GAN term's (``GanOptions``), and each method's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distill.engine.config import ConfigError, at_least, choice
+from distill.objectives.losses import LOSS_SPACES
+
+FAKE_SCORES = ("auto", "teacher_copy", "mlp")
+TIME_SAMPLINGS = ("uniform", "karras")
+MULTISTEP_INPUTS = ("backward", "data")
+GAN_FEATURES = ("fake_score", "teacher")
+VSD_WEIGHTINGS = ("uniform", "snr", "eps")
+
+
+# -- options ----------------------------------------------------------------------------------------------
+def _range(default):
+    return field(default_factory=lambda: list(default))
+
+
+@dataclass
+class DMOptions:
+    """Options every objective of the family has (config ``objective:``)."""
+
+    fake_score: str = choice("auto", FAKE_SCORES)  # auto: teacher_copy for a network teacher, mlp for an analytic one
+    fake_hidden: int = at_least(128, 1)  # width of the mlp fake score
+    fake_layers: int = at_least(3, 1)  # residual blocks of the mlp fake score
+    fake_loss_space: str = choice("raw", LOSS_SPACES)  # fake-score denoising loss: the network's own target, or x0
+    time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t: uniform in t, or Karras rho-spacing in sigma/alpha
+    rho: float = at_least(7.0, 1.0)  # Karras rho of time_sampling karras
+    t_range: list = _range([0.02, 0.98])  # [lo, hi] of u for the generator loss (DMD: 2%-98% of the Karras grid)
+    fake_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u for the fake-score loss
+    critic_steps: int = at_least(1, 1)  # fake-score (and head) steps per generator step (TTUR)
+    generator_start_step: int = at_least(0, 0)  # the generator updates from this step on (fake-score warm-up)
+    start_sigma: float | None = at_least(None, 1e-6)  # generator input time as sigma/alpha (SiD: 2.5); null: t_max
+    generator_steps: int = at_least(1, 1, 4)  # k: a k-step generator (2-4: DMD2 backward simulation or noised data)
+    multistep_input: str = choice("backward", MULTISTEP_INPUTS)  # inputs of the later steps of a multi-step generator
+    guidance_scale: float | None = None  # classifier-free guidance of the teacher score (real score = guided teacher)
+
+    def __post_init__(self):
+        for key in ("t_range", "fake_t_range"):
+            check_unit_range(getattr(self, key), f"objective.{key}")
+
+
+@dataclass
+class GanOptions(DMOptions):
+    gan_g_weight: float = at_least(0.0, 0.0)  # generator GAN weight (DMD2: 3e-3)
+    gan_d_weight: float = at_least(0.0, 0.0)  # discriminator BCE weight in the fake-score loss (DMD2: 1e-2)
+    gan_start_step: int = at_least(0, 0)  # GAN terms from this step on (DMD2 adds the GAN late)
+    gan_features: str = choice("fake_score", GAN_FEATURES)  # head on the fake score's bottleneck, or the frozen teacher's
+    gan_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u at which real and fake are noised for the GAN
+    head_hidden: int = at_least(64, 1)  # width of the discriminator head
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_unit_range(self.gan_t_range, "objective.gan_t_range")
+
+
+@dataclass
+class VSDOptions(DMOptions):
+    weighting: str = choice("uniform", VSD_WEIGHTINGS)  # c(t): x0 space (Diff-Instruct), score space (snr), eps space
+    time_sampling: str = choice("uniform", TIME_SAMPLINGS)
+
+
+@dataclass
+class DMDOptions(DMOptions):
+    regression_weight: float = at_least(0.25, 0.0)  # lambda_reg of the (noise, teacher sample) regression (DMD, Eq. 9)
+
+
+@dataclass
+class DMD2Options(GanOptions):
+    critic_steps: int = at_least(5, 1)  # DMD2: dfake_gen_update_ratio 5
+    gan_g_weight: float = at_least(3e-3, 0.0)
+    gan_d_weight: float = at_least(1e-2, 0.0)
+
+
+@dataclass
+class SiDOptions(GanOptions):
+    alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is Uni-Instruct's SIM branch)
+    t_range: list = _range([0.0, 0.8])  # SiD: t ~ U[0, 800/1000] on the Karras grid
+    start_sigma: float | None = at_least(2.5, 1e-6)  # SiD: G(2.5 z, sigma = 2.5)
+
+
+def check_unit_range(value, key: str) -> None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or not 0.0 <= value[0] <= value[1] <= 1.0:
+        raise ConfigError(f"config key {key!r} is {value!r}; allowed: [lo, hi] with 0 <= lo <= hi <= 1")
+
+
+# -- time sampling ------------------------------------------------------------------------------------------

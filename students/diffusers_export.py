@@ -1,0 +1,151 @@
+"""A UNet student as a diffusers pipeline folder: ``save_diffusers`` writes ``unet/`` (LoRA merged), ``scheduler/`` (the
+project's ``FewStepScheduler``), ``model_index.json`` and ``student.json``; a prompt-conditioned student also gets the
+vae, text encoder and tokenizer of its teacher's folder. ``check_diffusers_exportable`` says before any write why a
+student cannot be saved this way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.engine.export import FORMAT
+from distill.engine.lora import has_lora, merged_copy
+from students.diffusers_scheduler import FewStepScheduler
+from teachers.sd_pipeline import pipeline_hash
+
+
+def diffusers_scheduler(student):
+    """The ``FewStepScheduler`` that samples ``student`` in a diffusers pipeline."""
+    timesteps = {str(k): student.sampling_timesteps(k).tolist() for k in student.sampling_steps}
+    return FewStepScheduler(schedule=student.schedule.config(), prediction_type=student.prediction_type,
+                            time_scale=student.time_scale, parameterization=student.parameterization,
+                            sigma_data=student.sigma_data, sampler=student.sampler, sampling_timesteps=timesteps)
+
+
+PROMPT_COMPONENTS = ("vae", "text_encoder", "tokenizer")  # what a prompt student's pipeline folder takes from its teacher
+
+
+def _takes_w(student) -> bool:
+    """Whether the student takes the guidance scale through its UNet's ``timestep_cond`` input (LCM's w)."""
+    from distill.core.denoisers import TimestepCondition
+
+    return any(isinstance(c, TimestepCondition) for c in student.conditions.values())
+
+
+def teacher_folder_of(student, teacher_folder: str | Path | None = None) -> Path:
+    """The text-to-image teacher folder whose vae, text encoder and tokenizer a prompt student's pipeline folder copies:
+    ``teacher_folder``, else the one the student file names; checked against the student's ``teacher_hash``."""
+    root = Path(teacher_folder or student.info.get("teacher", ""))
+    if not (root / "model_index.json").is_file() or not all((root / name).is_dir() for name in PROMPT_COMPONENTS):
+        raise FileNotFoundError(f"a prompt-conditioned student's pipeline folder takes {', '.join(PROMPT_COMPONENTS)} from "
+                                f"its teacher, but {str(root)!r} is not a pipeline folder with them: pass the teacher's "
+                                f"folder (scripts/export.py --teacher DIR)")
+    expected = student.info.get("teacher_hash")
+    if expected and pipeline_hash(root) != expected:
+        raise ValueError(f"{str(root)!r} is not the teacher this student was distilled from (its content hash differs); "
+                         f"pass that teacher's folder (scripts/export.py --teacher DIR)")
+    return root
+
+
+def check_diffusers_exportable(student, teacher_folder: str | Path | None = None) -> None:
+    """Raise ValueError / FileNotFoundError (one sentence) unless ``save_diffusers`` can save ``student``: call it before
+    writing anything."""
+    if not hasattr(student.net, "save_pretrained"):
+        raise ValueError(f"only diffusers networks can be saved as a diffusers folder (--diffusers), not "
+                         f"{type(student.net).__name__}")
+    prompts = student.info.get("conditioning") == "prompts"
+    foldable = set(_foldable_conditions(student)) if _bias_site(student.net) is not None else set()
+    extra = [name for name in student.conditions
+             if not (prompts and _takes_w(student) and name == "w") and name not in foldable]
+    if extra:
+        raise ValueError(f"a student with extra inputs ({', '.join(extra)}) that have no sampling default cannot be "
+                         f"sampled by a stock diffusers pipeline, whose UNet call passes none; use students.load_student instead")
+    if student.sampler == "ode" and student.sampler_solver != "euler":
+        raise ValueError(f"the exported scheduler samples an ode student with DDIM (euler) steps, not "
+                         f"{student.sampler_solver!r}; use students.load_student instead")
+    if prompts:
+        teacher_folder_of(student, teacher_folder)
+
+
+def _foldable_conditions(student) -> dict:
+    """Extra scalar inputs added to the time embedding that have a sampling default (SLAM's gamma = 1)."""
+    from distill.core.denoisers import ScalarEmbedding
+
+    return {name: emb for name, emb in student.conditions.items()
+            if isinstance(emb, ScalarEmbedding) and emb.config.get("default") is not None}
+
+
+def _bias_site(net):
+    """The last bias of a diffusers UNet's time embedding when nothing follows it (no ``post_act``), else None."""
+    site = getattr(net, "time_embedding", None)
+    linear = getattr(site, "linear_2", None)
+    return linear.bias if linear is not None and linear.bias is not None and site.post_act is None else None
+
+
+def fold_default_conditions(student, net):
+    """``net``, or a copy whose time-embedding output bias holds each foldable input's embedding at its default: the
+    embedding is a constant added to that output (``NetDenoiser.add_condition``), so a stock pipeline, which passes no
+    such input, computes what ``Student.sample`` computes at the default (up to float32 rounding of the sum)."""
+    folded = _foldable_conditions(student)
+    if not folded:
+        return net
+    net = copy.deepcopy(net)
+    bias = _bias_site(net)
+    with torch.no_grad():
+        for emb in folded.values():
+            bias += emb(torch.tensor([float(emb.config["default"])], device=bias.device))[0].to(bias.dtype)
+    return net
+
+
+def _prompt_pipeline_index(student, teacher_root: Path, net_class: str) -> dict:
+    """model_index.json of a prompt student: LatentConsistencyModelPipeline when it takes w through ``timestep_cond``
+    (the pipeline embeds guidance_scale - 1, as the student does), else StableDiffusionPipeline (call it with
+    guidance_scale=1: the student is sampled without CFG)."""
+    import diffusers
+
+    teacher_index = json.loads((teacher_root / "model_index.json").read_text())
+    pipeline = "LatentConsistencyModelPipeline" if _takes_w(student) else "StableDiffusionPipeline"
+    return {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+            **{name: teacher_index[name] for name in PROMPT_COMPONENTS}, "unet": ["diffusers", net_class],
+            "scheduler": ["students.diffusers_scheduler", "FewStepScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+
+
+def save_diffusers(student, folder: str | Path, teacher_folder: str | Path | None = None) -> Path:
+    """Save a UNet student as a pipeline folder stock diffusers loads: ``unet/`` (LoRA merged), ``scheduler/`` (the
+    project's ``FewStepScheduler``, which samples exactly as ``Student.sample``), ``model_index.json`` and
+    ``student.json`` (the student file's metadata). A pixel student is a ``ConsistencyModelPipeline``; a
+    prompt-conditioned one a ``LatentConsistencyModelPipeline`` (w through ``timestep_cond``) or a
+    ``StableDiffusionPipeline``, with ``vae/``, ``text_encoder/`` and ``tokenizer/`` copied from its teacher's folder
+    (``teacher_folder_of``). Extra inputs with a sampling default (SLAM's gamma) are folded into the UNet
+    (``fold_default_conditions``)."""
+    check_diffusers_exportable(student, teacher_folder)
+    teacher_root = teacher_folder_of(student, teacher_folder) if student.info.get("conditioning") == "prompts" else None
+    net = fold_default_conditions(student, merged_copy(student.net) if has_lora(student.net) else student.net)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        net.save_pretrained(tmp / "unet")
+        meta = {**student.metadata(), "format": FORMAT, "network_class": type(net).__name__, "lora": "null"}
+        (tmp / "student.json").write_text(json.dumps(meta, indent=1, sort_keys=True))  # safetensors metadata comes in any order
+        diffusers_scheduler(student).save_pretrained(tmp / "scheduler")
+        if teacher_root is None:
+            index = {"_class_name": "ConsistencyModelPipeline", "unet": ["diffusers", type(net).__name__],
+                     "scheduler": ["students.diffusers_scheduler", "FewStepScheduler"]}
+        else:
+            index = _prompt_pipeline_index(student, teacher_root, type(net).__name__)
+            for name in PROMPT_COMPONENTS:
+                shutil.copytree(teacher_root / name, tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there when a write or the rename failed
+    return folder
