@@ -110,6 +110,10 @@ class Student(NetDenoiser):
         return parameterize(self.parameterization, self.schedule, self.sigma_data, x, t, self.denoise(x, t, cond, **extra))
 
     # -- sampling ---------------------------------------------------------------------------------------
+    def from_data_prediction(self, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """f(x, t) from a data prediction ``d`` made outside ``denoise`` (SLAM's official form converts eps itself)."""
+        return parameterize(self.parameterization, self.schedule, self.sigma_data, x, t, d)
+
     def sampling_timesteps(self, steps: int) -> torch.Tensor:
         """The ``steps`` decreasing times of a ``steps``-step sample, starting at t_max."""
         stored = self.info.get("sampling_timesteps", {}).get(str(steps))

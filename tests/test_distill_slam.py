@@ -1,5 +1,5 @@
 """SLAM and guidance-distilled consistency students: SLAM at gamma = 1 is consistency distillation, the sub-path
-point and its effective noise level against a Monte-Carlo estimate on the analytic teacher, eps / v / x / flow
+point lies on the teacher's trajectory for real distillation pairs, the official form, eps / v / x / flow
 teachers agree, w-conditioned students, the iCT options, and resume."""
 
 import csv
@@ -11,12 +11,14 @@ import torch
 from distill_helpers import run, same_tensors, tiny_cfg
 from torch import nn
 
+from distill.core.grids import explicit_grid
 from distill.core.param import PREDICTION_TYPES, from_x0
 from distill.engine.config import ConfigError
 from distill.objectives.base import Batch, Context
 from distill.objectives.consistency import ConsistencyDistillation, ConsistencyOptions, curriculum_scales, lognormal_weights
-from distill.objectives.losses import add_noise
-from distill.objectives.slam import SlamOptions, SubPathLinearApproximation, sub_path_point
+from distill.objectives.losses import add_noise, grouped_step
+from distill.objectives.slam import SlamOptions, SubPathLinearApproximation, effective_sigma2, sub_path_point
+from distill.solvers import SOLVERS
 from students import build_student, load_student
 from students.student import Student
 from teachers import load_teacher
@@ -46,37 +48,79 @@ def test_slam_at_gamma_one_equals_the_cd_loss_on_the_same_batch(tmp_path, option
     assert not torch.allclose(cd.loss("student", nets_cd, _batch(teacher)), slam.loss("student", nets_slam, _batch(teacher)))
 
 
-# -- the sub-path point and its effective noise level ----------------------------------------------------
+# -- the sub-path point and its label -------------------------------------------------------------------------
+def _ode(teacher, x, t_from: float, t_to: float, steps: int = 400):
+    """A fine solve of the teacher's ODE from t_from to t_to (uniform in log-SNR), the reference trajectory."""
+    sched = teacher.schedule
+    lams = torch.linspace(float(sched.lam(torch.tensor([t_from]))), float(sched.lam(torch.tensor([t_to]))), steps + 1)
+    grid = explicit_grid(sched, sched.t_of_lam(lams.double()).tolist(), final="t_min")
+    return SOLVERS["dpmpp_2m"].fn(teacher.denoise, x, grid, schedule=sched)
+
+
+def _relabelled_by_official_sigma(sched, x_s, t_s, x_e, t_e, gamma):
+    """The label before 0.2.0: z_gamma at the time whose noise std is the official code's s_gamma (independent noise)."""
+    (la_s, ls_s), (la_e, ls_e) = sched.log_alpha_sigma(t_s), sched.log_alpha_sigma(t_e)
+    r = (la_s - la_e).exp()
+    z = gamma[:, None] * x_s + (1 - gamma[:, None]) * float(r[0]) * x_e
+    t_g = sched.t_of_lam(la_s - effective_sigma2(la_s, ls_s, la_e, ls_e, gamma).log() / 2)
+    return z * float((sched.log_alpha_sigma(t_g)[0] - la_s).exp()[0]), t_g
+
+
 @pytest.mark.parametrize("spec", ["gmm:ring8", "gmm:ring8@rectified_flow"])
-def test_sub_path_point_and_effective_noise_level_match_a_monte_carlo_estimate(spec):
-    """With x_e = alpha_e x0 + sigma_e eps and x_s its forward transition to t_s (the drift model behind SLAM's
-    sigma~), z_gamma is a forward-process state at t_gamma: its noise around alpha(t_gamma) x0 has the variance
-    sigma(t_gamma)^2, and the analytic teacher denoises it exactly as well as a true x_{t_gamma} (same MMSE)."""
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_sub_path_point_lies_on_the_teachers_trajectory_for_real_distillation_pairs(spec, solver):
+    """x_e is the teacher's own step from x_s (CD's pair, shared noise): the labelled z_gamma lies within the teacher's
+    (DDIM) step error of the fine ODE solution at its label; the label by the official s_gamma (independent noise,
+    the form used before 0.2.0) misses it by more."""
     teacher = load_teacher(spec)
-    sched, n, g = teacher.schedule, 200_000, torch.Generator().manual_seed(0)
+    sched, n, g = teacher.schedule, 512, torch.Generator().manual_seed(0)
     x0 = teacher.sample_data(n, generator=g)
-    t_s, t_e = torch.full((n,), 0.55, dtype=torch.float64), torch.full((n,), 0.3, dtype=torch.float64)
-    a_s, s_s, a_e, s_e = (float(f(t)[0]) for f, t in ((sched.alpha, t_s), (sched.sigma, t_s), (sched.alpha, t_e),
-                                                        (sched.sigma, t_e)))
-    r = a_s / a_e
-    x_e = add_noise(sched, x0, torch.randn(x0.shape, generator=g, dtype=x0.dtype), t_e)
-    x_s = r * x_e + (s_s**2 - (r * s_e) ** 2) ** 0.5 * torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-    ref_noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-    for gamma in (0.0, 0.3, 0.7, 1.0):
-        z, t_g = sub_path_point(sched, x_s, t_s, x_e, t_e, torch.full((n,), gamma, dtype=torch.float64))
-        a_g, s_g = float(sched.alpha(t_g[:1])), float(sched.sigma(t_g[:1]))
-        assert torch.allclose(z * a_s / a_g, gamma * x_s + (1 - gamma) * r * x_e, atol=1e-12)  # the sub-path point
-        assert float(t_e[0]) - 1e-9 <= float(t_g[0]) <= float(t_s[0]) + 1e-9
-        var = (z - a_g * x0).var(0)  # Monte-Carlo noise variance per dimension
-        assert torch.allclose(var, torch.full_like(var, s_g**2), rtol=0.02), (gamma, var, s_g**2)
-        mse = (teacher.denoise(z, t_g) - x0).pow(2).sum(1).mean()
-        mmse = (teacher.denoise(add_noise(sched, x0, ref_noise, t_g), t_g) - x0).pow(2).sum(1).mean()
-        assert abs(float(mse / mmse) - 1) < 0.03, (gamma, float(mse), float(mmse))
-    # the linear-in-gamma noise level (no quadrature) is measurably another one: the test can tell them apart
-    lin = 0.5 * s_s + 0.5 * r * s_e
-    quad = (float(sched.sigma(sub_path_point(sched, x_s[:1], t_s[:1], x_e[:1], t_e[:1], torch.tensor([0.5]))[1])) /
-            float(sched.alpha(sub_path_point(sched, x_s[:1], t_s[:1], x_e[:1], t_e[:1], torch.tensor([0.5]))[1])) * a_s)
-    assert abs(quad / lin - 1) > 0.02
+    for ts, te in ((0.55, 0.5), (0.9, 0.85), (0.3, 0.26)):  # steps of CD's size (18-40 scales over [0, 1])
+        t_s, t_e = torch.full((n,), ts, dtype=torch.float64), torch.full((n,), te, dtype=torch.float64)
+        x_s = add_noise(sched, x0, torch.randn(x0.shape, generator=g, dtype=x0.dtype), t_s)
+        x_e = grouped_step(SOLVERS[solver].fn, teacher.denoise, x_s, t_s, t_e, sched)
+        # the error of a first-order (DDIM) step: the sub-path is a line, so this bounds its error whatever the solver
+        ddim = grouped_step(SOLVERS["euler"].fn, teacher.denoise, x_s, t_s, t_e, sched)
+        step_error = (ddim - _ode(teacher, x_s, ts, te)).pow(2).mean().sqrt()
+        for gamma in (0.2, 0.5, 0.8):
+            gam = torch.full((n,), gamma, dtype=torch.float64)
+            z, t_g = sub_path_point(sched, x_s, t_s, x_e, t_e, gam)
+            assert te < float(t_g[0]) < ts
+            error = (z - _ode(teacher, x_s, ts, float(t_g[0]))).pow(2).mean().sqrt()
+            assert error <= step_error + 1e-4, (ts, te, gamma, float(error), float(step_error))
+            z_old, t_old = _relabelled_by_official_sigma(sched, x_s, t_s, x_e, t_e, gam)
+            old_error = (z_old - _ode(teacher, x_s, ts, float(t_old[0]))).pow(2).mean().sqrt()
+            assert old_error > 1.3 * error + 1e-4, (ts, te, gamma, float(old_error), float(error))
+            assert old_error > step_error, (ts, te, gamma, float(old_error), float(step_error))
+
+
+def test_official_form_converts_eps_at_t_s_with_its_own_noise_std(tmp_path):
+    """The official form (SPLAM code): the student at time t_{n+k} with the gamma code, eps -> x0 with s_gamma; at
+    gamma = 1, s_gamma = sigma_s, so it is the student's own f(x_s, t_s), for eps and v students alike."""
+    teacher = load_teacher("gmm:ring8")
+    student = _student(tmp_path, "student.prediction_type=epsilon", "student.arch=mlp")
+    slam = SubPathLinearApproximation(SlamOptions(num_scales=8, sub_path="official"), Context(teacher, student))
+    batch = _batch(teacher)
+    p = slam.pair(batch)
+    ones = torch.ones(len(p.x_next), dtype=torch.float64)
+    with torch.no_grad():
+        f_one = slam.official_student(slam.student, p, ones, None)
+        assert torch.allclose(f_one, slam.student(p.x_next, p.t_next, None, gamma=ones), atol=1e-5)
+        half = torch.full_like(ones, 0.5)
+        (la_s, ls_s), (la_e, ls_e) = (teacher.schedule.log_alpha_sigma(t.double()) for t in (p.t_next, p.t_cur))
+        r = (la_s - la_e).exp()[:, None].float()
+        z = 0.5 * p.x_next + 0.5 * r * p.x_cur
+        eps = slam.student(z, p.t_next, None, raw=True, gamma=half)
+        s_g = effective_sigma2(la_s, ls_s, la_e, ls_e, half).sqrt()[:, None].float()
+        x0 = (z - s_g * eps) / la_s.exp()[:, None].float()
+        assert torch.allclose(slam.official_student(slam.student, p, half, None),
+                              slam.student.from_data_prediction(z, p.t_next, x0), atol=1e-5)
+    # a v-prediction student: its output read as the eps it means at t_{n+k}, then the same conversion
+    v_student = _student(tmp_path, "student.prediction_type=v_prediction", "student.arch=mlp")
+    v_slam = SubPathLinearApproximation(SlamOptions(num_scales=8, sub_path="official"), Context(teacher, v_student))
+    with torch.no_grad():
+        assert torch.allclose(v_slam.official_student(v_slam.student, p, ones, None),
+                              v_slam.student(p.x_next, p.t_next, None, gamma=ones), atol=1e-5)
 
 
 # -- every teacher parameterization through the one conversion -------------------------------------------
