@@ -83,3 +83,34 @@ def test_every_distill_config_loads_and_validates(path):
     objective's own options), and its objective section names its objective."""
     cfg = load_run_config(path)
     assert cfg.objective["name"] == yaml.safe_load(path.read_text())["objective"]["name"]
+
+
+# -- each objective's reference optimizer is its default --------------------------------------------------------------
+@pytest.mark.parametrize("config, expected", [
+    ("sid_ring8.yaml", (0.0, 0.999)),  # SiD's released sid_train.py: Adam betas (0, 0.999) for both networks
+    ("uni_instruct_aniso2d.yaml", (0.0, 0.999)),  # Uni-Instruct, on SiD's code: the same
+    ("dmd2_ring8.yaml", (0.9, 0.999)),  # no reference declared: Adam's defaults
+    ("cd_ring8.yaml", (0.9, 0.999)),
+])
+def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_them(tmp_path, config, expected):
+    from distill.engine.run_setup import resolve_settings
+    from distill.engine.train import start
+    from students import build_student
+    from teachers import load_teacher
+
+    def betas_of(cfg):
+        run_, _ = start(cfg, load_teacher=load_teacher, build_student=build_student, resume=None, log=lambda m: None)
+        found = {spec.name: resolve_settings(cfg, spec).betas for spec in run_.objective.networks()}
+        optimizers = {name: tuple(opt.param_groups[0]["betas"]) for name, opt in run_.opts.items()}
+        assert found == optimizers
+        return found
+
+    from distill.engine.config import parse_overrides
+
+    def cfg(out, *extra):
+        return load_run_config(ROOT / "configs" / "distill" / config, parse_overrides(["max_steps=1", f"output_dir={out}", *extra]))
+
+    default = betas_of(cfg(tmp_path / "a"))
+    assert set(default.values()) == {expected}
+    chosen = betas_of(cfg(tmp_path / "b", "optim.betas=[0.5,0.99]"))  # the config's value wins
+    assert set(chosen.values()) == {(0.5, 0.99)}

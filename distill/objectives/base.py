@@ -69,7 +69,7 @@ class Network:
     every: int = 1  # update on steps with step % every == offset
     offset: int = 0
     lr: float | None = None
-    betas: tuple[float, float] | None = None
+    betas: tuple[float, float] | None = None  # the method's reference betas: used when the config sets none
     weight_decay: float | None = None
     grad_clip: float | None = None
     param_groups: list[dict] = field(default_factory=list)

@@ -124,9 +124,12 @@ class DistributionMatching(Objective):
         return ts
 
     # -- the engine interface ------------------------------------------------------------------------------
+    reference_betas: tuple[float, float] | None = None  # Adam betas of the method's released code, for both networks
+
     def networks(self) -> list[Network]:
         k = self.o.critic_steps
-        return [Network("student", self.student, every=k, offset=k - 1), Network("fake_score", self.fake)]
+        betas = self.reference_betas
+        return [Network("student", self.student, every=k, offset=k - 1, betas=betas), Network("fake_score", self.fake, betas=betas)]
 
     def updates(self, step: int) -> list[str]:
         names = super().updates(step)
@@ -328,6 +331,7 @@ class SiD(DistributionMatching):
     name = "sid"
     Options = SiDOptions
     has_gan = True
+    reference_betas = (0.0, 0.999)  # Adam betas of both optimizers in the released sid_train.py (g_beta1 default 0)
 
     def matching_loss(self, x, x_t, t, cond, nets):
         d_real, d_fake = self.real(x_t, t, cond), nets["fake_score"](x_t, t, cond)  # gradients through x_t

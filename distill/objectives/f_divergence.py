@@ -192,6 +192,7 @@ class UniInstruct(RatioWeighted):
 
     name = "uni_instruct"
     Options = UniInstructOptions
+    reference_betas = (0.0, 0.999)  # built on SiD's code: the same Adam betas for both networks
 
     def matching_loss(self, x, x_t, t, cond, nets):
         d_real = self.real(x_t, t, cond)
