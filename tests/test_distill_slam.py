@@ -94,6 +94,15 @@ def test_sub_path_point_lies_on_the_teachers_trajectory_for_real_distillation_pa
             assert old_error > step_error, (ts, te, gamma, float(old_error), float(step_error))
 
 
+def test_sub_path_point_at_a_flow_teachers_pure_noise_end_is_finite():
+    """At t_s = 1 of a rectified-flow teacher alpha_s = 0: z_gamma = gamma x_s lies at t = 1 and is read as x_s itself."""
+    sched = load_teacher("gmm:ring8@rectified_flow").schedule
+    x_s, x_e = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    t_s, t_e = torch.ones(16, dtype=torch.float64), torch.full((16,), 0.9, dtype=torch.float64)
+    z, t_g = sub_path_point(sched, x_s, t_s, x_e, t_e, torch.linspace(0.05, 1.0, 16, dtype=torch.float64))
+    assert torch.isfinite(z).all() and torch.allclose(t_g, t_s) and torch.allclose(z, x_s)
+
+
 def test_official_form_converts_eps_at_t_s_with_its_own_noise_std(tmp_path):
     """The official form (SPLAM code): the student at time t_{n+k} with the gamma code, eps -> x0 with s_gamma; at
     gamma = 1, s_gamma = sigma_s, so it is the student's own f(x_s, t_s), for eps and v students alike."""

@@ -67,7 +67,11 @@ def sub_path_point(schedule, x_s: torch.Tensor, t_s: torch.Tensor, x_e: torch.Te
     edm_sigma = g * (log_s_s - log_a_s).exp() + (1 - g) * (log_s_e - log_a_e).exp()  # sigma / alpha of z_gamma
     endpoint = g == 1
     t_gamma = torch.where(endpoint, t_s, schedule.t_of_lam(-edm_sigma.log()))  # the schedule's lam = log(alpha / sigma)
-    scale = torch.where(endpoint, torch.ones_like(r), (schedule.log_alpha_sigma(t_gamma)[0] - log_a_s).exp())
+    log_a_g, log_s_g = schedule.log_alpha_sigma(t_gamma)
+    # alpha(t_gamma) / alpha_s; where alpha_s = 0 (a flow teacher's t = 1) the equal sigma(t_gamma) / sigma_z, sigma_z =
+    # g sigma_s + (1 - g) r sigma_e the noise std of z_gamma, which has no 0 / 0
+    by_sigma = (log_s_g - (g * log_s_s.exp() + (1 - g) * r * log_s_e.exp()).log()).exp()
+    scale = torch.where(endpoint, torch.ones_like(r), torch.where(log_a_s.isfinite(), (log_a_g - log_a_s).exp(), by_sigma))
     return append_dims(scale, z.ndim).to(z) * z, t_gamma.to(x_s.device)
 
 
