@@ -351,3 +351,24 @@ def test_rows_of_the_old_protocol_are_not_reused(tmp_path, digit_teacher):
         w.writerow(row)
     rows = run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path)
     assert [r["protocol"] for r in rows] == ["1", "2"]  # measured again under protocol 2, the old row marked as such
+
+
+def test_paired_cli_compares_two_entries_on_the_same_seeds(tmp_path, digit_teacher, capsys):
+    """scripts/paired.py: an entry against itself is a zero difference, tied; against another solver the FIDs are the
+    bench's own cells' (same seeds, labels and reference); bad entries are refused in one sentence."""
+    from conftest import load_script
+
+    paired = load_script("paired").main
+    out = tmp_path / "p.jsonl"
+    base = ["--teacher", str(digit_teacher), "--num-samples", "20", "--batch-size", "8", "--resamples", "20", "--out", str(out)]
+    assert paired([*base, "--a", "solver:euler@2", "--b", "solver:euler@2"]) == 0
+    assert paired([*base, "--a", "solver:euler@2", "--b", "solver:euler@3"]) == 0
+    same, other = (json.loads(line) for line in out.read_text().splitlines())
+    assert same["delta"] == same["low"] == same["high"] == 0.0 and same["verdict"] == "tied with"
+    assert other["low"] <= other["delta"] <= other["high"] and other["delta"] == pytest.approx(other["fid_a"] - other["fid_b"])
+    _bench().main(["--teacher", str(digit_teacher), "--solvers", "euler", "--nfe", "2,3", "--num-samples", "20", "--batch-size",
+                   "8", "--bootstrap", "10", "--out", str(tmp_path / "bench")])
+    fids = {r["nfe"]: float(r["fid"]) for r in _rows(tmp_path / "bench") if r["kind"] == "solver"}
+    assert (other["fid_a"], other["fid_b"]) == (pytest.approx(fids["2"], rel=1e-4), pytest.approx(fids["3"], rel=1e-4))
+    with pytest.raises(SystemExit, match="is not solver:NAME@NFE or student:FILE@STEPS"):
+        paired([*base, "--a", "solver:euler", "--b", "solver:euler@2"])
