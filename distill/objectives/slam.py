@@ -55,6 +55,14 @@ def effective_sigma2(log_a_s, log_s_s, log_a_e, log_s_e, gamma: torch.Tensor) ->
     return drifted + gamma**2 * ((2 * log_s_s).exp() - drifted)
 
 
+def sub_path_mix(schedule, x_s: torch.Tensor, t_s: torch.Tensor, x_e: torch.Tensor, t_e: torch.Tensor,
+                 g: torch.Tensor) -> torch.Tensor:
+    """z_gamma = gamma x_s + (1 - gamma) (alpha_s / alpha_e) x_e (the official code's sub-path point, any schedule)."""
+    r = (schedule.log_alpha_sigma(t_s.double().cpu())[0] - schedule.log_alpha_sigma(t_e.double().cpu())[0]).exp()
+    g = g.double().cpu()
+    return append_dims(g, x_s.ndim).to(x_s) * x_s + append_dims((1 - g) * r, x_s.ndim).to(x_s) * x_e
+
+
 def sub_path_point(schedule, x_s: torch.Tensor, t_s: torch.Tensor, x_e: torch.Tensor, t_e: torch.Tensor,
                    gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, t_gamma): SLAM's point z_gamma = gamma x_s + (1 - gamma) (alpha_s / alpha_e) x_e as the state
@@ -63,7 +71,7 @@ def sub_path_point(schedule, x_s: torch.Tensor, t_s: torch.Tensor, x_e: torch.Te
     t_s, t_e, g = t_s.double().cpu(), t_e.double().cpu(), gamma.double().cpu()
     (log_a_s, log_s_s), (log_a_e, log_s_e) = schedule.log_alpha_sigma(t_s), schedule.log_alpha_sigma(t_e)
     r = (log_a_s - log_a_e).exp()
-    z = append_dims(g, x_s.ndim).to(x_s) * x_s + append_dims((1 - g) * r, x_s.ndim).to(x_s) * x_e
+    z = sub_path_mix(schedule, x_s, t_s, x_e, t_e, g)
     edm_sigma = g * (log_s_s - log_a_s).exp() + (1 - g) * (log_s_e - log_a_e).exp()  # sigma / alpha of z_gamma
     endpoint = g == 1
     t_gamma = torch.where(endpoint, t_s, schedule.t_of_lam(-edm_sigma.log()))  # the schedule's lam = log(alpha / sigma)
@@ -108,9 +116,7 @@ class SubPathLinearApproximation(ConsistencyDistillation):
 
     def official_student(self, net, p, gamma: torch.Tensor, cond) -> torch.Tensor:
         """f_theta at the official code's input: z_gamma at time t_{n+k}, its eps output converted with s_gamma."""
-        r = (self.schedule.log_alpha_sigma(p.t_next.double().cpu())[0] - self.schedule.log_alpha_sigma(p.t_cur.double().cpu())[0]).exp()
-        g = gamma.double().cpu()
-        z = append_dims(g, p.x_next.ndim).to(p.x_next) * p.x_next + append_dims((1 - g) * r, p.x_next.ndim).to(p.x_next) * p.x_cur
+        z = sub_path_mix(self.schedule, p.x_next, p.t_next, p.x_cur, p.t_cur, gamma)
         raw = net(z, p.t_next, cond, raw=True, gamma=gamma.to(z.device), **p.extra)
         prediction = unwrap(net).prediction_type
         if prediction == "epsilon":
