@@ -16,7 +16,8 @@ It declares
   (a) the networks it trains, ``networks() -> [Network(name, module, every, offset, lr, ...)]``: the
       student first, then whatever else the method optimizes. Each gets its own optimizer, LR schedule,
       clipping and parameter groups (config ``networks.<name>`` overrides the declaration, ``optim`` fills
-      the rest); none is special to the trainer;
+      the rest; ``betas`` are the exception: the declaration is the method's reference, used only when neither
+      ``networks.<name>`` nor ``optim`` sets betas, else Adam's (0.9, 0.999)); none is special to the trainer;
   (b) which network updates at which step, ``updates(step) -> [names]`` (by default every network whose
       ``step % every == offset``, in declaration order);
   (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls;
@@ -62,7 +63,8 @@ LORA_ADAPTER = "lora_adapter"  # a LoRA run's adapter folder (PEFT layout) in th
 @dataclass
 class Network:
     """A trained network and its optimizer settings. ``None`` fields take the config's values (``networks.<name>``
-    first, then ``optim``); ``param_groups`` are ``{"match": substring, "lr": ..., "weight_decay": ...}``."""
+    first, then ``optim``); ``betas`` is the method's reference, which a config value overrides (module doc, (a));
+    ``param_groups`` are ``{"match": substring, "lr": ..., "weight_decay": ...}``."""
 
     name: str
     module: nn.Module
