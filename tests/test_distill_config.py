@@ -87,10 +87,11 @@ def test_every_distill_config_loads_and_validates(path):
 
 # -- each objective's reference optimizer is its default --------------------------------------------------------------
 @pytest.mark.parametrize("config, expected", [
-    ("sid_ring8.yaml", (0.0, 0.999)),  # SiD's released sid_train.py: Adam betas (0, 0.999) for both networks
-    ("uni_instruct_aniso2d.yaml", (0.0, 0.999)),  # Uni-Instruct, on SiD's code: the same
-    ("dmd2_ring8.yaml", (0.9, 0.999)),  # no reference declared: Adam's defaults
-    ("cd_ring8.yaml", (0.9, 0.999)),
+    ("sid_ring8.yaml", ((0.0, 0.999), 0.0)),  # SiD's released sid_train.py: Adam betas (0, 0.999) for both networks
+    ("uni_instruct_aniso2d.yaml", ((0.0, 0.999), 0.0)),  # Uni-Instruct, on SiD's code: the same
+    ("dmd2_ring8.yaml", ((0.9, 0.999), 0.01)),  # DMD2's train_edm.py: AdamW (0.9, 0.999), weight decay 0.01
+    ("fdistill_aniso2d.yaml", ((0.9, 0.999), 0.01)),  # FastGen's default optimizer: the same
+    ("cd_ring8.yaml", ((0.9, 0.999), 0.0)),  # no reference declared: Adam's defaults
 ])
 def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_them(tmp_path, config, expected):
     from distill.engine.run_setup import resolve_settings
@@ -100,8 +101,10 @@ def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_t
 
     def betas_of(cfg):
         run_, _ = start(cfg, load_teacher=load_teacher, build_student=build_student, resume=None, log=lambda m: None)
-        found = {spec.name: resolve_settings(cfg, spec).betas for spec in run_.objective.networks()}
-        optimizers = {name: tuple(opt.param_groups[0]["betas"]) for name, opt in run_.opts.items()}
+        found = {spec.name: (resolve_settings(cfg, spec).betas, resolve_settings(cfg, spec).weight_decay)
+                 for spec in run_.objective.networks()}
+        optimizers = {name: (tuple(opt.param_groups[0]["betas"]), opt.param_groups[0]["weight_decay"])
+                      for name, opt in run_.opts.items()}
         assert found == optimizers
         return found
 
@@ -112,5 +115,5 @@ def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_t
 
     default = betas_of(cfg(tmp_path / "a"))
     assert set(default.values()) == {expected}
-    chosen = betas_of(cfg(tmp_path / "b", "optim.betas=[0.5,0.99]"))  # the config's value wins
-    assert set(chosen.values()) == {(0.5, 0.99)}
+    chosen = betas_of(cfg(tmp_path / "b", "optim.betas=[0.5,0.99]", "optim.weight_decay=0.002"))  # the config's values win
+    assert set(chosen.values()) == {((0.5, 0.99), 0.002)}

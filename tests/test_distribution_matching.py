@@ -180,7 +180,8 @@ def test_sid_loss_vanishes_in_expectation_with_the_exact_fake_score_at_alpha_one
 @pytest.mark.parametrize("name,options,steps", [
     ("vsd", {"weighting": "snr", "time_sampling": "uniform", "t_range": [0.05, 0.95]}, 400),
     ("dmd", {"regression_weight": 0.0}, 400),
-    ("sid", {"start_sigma": None, "alpha": 0.5}, 400),  # alpha 1.2 with an exact fake score inflates the covariance (README)
+    ("sid", {"start_sigma": None, "alpha": 0.5}, 400),
+    ("sid", {"start_sigma": None, "alpha": 1.2}, 400),  # the paper's alpha (it diverged while Karras sampling drew sigma^2)
 ])
 def test_linear_generator_converges_to_the_exact_gaussian(gauss, name, options, steps):
     schedule = gauss.schedule
@@ -196,21 +197,6 @@ def test_linear_generator_converges_to_the_exact_gaussian(gauss, name, options, 
     mean, cov = gen.mu.detach(), (gen.chol @ gen.chol.T).detach()
     assert torch.allclose(mean, gauss.means[0], atol=0.03), (mean, gauss.means[0])
     assert torch.allclose(cov, gauss.covs[0], atol=0.04), (cov, gauss.covs[0])
-
-
-def test_sid_alpha_above_one_inflates_the_covariance_with_an_exact_fake_score(gauss):
-    """A finding, pinned: with the exact fake score the paper's alpha = 1.2 does not converge on gauss2d; the mean does,
-    the covariance grows past the target (the -alpha |delta|^2 term pushes q away from p once D_fake is exact)."""
-    gen = LinearGenerator([-1.0, 1.0], [[0.3, 0.0], [0.0, 0.3]])
-    obj = objective("sid", gauss, alpha=1.2, start_sigma=None)
-    nets = {"student": gen, "fake_score": ExactFake(gen, gauss.schedule)}
-    opt = torch.optim.Adam(gen.parameters(), lr=0.02)
-    for step in range(300):
-        opt.zero_grad()
-        obj.generator_loss(nets, Batch(step, torch.Generator().manual_seed(step), torch.device("cpu"), 512))["loss"].mean().backward()
-        opt.step()
-    assert torch.allclose(gen.mu.detach(), gauss.means[0], atol=0.05)
-    assert float(torch.trace(gen.chol @ gen.chol.T)) > 2 * float(torch.trace(gauss.covs[0]))
 
 
 # -- options -----------------------------------------------------------------------------------------------

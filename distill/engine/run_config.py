@@ -45,7 +45,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 class OptimConfig:
     lr: float = at_least(1e-4, 0.0)
     betas: list | None = None  # null: each network's reference betas from its objective (docs), else DEFAULT_BETAS
-    weight_decay: float = at_least(0.0, 0.0)
+    weight_decay: float | None = at_least(None, 0.0)  # null: each network's reference from its objective, else 0
     warmup_steps: int = at_least(0, 0)
     lr_schedule: str = choice("constant", LR_SCHEDULES)  # after warmup; cosine / linear decay to 0 at max_steps
 

@@ -159,8 +159,9 @@ DEFAULT_BETAS = (0.9, 0.999)  # Adam's, for networks whose objective declares no
 
 
 def resolve_settings(cfg: RunConfig, spec: Network) -> NetSettings:
-    """Config ``networks.<name>`` > the objective's declaration > ``optim`` / ``grad_clip``; for betas, a value the config
-    gives (``networks.<name>``, then ``optim``) > the objective's reference betas (its released code's) > DEFAULT_BETAS."""
+    """Config ``networks.<name>`` > the objective's declaration > ``optim`` / ``grad_clip``; for betas and weight decay, a
+    value the config gives (``networks.<name>``, then ``optim``) > the objective's reference (its released code's) >
+    DEFAULT_BETAS / 0."""
     over, o = cfg.networks.get(spec.name) or NetworkOptim(), cfg.optim
 
     def pick(key, *fallbacks):
@@ -170,7 +171,7 @@ def resolve_settings(cfg: RunConfig, spec: Network) -> NetSettings:
         return None
 
     return NetSettings(lr=pick("lr", spec.lr, o.lr), betas=tuple(pick("betas", o.betas, spec.betas) or DEFAULT_BETAS),
-                       weight_decay=pick("weight_decay", spec.weight_decay, o.weight_decay),
+                       weight_decay=pick("weight_decay", o.weight_decay, spec.weight_decay) or 0.0,
                        warmup_steps=pick("warmup_steps", o.warmup_steps), lr_schedule=pick("lr_schedule", o.lr_schedule),
                        grad_clip=pick("grad_clip", spec.grad_clip, cfg.grad_clip), every=pick("every", spec.every),
                        offset=pick("offset", spec.offset),

@@ -16,8 +16,8 @@ It declares
   (a) the networks it trains, ``networks() -> [Network(name, module, every, offset, lr, ...)]``: the
       student first, then whatever else the method optimizes. Each gets its own optimizer, LR schedule,
       clipping and parameter groups (config ``networks.<name>`` overrides the declaration, ``optim`` fills
-      the rest; ``betas`` are the exception: the declaration is the method's reference, used only when neither
-      ``networks.<name>`` nor ``optim`` sets betas, else Adam's (0.9, 0.999)); none is special to the trainer;
+      the rest; ``betas`` and ``weight_decay`` are the exception: the declaration is the method's reference, used
+      only when neither ``networks.<name>`` nor ``optim`` sets them, else Adam's (0.9, 0.999) and 0); none is special to the trainer;
   (b) which network updates at which step, ``updates(step) -> [names]`` (by default every network whose
       ``step % every == offset``, in declaration order);
   (c) the data it needs, ``needs``: a subset of ``DATA_KINDS``. ``"teacher"``: online teacher calls;
@@ -72,7 +72,7 @@ class Network:
     offset: int = 0
     lr: float | None = None
     betas: tuple[float, float] | None = None  # the method's reference betas: used when the config sets none
-    weight_decay: float | None = None
+    weight_decay: float | None = None  # the method's reference weight decay: used when the config sets none
     grad_clip: float | None = None
     param_groups: list[dict] = field(default_factory=list)
 

@@ -28,32 +28,12 @@ from torch.nn import functional as F
 
 from distill.core.conditioning import cat_cond, takes_prompts
 from distill.core.denoisers import NetDenoiser, classifier_free_guidance
-from distill.core.schedules import integer_times, sigma_tilde
 from distill.engine.config import ConfigError
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
 from distill.objectives.critic import Critic, discriminator_bce, mlp_fake_score
 from distill.objectives.distribution_matching_options import DMD2Options, DMDOptions, DMOptions, SiDOptions, VSDOptions
 from distill.objectives.losses import add_noise, alpha_sigma, denoising_loss
-
-
-def time_of_sigma_tilde(schedule, s: torch.Tensor) -> torch.Tensor:
-    return schedule.t_of_lam(-2.0 * s.log())  # lambda = log(alpha^2 / sigma^2)
-
-
-def times_of_u(schedule, u: torch.Tensor, kind: str, rho: float) -> torch.Tensor:
-    """u in [0, 1] -> process times: uniform in [t_min, t_max], or the Karras et al. (2022, Eq. 5) rho-spacing of
-    sigma/alpha between t_min (u = 0) and t_max (u = 1); integer timesteps on a discrete schedule."""
-    if kind == "uniform":
-        t = schedule.t_min + u * (schedule.t_max - schedule.t_min)
-    else:
-        lo, hi = (sigma_tilde(schedule, schedule.t_min) ** (1 / rho)), (sigma_tilde(schedule, schedule.t_max) ** (1 / rho))
-        t = time_of_sigma_tilde(schedule, (lo + u * (hi - lo)) ** rho).clamp(schedule.t_min, schedule.t_max)
-    return t.round() if integer_times(schedule) else t
-
-
-def sample_u(n: int, g: torch.Generator, lo_hi) -> torch.Tensor:
-    lo, hi = lo_hi
-    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+from distill.objectives.noise_levels import by_band, sample_u, time_of_sigma_tilde, times_of_u  # noqa: F401 (re-exported)
 
 
 # -- the family ----------------------------------------------------------------------------------------------
@@ -124,12 +104,12 @@ class DistributionMatching(Objective):
         return ts
 
     # -- the engine interface ------------------------------------------------------------------------------
-    reference_betas: tuple[float, float] | None = None  # Adam betas of the method's released code, for both networks
+    reference_betas: tuple[float, float] | None = None  # AdamW betas of the method's released code, for both networks
+    reference_weight_decay: float | None = None  # and its weight decay
 
     def networks(self) -> list[Network]:
-        k = self.o.critic_steps
-        betas = self.reference_betas
-        return [Network("student", self.student, every=k, offset=k - 1, betas=betas), Network("fake_score", self.fake, betas=betas)]
+        k, ref = self.o.critic_steps, {"betas": self.reference_betas, "weight_decay": self.reference_weight_decay}
+        return [Network("student", self.student, every=k, offset=k - 1, **ref), Network("fake_score", self.fake, **ref)]
 
     def updates(self, step: int) -> list[str]:
         names = super().updates(step)
@@ -153,8 +133,11 @@ class DistributionMatching(Objective):
         return self.teacher.sample_data(batch.size, generator=batch.g, cond=None if cond is None else cond.cpu()) \
             .float().to(batch.device)
 
-    def times(self, batch: Batch, lo_hi) -> torch.Tensor:
-        return times_of_u(self.schedule, sample_u(batch.size, batch.g, lo_hi), self.o.time_sampling, self.o.rho).to(batch.device)
+    def times(self, batch: Batch, lo_hi, kind: str | None = None) -> torch.Tensor:
+        """Times of the batch from u ~ U[lo, hi] by ``kind`` (default ``time_sampling``: ``noise_levels.times_of_u``)."""
+        o = self.o
+        u = sample_u(batch.size, batch.g, lo_hi)
+        return times_of_u(self.schedule, u, kind or o.time_sampling, o.rho, (o.lognormal_mean, o.lognormal_std)).to(batch.device)
 
     def generator_inputs(self, nets, batch: Batch, cond):
         """(x_in, t_in): noise at t_1, or for a k-step generator the input of a random step j (the same for the batch):
@@ -187,8 +170,8 @@ class DistributionMatching(Objective):
         """(D_fake(x_t), per-sample weight of the DMD gradient or None, components to log) without gradients."""
         return nets["fake_score"](x_t, t, cond), None, {}
 
-    def noised(self, x, batch: Batch, lo_hi):
-        t = self.times(batch, lo_hi)
+    def noised(self, x, batch: Batch, lo_hi, kind: str | None = None):
+        t = self.times(batch, lo_hi, kind)
         return add_noise(self.schedule, x, batch.randn(x.shape), t), t
 
     # -- the fake score (and discriminator) step ------------------------------------------------------------
@@ -197,25 +180,39 @@ class DistributionMatching(Objective):
         cond = self.labels(batch)
         with torch.no_grad():
             x = self.generate(nets, batch, cond)[0]
-        t = self.times(batch, self.o.fake_t_range)
+        t = self.times(batch, self.o.fake_t_range, self.o.fake_time_sampling)
         eps = batch.randn(x.shape)
         if not self.gan_on(batch.step, getattr(self.o, "gan_d_weight", 0.0)):
-            fake = denoising_loss(nets["fake_score"], x, t, eps, cond, space=self.o.fake_loss_space)
+            fake = self.fake_weight(t, x) * denoising_loss(nets["fake_score"], x, t, eps, cond, space=self.o.fake_loss_space)
             return {"loss": fake, "fake_score": fake.mean()}
         return self._critic_with_gan(nets, batch, x, t, eps, cond)
 
+    def fake_weight(self, t, x) -> torch.Tensor:
+        """Per-sample weight of the fake score's loss: 1, or EDM's lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2
+        (Karras et al. 2022, Table 1; SiD's ``training/sid_loss.py`` ``SID_EDMLoss.__call__``), sigma = sigma/alpha."""
+        if self.o.fake_loss_weighting == "none":
+            return torch.ones(len(x), dtype=x.dtype, device=x.device)
+        a, s = alpha_sigma(self.schedule, t, x)
+        sig, sd = (s / a).flatten(), self.o.sigma_data
+        return (sig ** 2 + sd ** 2) / (sig * sd) ** 2
+
     def _critic_with_gan(self, nets, batch, x, t, eps, cond):
-        """One fake-score call on [x_t for the denoising loss; noised real; noised fake] (one DDP forward)."""
-        real_t, t_r = self.noised(self.real_samples(batch, cond), batch, self.o.gan_t_range)
-        fake_t, t_f = self.noised(x, batch, self.o.gan_t_range)
+        """One fake-score call on [x_t for the denoising loss; noised real; noised fake] (one DDP forward); the GAN's
+        noise levels follow ``gan_time_sampling`` (the method's reference distribution), and its BCE is logged per
+        band of sigma/alpha (``gan_d@<band>``, 2 log 2 = 1.386 where the head cannot separate)."""
+        kind = self.o.gan_time_sampling
+        real_t, t_r = self.noised(self.real_samples(batch, cond), batch, self.o.gan_t_range, kind)
+        fake_t, t_f = self.noised(x, batch, self.o.gan_t_range, kind)
         x_t = add_noise(self.schedule, x, eps, t)
         cc = None if cond is None else cat_cond([cond, cond, cond])
         d, logit = nets["fake_score"](torch.cat([x_t, real_t, fake_t]), torch.cat([t, t_r, t_f]), cc, logits=True)
-        fake = self._denoising_error(d[:batch.size], x, x_t, t, eps)
+        fake = self.fake_weight(t, x) * self._denoising_error(d[:batch.size], x, x_t, t, eps)
         l_real, l_fake = logit[batch.size:2 * batch.size], logit[2 * batch.size:]
         gan_d = discriminator_bce(l_real, l_fake)
+        per_side = 2 * torch.cat([F.softplus(-l_real), F.softplus(l_fake)])  # each side's share of the BCE, times 2
+        bands = by_band(self.schedule, torch.cat([t_r, t_f]), per_side, "gan_d")
         return {"loss": fake + self.o.gan_d_weight * gan_d, "fake_score": fake.mean(), "gan_d": gan_d.mean(),
-                "real_logit": l_real.mean(), "fake_logit": l_fake.mean()}
+                "real_logit": l_real.mean(), "fake_logit": l_fake.mean(), **bands}
 
     def _denoising_error(self, d, x, x_t, t, eps):
         """The denoising loss of ``distill.objectives.losses.denoising_loss`` from a data prediction ``d`` already computed."""
@@ -239,7 +236,7 @@ class DistributionMatching(Objective):
             reg = (x_reg - extra[3]).pow(2).flatten(1).mean(1)
             total, terms["regression"] = total + self.o.regression_weight * reg, reg
         if self.gan_on(batch.step, getattr(self.o, "gan_g_weight", 0.0)):
-            fake_t, t_f = self.noised(x, batch, self.o.gan_t_range)
+            fake_t, t_f = self.noised(x, batch, self.o.gan_t_range, self.o.gan_time_sampling)
             gan_g = F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1])  # non-saturating (DMD2, Eq. 5)
             total, terms["gan_g"] = total + self.o.gan_g_weight * gan_g, gan_g
         return {"loss": total, **{k: v.detach().mean() for k, v in terms.items()}}
@@ -321,6 +318,7 @@ class DMD2(DistributionMatching):
     name = "dmd2"
     Options = DMD2Options
     has_gan = True
+    reference_weight_decay = 0.01  # AdamW (0.9, 0.999), weight decay 0.01 (tianweiy/DMD2 main/edm/train_edm.py)
     matching_loss = DMD.matching_loss
 
 

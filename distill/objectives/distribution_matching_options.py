@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.losses import LOSS_SPACES
+from distill.objectives.noise_levels import TIME_SAMPLINGS
 
 FAKE_SCORES = ("auto", "teacher_copy", "mlp")
-TIME_SAMPLINGS = ("uniform", "karras")
 MULTISTEP_INPUTS = ("backward", "data")
 GAN_FEATURES = ("fake_score", "teacher")
 VSD_WEIGHTINGS = ("uniform", "snr", "eps")
+FAKE_WEIGHTINGS = ("none", "edm")
 
 
 # -- options ----------------------------------------------------------------------------------------------
@@ -28,8 +29,13 @@ class DMOptions:
     fake_hidden: int = at_least(128, 1)  # width of the mlp fake score
     fake_layers: int = at_least(3, 1)  # residual blocks of the mlp fake score
     fake_loss_space: str = choice("raw", LOSS_SPACES)  # fake-score denoising loss: the network's own target, or x0
-    time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t: uniform in t, or Karras rho-spacing in sigma/alpha
+    fake_loss_weighting: str = choice("none", FAKE_WEIGHTINGS)  # edm: lambda(sigma) on the x0 loss (SiD, EDM Table 1)
+    sigma_data: float = at_least(0.5, 1e-6)  # sigma_d of fake_loss_weighting edm
+    time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t of the generator loss (noise_levels.py)
+    fake_time_sampling: str | None = choice(None, (None, *TIME_SAMPLINGS))  # u -> t of the fake-score loss; null: time_sampling
     rho: float = at_least(7.0, 1.0)  # Karras rho of time_sampling karras
+    lognormal_mean: float = -1.2  # P_mean of log sigma/alpha for the lognormal samplings (SiD, EDM: -1.2)
+    lognormal_std: float = at_least(1.2, 1e-6)  # P_std (SiD, EDM: 1.2)
     t_range: list = _range([0.02, 0.98])  # [lo, hi] of u for the generator loss (DMD: 2%-98% of the Karras grid)
     fake_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u for the fake-score loss
     critic_steps: int = at_least(1, 1)  # fake-score (and head) steps per generator step (TTUR)
@@ -42,6 +48,9 @@ class DMOptions:
     def __post_init__(self):
         for key in ("t_range", "fake_t_range"):
             check_unit_range(getattr(self, key), f"objective.{key}")
+        if self.fake_loss_weighting == "edm" and self.fake_loss_space != "x0":
+            raise ConfigError(f"config key 'objective.fake_loss_weighting' is 'edm', which weights the x0 loss, but "
+                              f"'objective.fake_loss_space' is {self.fake_loss_space!r}; allowed: fake_loss_space x0, or weighting none")
 
 
 @dataclass
@@ -51,6 +60,7 @@ class GanOptions(DMOptions):
     gan_start_step: int = at_least(0, 0)  # GAN terms from this step on (DMD2 adds the GAN late)
     gan_features: str = choice("fake_score", GAN_FEATURES)  # head on the fake score's bottleneck, or the frozen teacher's
     gan_t_range: list = _range([0.0, 1.0])  # [lo, hi] of u at which real and fake are noised for the GAN
+    gan_time_sampling: str = choice("karras", TIME_SAMPLINGS)  # u -> t of the GAN (DMD2: a uniform index of the Karras grid)
     head_hidden: int = at_least(64, 1)  # width of the discriminator head
 
     def __post_init__(self):
@@ -81,6 +91,10 @@ class SiDOptions(GanOptions):
     alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is Uni-Instruct's SIM branch)
     t_range: list = _range([0.0, 0.8])  # SiD: t ~ U[0, 800/1000] on the Karras grid
     start_sigma: float | None = at_least(2.5, 1e-6)  # SiD: G(2.5 z, sigma = 2.5)
+    fake_time_sampling: str | None = choice("lognormal", (None, *TIME_SAMPLINGS))  # SID_EDMLoss: lognormal(-1.2, 1.2)
+    fake_loss_space: str = choice("x0", LOSS_SPACES)  # SID_EDMLoss: lambda(sigma) ||D_fake - x||^2
+    fake_loss_weighting: str = choice("edm", FAKE_WEIGHTINGS)
+    gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # SiDA / Uni-Instruct: the fake score's sigma
 
 
 def check_unit_range(value, key: str) -> None:

@@ -30,7 +30,9 @@ from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import register_objective
 from distill.objectives.critic import discriminator_bce  # noqa: F401  (named in the module doc)
 from distill.objectives.distribution_matching import DMD, DistributionMatching, gradient_form, sid_loss
-from distill.objectives.distribution_matching_options import GanOptions, _range
+from distill.objectives.distribution_matching_options import FAKE_WEIGHTINGS, GanOptions, _range
+from distill.objectives.losses import LOSS_SPACES
+from distill.objectives.noise_levels import TIME_SAMPLINGS
 
 
 # -- divergences: f, h(r) = f''(r) r^2 and h'' in closed form ------------------------------------------------------
@@ -122,6 +124,10 @@ class UniInstructOptions(RatioOptions):
     divergence: str = choice("fkl", UNI_DIVERGENCES)  # the released recipes' "Forward-KL"
     t_range: list = _range([0.0, 0.8])  # t ~ U[0, 800/1000] of the Karras grid (as SiD)
     start_sigma: float | None = at_least(2.5, 1e-6)  # G(2.5 z, sigma = 2.5): init_sigma of the released code
+    fake_time_sampling: str | None = choice("lognormal", (None, *TIME_SAMPLINGS))  # critic: sigma ~ lognormal(-1.2, 1.2)
+    fake_loss_space: str = choice("x0", LOSS_SPACES)  # critic: lambda(sigma) ||D_fake - x||^2 (fsim_loss.py)
+    fake_loss_weighting: str = choice("edm", FAKE_WEIGHTINGS)
+    gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # the discriminator at the critic's sigma
     gan_g_weight: float = at_least(1e-2, 0.0)
     gan_d_weight: float = at_least(1.0, 0.0)  # the critic's BCE beside the denoising loss at weight 1 (lsd = 1)
 
@@ -178,6 +184,7 @@ class FDistill(RatioWeighted):
 
     name = "fdistill"
     Options = FDistillOptions
+    reference_weight_decay = 0.01  # FastGen's default optimizer: AdamW (0.9, 0.999), weight decay 0.01
     matching_loss = DMD.matching_loss
 
     def weighted_fake(self, x_t, t, cond, nets):
