@@ -91,6 +91,7 @@ def test_every_distill_config_loads_and_validates(path):
     ("uni_instruct_aniso2d.yaml", ((0.0, 0.999), 0.0)),  # Uni-Instruct, on SiD's code: the same
     ("dmd2_ring8.yaml", ((0.9, 0.999), 0.01)),  # DMD2's train_edm.py: AdamW (0.9, 0.999), weight decay 0.01
     ("fdistill_aniso2d.yaml", ((0.9, 0.999), 0.01)),  # FastGen's default optimizer: the same
+    ("vsd_ring8.yaml", ((0.0, 0.999), 0.0)),  # Diff-Instruct's di_train.py: Adam betas [0.0, 0.999]
     ("cd_ring8.yaml", ((0.9, 0.999), 0.0)),  # no reference declared: Adam's defaults
 ])
 def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_them(tmp_path, config, expected):

@@ -219,6 +219,8 @@ def test_curriculum_doubles_from_s0_to_s1_and_lognormal_weights_follow_the_erf_m
     # iCT: s0 = 10, s1 = 1280, K = 400,000 -> K' = 50,000, N = 11, 21, ..., 1281
     assert [curriculum_scales(k, 400_000, 11, 1281) for k in (0, 49_999, 50_000, 100_000, 399_999)] == [11, 11, 21, 41, 1281]
     assert curriculum_scales(10**9, 400_000, 11, 1281) == 1281
+    # s1 / s0 = 5: K' = floor(K / (log2 5 + 1)) = 301 of K = 1000, so N reaches s1 + 1 = 51 within K (a floored log2 gave 41)
+    assert [curriculum_scales(k, 1000, 11, 51) for k in (300, 301, 602, 903, 999)] == [11, 21, 41, 51, 51]
     teacher = load_teacher("gmm:ring8")
     from distill.core.grids import make_grid
 

@@ -22,7 +22,9 @@ class StudentConfig:
     arch: str = choice("teacher", STUDENT_ARCHS)  # teacher (copy of its network) | mlp | unet
     model: dict = field(default_factory=dict)  # keyword arguments of the mlp / unet network
     prediction_type: str = choice("sample", PREDICTION_TYPES)  # output of a fresh network (a copy keeps the teacher's)
-    parameterization: str = choice("consistency", ("consistency", "consistency_edm", "denoiser"))  # boundary (student.py) or D
+    # boundary (student.py) or D; consistency_edm by default since 0.3: ``consistency`` (c_skip + c_out up to 1.25) is
+    # biased and stays for the configs of committed students, which load by their recorded parameterization
+    parameterization: str = choice("consistency_edm", ("consistency", "consistency_edm", "denoiser"))
     sigma_data: float = at_least(0.5, 1e-6)  # sigma_data of c_skip / c_out
     sampling_grid: str = choice("karras", GRIDS)  # spacing of the default 1-4 step sampling times
     class_conditional: bool = False  # pass dataset labels to teacher and student

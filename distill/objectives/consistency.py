@@ -80,9 +80,10 @@ class Pair:
 
 
 def curriculum_scales(step: int, total: int, start: int, final: int) -> int:
-    """N(step) of iCT's discretisation curriculum (Song & Dhariwal 2023, Sec. 3.4): min(s0 2^floor(step / K'), s1) + 1."""
+    """N(step) of iCT's discretisation curriculum (Song & Dhariwal 2023, Sec. 3.4): min(s0 2^floor(step / K'), s1) + 1 with
+    K' = floor(K / (log2 floor(s1 / s0) + 1)), the log2 real-valued (it was floored before 0.3)."""
     s0, s1 = start - 1, final - 1
-    k_prime = max(total // (int(math.log2(s1 // s0)) + 1), 1)
+    k_prime = max(math.floor(total / (math.log2(s1 // s0) + 1)), 1)
     return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 

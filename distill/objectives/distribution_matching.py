@@ -265,6 +265,7 @@ class VSD(DistributionMatching):
 
     name = "vsd"
     Options = VSDOptions
+    reference_betas = (0.0, 0.999)  # Diff-Instruct's di_train.py: Adam betas [0.0, 0.999] for both networks
 
     def weight(self, t, x):
         a, s = alpha_sigma(self.schedule, t, x)
