@@ -23,7 +23,7 @@ from distill.engine.run_config import load_run_config
     ({"objective": {"name": "dmd3"}}, "config key 'objective.name' is 'dmd3'; allowed: .*consistency.*dmd2"),
     ({"objective": {"name": "consistency", "num_scale": 4}}, r"unknown config key\(s\) objective.num_scale; allowed under objective"),
     ({"objective": {"name": "consistency", "solver": "rk45"}}, "config key 'objective.solver' is 'rk45'; allowed: .*heun"),
-    ({"objective": {"name": "consistency", "distance": "lpips"}}, "allowed: l2, pseudo_huber"),
+    ({"objective": {"name": "consistency", "distance": "lpips"}}, "allowed: l2, pseudo_huber, huber"),
     ({"lora": {"rank": 0}}, "config key 'lora.rank' must be at least 1"),
     ({"teacher": ""}, "config key 'teacher' is required"),
 ])
@@ -118,3 +118,20 @@ def test_each_objective_trains_with_its_reference_betas_unless_the_config_sets_t
     assert set(default.values()) == {expected}
     chosen = betas_of(cfg(tmp_path / "b", "optim.betas=[0.5,0.99]", "optim.weight_decay=0.002"))  # the config's values win
     assert set(chosen.values()) == {((0.5, 0.99), 0.002)}
+
+
+def test_reflow_distance_defaults_to_rectified_diffusions_huber():
+    """Rectified Diffusion's train.py: mean over elements of sqrt(d^2 + c^2) - c, c = 0.001, on the x0 error; raw: l2."""
+    import math
+
+    import torch
+
+    from distill.objectives.losses import distance
+
+    a, b = torch.tensor([[0.0, 0.5, -2.0]]), torch.zeros(1, 3)
+    want = sum(math.sqrt(v * v + 1e-6) - 1e-3 for v in (0.0, 0.5, -2.0)) / 3
+    assert math.isclose(float(distance(a, b, "huber")), want, rel_tol=1e-6)
+    assert not math.isclose(float(distance(a, b, "pseudo_huber")), want, rel_tol=1e-2)  # the vector form differs
+    from distill.objectives import get_objective
+
+    assert get_objective("reflow").Options().distance is None  # resolved by the objective: huber (x0) / l2 (raw)

@@ -85,7 +85,9 @@ def test_logits_are_exactly_zero_at_step_zero(tmp_path, parent, lora):
     batch = Batch(0, torch.Generator().manual_seed(1), torch.device("cpu"), 8, x0=x0)
     out = obj.loss("student", run_.nets, batch)
     assert torch.equal(out["logits"], torch.zeros(8))
-    assert torch.allclose(out["loss"], torch.full((8,), torch.log(torch.tensor(2.0)).item()))
+    prior = obj.o.prior_weight * out["reference"]  # + prior_weight L_theta(rho), as the released code for pso too
+    assert obj.o.prior_weight > 0 and float(prior.abs().sum()) > 0
+    assert torch.allclose(out["loss"], torch.log(torch.tensor(2.0)) + prior)
 
 
 # -- through the trainer -----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from distill.core.denoisers import classifier_free_guidance, guided_prediction
 from distill.core.grids import GRIDS, make_grid
 from distill.engine.config import ConfigError, at_least, choice
 from distill.objectives.base import Batch, Network, Objective, ema_update, register_objective, unwrap
-from distill.objectives.losses import add_noise, distance, grouped_step
+from distill.objectives.losses import DISTANCES, add_noise, distance, grouped_step
 from distill.solvers import SOLVERS
 
 TIME_SAMPLINGS = ("uniform", "lognormal")
@@ -53,7 +53,7 @@ class ConsistencyOptions:
     num_scales: int = at_least(18, 2)  # N: grid points from t_max to t_min (N - 1 teacher steps)
     grid: str = choice("karras", GRIDS)  # spacing of the N points
     solver: str = choice("heun", sorted(SOLVERS))  # any registered solver (euler, heun, dpmpp_2m, ...) for the step t_{n+k} -> t_n
-    distance: str = choice("pseudo_huber", ("l2", "pseudo_huber"))
+    distance: str = choice("pseudo_huber", DISTANCES)  # huber: per element (LCM), pseudo_huber: whole vector (iCT)
     huber_c: float | None = None  # pseudo-Huber c; null: 0.00054 sqrt(data dimension)
     target_ema: float = at_least(0.95, 0.0, 1.0)  # mu of the target network theta-
     source: str = choice("data", ("data", "trajectories"))  # where x_{t_{n+k}} and x^_{t_n} come from

@@ -12,7 +12,7 @@ from distill.core.grids import explicit_grid
 from distill.core.param import append_dims, from_x0
 from distill.core.schedules import Schedule
 
-DISTANCES = ("l2", "pseudo_huber")
+DISTANCES = ("l2", "pseudo_huber", "huber")
 LOSS_SPACES = ("raw", "x0")  # the network's own parameterization, or data prediction
 
 
@@ -29,11 +29,15 @@ def add_noise(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, kind: str, huber_c: float | None = None) -> torch.Tensor:
-    """Per-sample distance: ``l2`` (mean of squares over dimensions) or ``pseudo_huber`` sqrt(||a - b||^2 + c^2) - c
-    with c = 0.00054 sqrt(d) by default (Song & Dhariwal 2023, Sec. 3.3)."""
+    """Per-sample distance: ``l2`` (mean of squares over dimensions), ``pseudo_huber`` sqrt(||a - b||^2 + c^2) - c over the
+    whole vector with c = 0.00054 sqrt(d) by default (Song & Dhariwal 2023, Sec. 3.3), or ``huber``: the same per element,
+    mean_d sqrt((a - b)^2 + c^2) - c with c = 0.001 by default (LCM's and Rectified Diffusion's ``train.py``)."""
     diff = (a - b).flatten(1)
     if kind == "l2":
         return diff.pow(2).mean(1)
+    if kind == "huber":
+        c = 0.001 if huber_c is None else huber_c
+        return ((diff.pow(2) + c * c).sqrt() - c).mean(1)
     if kind != "pseudo_huber":
         raise ValueError(f"unknown distance {kind!r}; allowed: {', '.join(DISTANCES)}")
     c = 0.00054 * math.sqrt(diff.shape[1]) if huber_c is None else huber_c

@@ -14,7 +14,8 @@ with a random reference of its label; the pair shares the noise z and a time t d
 ``ref_weight``:
 
     logistic:  logits = (L_ref(tau) - d L_ref(rho)) - (L_theta(tau) - d L_theta(rho)),  loss = -log sigmoid(beta logits)
-    hinge:     logits = -(L_theta(tau) - d L_theta(rho)),  loss = relu(1 - beta logits) + prior_weight L_theta(rho)
+    hinge:     logits = -(L_theta(tau) - d L_theta(rho)),  loss = relu(1 - beta logits)
+    both:      + prior_weight L_theta(rho) (the released code adds it to pso and pso_db alike; before 0.3: hinge only)
 
 (the logistic loss is the PSO objective L_PSO of Miao et al. 2025 in the diffusion-loss form of their released
 ``train_pso_sdxl_turbo_dreambooth.py``; the hinge is that code's ``pso_db``, which calls no reference network. The
@@ -142,7 +143,7 @@ class PSOOptions:
     loss: str = choice("logistic", LOSSES)  # logistic: the PSO loss against the reference; hinge: pso_db (no reference)
     beta: float | None = at_least(None, 0.0)  # null: the released code's (logistic 200, hinge 5)
     ref_weight: float = at_least(0.1, 0.0)  # d: down-weighting of the reference sample's term (neg_defactor)
-    prior_weight: float = at_least(0.5, 0.0)  # hinge only: weight of L_theta(rho), fitting the model's own samples
+    prior_weight: float = at_least(0.5, 0.0)  # weight of L_theta(rho), fitting the model's own samples (both losses, as the code)
     num_references: int = at_least(64, 1)  # reference samples drawn once at step 0
     reference_steps: int = at_least(4, 1)  # student steps of each reference sample
     reference_seed: int = 0
@@ -236,7 +237,8 @@ class PSO(FineTuneBase):
         with torch.no_grad(), as_reference(unwrap(nets["student"]), self.reference) as ref:
             l_ref = x0_loss(ref, x0, tt, zz, cc, self.o.weighting).chunk(2)
         logits = pso_logits(*l_theta, *l_ref, self.o.ref_weight)
-        return {"loss": pso_loss(logits, self.beta), "logits": logits.detach(), "target": l_theta[0].detach(),
+        loss = pso_loss(logits, self.beta) + self.o.prior_weight * l_theta[1]
+        return {"loss": loss, "logits": logits.detach(), "target": l_theta[0].detach(),
                 "reference": l_theta[1].detach()}
 
 

@@ -7,7 +7,7 @@ parameterization and schedule on the first-order (DDIM) path through the pair:
 
     u ~ U(t_e, t_s],   x0* = the x0 with DDIM(z_s, x0, s -> e) = x_e,   x_u = DDIM(z_s, x0*, s -> u)
                                            = alpha_u x0* + sigma_u eps*,  eps* = (z_s - alpha_s x0*) / sigma_s
-    L = d( D_student(x_u, u), x0* )        (``denoising_loss`` in x0 space: l2 or pseudo_huber; ``raw``: own output)
+    L = d( D_student(x_u, u), x0* )        (``denoising_loss`` in x0 space: huber, l2 or pseudo_huber; ``raw``: own output)
 
 With one phase (s = t_max, e = clean) x0* is the pair's sample and x_u = alpha_u x0 + sigma_u eps_pair with
 eps_pair = (z_T - alpha_T x0) / sigma_T: Rectified Diffusion's x_t = alpha_t x0_pair + sigma_t eps_pair (their
@@ -41,8 +41,9 @@ from distill.solvers.common import grid_points
 @dataclass
 class ReflowOptions:
     phases: int = at_least(1, 1)  # K: 1 = reflow / Rectified Diffusion; K > 1 = phased, one DDIM step per phase
-    distance: str = choice("l2", DISTANCES)  # in x0 space (Rectified Diffusion: pseudo-Huber)
-    huber_c: float | None = None  # pseudo-Huber c; null: 0.00054 sqrt(data dimension)
+    # null: huber in x0 space (Rectified Diffusion's train.py: per-element pseudo-Huber, c 0.001), l2 in raw space
+    distance: str | None = choice(None, (None, *DISTANCES))
+    huber_c: float | None = None  # c of huber (null: 0.001) or pseudo_huber (null: 0.00054 sqrt(data dimension))
     space: str = choice("x0", LOSS_SPACES)  # x0: data-prediction error; raw: the network's own output (l2 only)
     one_step: bool = False  # u = each phase's start only: regress its end from its start (one-step distillation)
     label_dropout: float = at_least(0.0, 0.0, 1.0)  # probability of training a pair as unconditional (CFG)
@@ -91,6 +92,8 @@ class Reflow(Objective):
         if cache is None:
             raise ConfigError("objective 'reflow' retrains on the teacher's (noise, sample) pairs: set config key "
                               "'trajectories' to a cache made by scripts/make_trajectories.py with this teacher")
+        if options.distance is None:
+            options.distance = "l2" if options.space == "raw" else "huber"
         if options.space == "raw" and options.distance != "l2":
             raise ConfigError(f"config key 'objective.distance' is {options.distance!r}, but space 'raw' is l2 only; "
                               f"allowed with raw: l2 (or set objective.space x0)")
