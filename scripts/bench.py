@@ -8,8 +8,9 @@
         --nfe 2,3,4,5 --num-samples 2000 --out results/mnist16_fast
 
 Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor and the training data at the same sample
-count and reference), fid_vs_nfe.png, fid_vs_nfe.md (the table), fid_vs_cost.png (when students record their
-training cost) and samples/<method>.png.
+count and reference), fid_vs_nfe.png, fid_headline.png (the best solver per NFE, the best student of each family, the
+teacher and the floor), fid_vs_nfe.md (the table), fid_vs_cost.png (when students record their training cost) and
+samples/<method>.png.
 Resumable: cells already in the CSV with the same settings are skipped. Sample i uses noise seed (seed + i) in
 every cell; class labels cycle 0..K-1 (--unconditional: -1). Solvers that cannot spend an NFE exactly are skipped.
 """
@@ -28,6 +29,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from distill.core.cores import cap_torch_threads
 from distill.core.grids import GRIDS
 from distill.data import MNIST16_SPLITS
 from distill.engine.paths import check_output_dir
@@ -102,6 +104,7 @@ student_cost = lib.student_cost  # a student's training cost (tests/test_run_cos
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cap_torch_threads()  # no more intra-op threads than the cores this process may use
     try:
         if args.plot_only:
             lib.redraw(args.out, args.plot_with)

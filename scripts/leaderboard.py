@@ -6,6 +6,13 @@ Every student and the best solver at 1, 2, 4 and 8 NFE with FID +- spread, KID, 
 and training cost; the data floor, the training data and the converged teacher at the same sample count; the
 command that makes each row (distill.eval.leaderboard). --readme also replaces the README's leaderboard block
 (between its two marker lines) with the table's first rows, without the commands.
+
+Every student file in --students (default: <results>/students) must have a row, in --results or in a --guided
+folder (guided students, in a table of their own); otherwise the script stops, naming the files and the bench command
+that adds them. --exclude FILE keeps a file off the board on purpose (e.g. an intermediate progressive round):
+
+    python scripts/leaderboard.py --results results/mnist16 --guided results/mnist16_cfg2 --guided results/mnist16_cd_w1 \
+        --exclude progressive_mnist16_16.safetensors --exclude progressive_mnist16_32.safetensors
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 from pathlib import Path
 
 from distill.eval.bench import CSV, read_bench_rows
-from distill.eval.leaderboard import leaderboard_markdown, leaderboard_table, replace_block
+from distill.eval.leaderboard import check_students_listed, leaderboard_markdown, leaderboard_table, replace_block
 
 
 def parse_args(argv=None):
@@ -35,6 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--readme-rows", type=int, default=10, help="table rows shown in the README (without the command column)")
     p.add_argument("--prepared", type=Path, action="append", default=[],
                    help="a bench folder of prepared samplers with its prepared.json (repeatable; see distill.eval.leaderboard)")
+    p.add_argument("--guided", type=Path, action="append", default=[], metavar="DIR",
+                   help="a bench folder of the same teacher, samples and reference under classifier-free guidance: its "
+                   "students go into a guided table (repeatable)")
+    p.add_argument("--students", type=Path, default=None, metavar="DIR",
+                   help="the student files that must each have a row (default: <results>/students, when it exists)")
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                   help="a student file (path or file name) left off the board on purpose (repeatable)")
     return p.parse_args(argv)
 
 
@@ -51,7 +65,17 @@ def main(argv=None) -> int:
                 if not (folder / name).is_file():
                     raise FileNotFoundError(f"no {name} in {folder}; a --prepared folder needs both")
             prepared.append((str(folder), read_bench_rows(folder / CSV), json.loads((folder / "prepared.json").read_text())))
-        text = leaderboard_markdown(rows, str(args.results), command, prepared)
+        guided = []
+        for folder in args.guided:
+            if not (folder / CSV).is_file():
+                raise FileNotFoundError(f"no {CSV} in {folder} (--guided)")
+            guided.append((str(folder), read_bench_rows(folder / CSV)))
+        text = leaderboard_markdown(rows, str(args.results), command, prepared, guided)
+        students = args.students or args.results / "students"
+        if args.students is not None and not students.is_dir():
+            raise FileNotFoundError(f"no student folder at {students} (--students)")
+        if students.is_dir():
+            check_students_listed(students, rows, str(args.results), guided, args.exclude)
         readme = None
         if args.readme is not None:
             lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared)[:2 + args.readme_rows]

@@ -102,3 +102,63 @@ def test_prepared_samplers_join_with_their_preparation_cost_and_command(bench_fo
     write_rows(fast / "fid_vs_nfe.csv", [{**r, "reference_id": "ref-2"} for r in rows], FIELDS)  # another reference: refused
     with pytest.raises(SystemExit, match=r"benched with other settings than the leaderboard's cells \(reference_id\)"):
         _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--prepared", str(fast)])
+
+
+def _student_file(path, guided=False, takes_w=False):
+    """A tiny student file with the metadata ``is_guided`` reads."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    objective = {"name": "sid", "guidance_scale": 2.0 if guided else None}
+    meta = {"training_config": json.dumps({"objective": objective}), "extra_conditions": json.dumps({"w": {}} if takes_w else {})}
+    save_file({"weight": torch.zeros(1)}, str(path), metadata=meta)
+
+
+def test_every_student_file_needs_a_row_or_an_exclusion(bench_folder, tmp_path, monkeypatch):
+    from distill.eval.bench import read_bench_rows
+    from distill.eval.leaderboard import is_guided
+
+    monkeypatch.chdir(bench_folder)  # student_path is relative to where the commands run
+    students = bench_folder / "students"
+    students.mkdir()
+    for name in ("listed", "unlisted"):
+        _student_file(students / f"{name}.safetensors")
+    rows = read_bench_rows(bench_folder / "fid_vs_nfe.csv")
+    write_rows(bench_folder / "fid_vs_nfe.csv", rows + [_row("student", "listed", 1, 20.0, student_path="students/listed.safetensors")],
+               FIELDS)
+    out, main = tmp_path / "LB.md", _script("leaderboard").main
+    with pytest.raises(SystemExit, match=r"^error: 1 student file in students has no leaderboard row \(students/unlisted.safetensors\): "
+                       r"bench it with `(python scripts/bench.py .*)`, or leave a file off the board with --exclude FILE$") as err:
+        main(["--results", ".", "--out", str(out)])
+    assert not out.exists()
+    command = str(err.value).split("`")[1]
+    args = _script("bench").parse_args(shlex.split(command)[2:])  # the command in the message adds the row
+    assert (args.students, args.solvers, args.num_samples, args.seed, args.out) == ("students/unlisted.safetensors", "", 2000, 0, Path("."))
+    assert main(["--results", ".", "--out", str(out), "--exclude", "unlisted.safetensors"]) == 0  # by file name
+    assert main(["--results", ".", "--out", str(out), "--exclude", str(students / "unlisted.safetensors")]) == 0  # or path
+    assert "student `listed`, 1 step" in out.read_text() and "Guided" not in out.read_text()
+
+    # a guided student: refused until a --guided folder lists it, then in the guided table
+    _student_file(students / "sid_cfg2.safetensors", guided=True)
+    assert is_guided(students / "sid_cfg2.safetensors") and not is_guided(students / "listed.safetensors")
+    _student_file(tmp_path / "w.safetensors", takes_w=True)
+    assert is_guided(tmp_path / "w.safetensors")
+    with pytest.raises(SystemExit, match=r"\(students/sid_cfg2.safetensors\): bench the guided sid_cfg2.safetensors with "
+                       r"--guidance-scale W into a folder given here with --guided, or leave"):
+        main(["--results", ".", "--out", str(out), "--exclude", "unlisted.safetensors"])
+    cfg2 = bench_folder / "cfg2"
+    cfg2.mkdir()
+    write_rows(cfg2 / "fid_vs_nfe.csv", [_row("solver", "unipc", 20, 60.9, guidance_scale="2"),
+                                         _row("student", "sid_cfg2", 1, 107.5, guidance_scale="2",
+                                              student_path="students/sid_cfg2.safetensors")], FIELDS)
+    assert main(["--results", ".", "--out", str(out), "--exclude", "unlisted.safetensors", "--guided", "cfg2"]) == 0
+    guided = out.read_text().split("## Guided students")[1]
+    assert "| teacher converged at guidance 2 (`unipc`, best solver at 20 NFE) | 20 | 60.90 +- 0.30 |" in guided
+    assert "| student `sid_cfg2`, 1 step, guidance 2 | 1 | 107.50 +- 0.30 |" in guided and "--guidance-scale 2" in guided
+    write_rows(cfg2 / "fid_vs_nfe.csv", [_row("solver", "unipc", 20, 60.9, guidance_scale="2", seed="1")], FIELDS)
+    with pytest.raises(SystemExit, match=r"cfg2 was benched with other settings than the leaderboard's cells \(seed\)"):
+        main(["--results", ".", "--out", str(out), "--guided", "cfg2"])
+    with pytest.raises(SystemExit, match=r"^error: no student folder at nowhere \(--students\)$"):
+        main(["--results", ".", "--out", str(out), "--students", "nowhere"])

@@ -4,15 +4,22 @@ The mnist16 extractor is a small CNN classifier trained by the project (``script
 whose 128-d penultimate activations replace Inception features: Inception features of 16x16 grey digits
 say little. It is registered with torch-fidelity as ``mnist16-classifier`` so that
 ``torch_fidelity.calculate_metrics(..., feature_extractor="mnist16-classifier")`` computes FID and KID.
+
+Loading: the sample sets here are tensors in memory, read in the main process (``save_cpu_ram=True``: no DataLoader
+workers, nothing to load); torch-fidelity's loaders of image folders (its command line, ``fidelity_cli``) run under
+``sized_fidelity_loaders``, which caps their workers at ``distill.core.cores.loader_workers()``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from distill.core.cores import loader_workers
 from distill.core.nets import DEFAULT_WEIGHTS, Mnist16Classifier, load_classifier  # noqa: F401  (the extractor's network)
 
 EXTRACTOR = "mnist16-classifier"
@@ -68,6 +75,24 @@ def register_mnist16_extractor() -> str:
     if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(EXTRACTOR, _make_extractor_class())
     return EXTRACTOR
+
+
+@contextmanager
+def sized_fidelity_loaders():
+    """Within: torch-fidelity's feature DataLoaders get at most ``loader_workers()`` worker processes (it asks for
+    min(4, 2 x cpu_count()), more than a process allowed fewer cores can run; ``distill.core.cores``)."""
+    import torch_fidelity.utils as fidelity_utils
+
+    original = fidelity_utils.DataLoader
+
+    def sized(*args, num_workers: int = 0, **kwargs):
+        return original(*args, num_workers=min(num_workers, loader_workers()), **kwargs)
+
+    fidelity_utils.DataLoader = sized
+    try:
+        yield
+    finally:
+        fidelity_utils.DataLoader = original
 
 
 class ImageTensorDataset(torch.utils.data.Dataset):
@@ -183,6 +208,61 @@ def bootstrap_fid_std(gen: torch.Tensor, ref: torch.Tensor, *, resamples: int = 
 
     values = [frechet_distance(*feature_statistics(gen[resample()]), mu_ref, cov_ref) for _ in range(resamples)]
     return float(torch.tensor(values).std())
+
+
+# -- FID-infinity: FID extrapolated to infinitely many samples ---------------------------------------------------
+DEFAULT_SAMPLE_COUNTS = (500, 1000, 2000, 5000)  # Ns of ``fid_infinity``, capped at the number of generated features
+
+
+@dataclass
+class FidInfinity:
+    """FID extrapolated to N -> infinity by ``fid_infinity``."""
+
+    fid_inf: float  # the intercept of the line FID_N = FID_inf + slope / N
+    stderr: float  # the standard error of that intercept, from the fit's residuals
+    slope: float  # k, the 1/N bias coefficient
+    points: list[tuple[int, float]]  # (N, FID_N averaged over the draws), the points of the fit
+
+
+def default_sample_counts(n: int) -> list[int]:
+    """``DEFAULT_SAMPLE_COUNTS`` capped at ``n`` features; n/4, n/2 and n when that leaves fewer than 3 distinct counts."""
+    counts = sorted({min(k, n) for k in DEFAULT_SAMPLE_COUNTS})
+    return counts if len(counts) >= 3 else sorted({max(2, n // 4), max(2, n // 2), n})
+
+
+def fid_infinity(gen: torch.Tensor, ref, sample_counts=None, *, draws: int = 5, seed: int = 0) -> FidInfinity:
+    """FID-infinity (Chong & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to find them",
+    Sec. 3): FID from N samples is biased upward in 1/N, E[FID_N] = FID_inf + k / N + O(1/N^2) (the mean term's bias is
+    exactly Tr(Sigma_g) / N), so the limit is the intercept of a line fit to FID_N against 1/N.
+
+    For each N of ``sample_counts`` (default ``default_sample_counts``) FID_N is the mean over ``draws`` random subsets
+    of N rows of the generated features ``gen`` [n, D], drawn without replacement, against the fixed reference ``ref``
+    (features [M, D] or their (mean, covariance)). The line y = b0 + b1 x, x = 1/N, is fit by ordinary least squares over
+    the m distinct Ns, and the intercept's standard error is sqrt(s^2 [(X^T X)^-1]_00) with s^2 = RSS / (m - 2), which
+    needs m >= 3. That error says how well the points lie on the line; the noise of the one generated set all subsets
+    come from is ``bootstrap_fid_std``'s. Subsets of a finite set of n keep the limit: their FID falls to the whole set's
+    (itself biased by k/n) as N -> n, so the line reaches FID_inf at 1/N = 0 as for fresh samples."""
+    n = len(gen)
+    counts = default_sample_counts(n) if sample_counts is None else [int(k) for k in sample_counts]
+    if len(set(counts)) < 3 or min(counts) < 2 or max(counts) > n:
+        raise ValueError(f"FID-infinity needs at least 3 distinct sample counts from 2 to {n} (the generated features), "
+                         f"got {list(counts)}")
+    if draws < 1:
+        raise ValueError(f"need at least 1 draw per sample count, got {draws}")
+    mu_ref, cov_ref = ref if isinstance(ref, tuple) else feature_statistics(ref)
+    g = torch.Generator().manual_seed(seed)
+
+    def fid_at(k: int) -> float:
+        return sum(frechet_distance(*feature_statistics(gen[torch.randperm(n, generator=g)[:k]]), mu_ref, cov_ref)
+                   for _ in range(draws)) / draws
+
+    points = [(k, fid_at(k)) for k in sorted(set(counts))]
+    X = torch.tensor([[1.0, 1.0 / k] for k, _ in points], dtype=torch.float64)
+    y = torch.tensor([f for _, f in points], dtype=torch.float64)
+    b = torch.linalg.lstsq(X, y[:, None]).solution.flatten()
+    s2 = float(((y - X @ b) ** 2).sum()) / (len(points) - 2)
+    stderr = (s2 * float(torch.linalg.inv(X.T @ X)[0, 0])) ** 0.5
+    return FidInfinity(fid_inf=float(b[0]), stderr=stderr, slope=float(b[1]), points=points)
 
 
 # -- paired comparisons: two entries sampled from the same noise seeds --------------------------------------------

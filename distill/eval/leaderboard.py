@@ -8,11 +8,19 @@ Prepared samplers (``--prepared DIR``: bench variants such as DPM-Solver-v3 with
 with the same samples, seeds and reference) add the best of them at each of ``PREPARED_NFE``, with the preparation
 cost and command from ``DIR/prepared.json``: ``{label: {"variant": "SOLVER:key=value,...", "prepare": command,
 "minutes": float, "hardware": text}}``.
+
+Guided benches (``--guided DIR``: the same teacher, samples and reference under classifier-free guidance, e.g.
+``results/mnist16_cfg2``) add a second table: the teacher converged at that guidance and every student benched there.
+Every student file of the students folder must have a row (``check_students_listed``: its path in a row's
+``student_path``, as the bench wrote it, relative to the folder the commands run from), in the main bench or a guided
+one; a file meant to stay off the board is named with ``--exclude``.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
+from pathlib import Path
 
 from distill.eval.bench import _value, converged, current_rows, with_spread
 
@@ -78,19 +86,25 @@ def leaderboard_rows(rows: list[dict]) -> list[tuple[str, dict]]:
     return entries
 
 
+SAME = ("num_samples", "seed", "reference_id", "teacher_hash", "labels")  # settings a joined folder shares with the board
+
+
+def _check_same(folder: str, folder_cells: list[dict], cells: list[dict], keys: tuple[str, ...]) -> None:
+    for r in folder_cells:
+        differ = [k for k in keys if cells and r[k] != cells[-1][k]]
+        if differ:
+            raise ValueError(f"{folder} was benched with other settings than the leaderboard's cells ({', '.join(differ)}); "
+                             "rerun it with the same --num-samples, --seed, reference and teacher")
+
+
 def prepared_entries(rows: list[dict], prepared: list[tuple[str, list[dict], dict]]) -> list[tuple[str, dict, str, str]]:
     """(label, row, cost, command) of the best prepared sampler at each of ``PREPARED_NFE`` per folder of ``prepared``
     ((folder, its bench rows, its prepared.json)); a folder made with other samples or another reference is refused."""
     cells = current_rows(rows)[0]
-    same = ("num_samples", "seed", "reference_id", "teacher_hash", "labels", "guidance_scale")
     out = []
     for folder, folder_rows, meta in prepared:
         at_all = [r for r in current_rows(folder_rows)[0] if r["method"] in meta]
-        for r in at_all:
-            differ = [k for k in same if cells and r[k] != cells[-1][k]]
-            if differ:
-                raise ValueError(f"{folder} was benched with other settings than the leaderboard's cells ({', '.join(differ)}); "
-                                 "rerun it with the same --num-samples, --seed, reference and teacher")
+        _check_same(folder, at_all, cells, SAME + ("guidance_scale",))
         for nfe in PREPARED_NFE:
             at = [r for r in at_all if int(r["nfe"]) == nfe]
             if not at:
@@ -105,15 +119,82 @@ def prepared_entries(rows: list[dict], prepared: list[tuple[str, list[dict], dic
     return out
 
 
+def guided_entries(rows: list[dict], guided: list[tuple[str, list[dict]]]) -> list[tuple[str, dict, str, str]]:
+    """(label, row, cost, command) for each folder of ``guided`` ((folder, its bench rows), the board's teacher, samples
+    and reference under classifier-free guidance): the teacher converged at that guidance, then every student at every
+    step count; a folder made with other samples or another reference is refused."""
+    cells, out = current_rows(rows)[0], []
+    for folder, folder_rows in guided:
+        mine = current_rows(folder_rows)[0]
+        _check_same(folder, mine, cells, SAME)
+        best = converged(mine)
+        if best is not None:
+            out.append((f"teacher converged at guidance {best['guidance_scale']} (`{best['method']}`, best solver at {best['nfe']} NFE)",
+                        best, "", bench_command(best, folder)))
+        for r in sorted((r for r in mine if r["kind"] == "student"), key=lambda r: (r["method"], int(r["steps"]))):
+            label = f"student `{r['method']}`, {r['steps']} step{'s' if r['steps'] != '1' else ''}, guidance {r['guidance_scale']}"
+            out.append((label, r, cost_text(r), bench_command(r, folder)))
+    return out
+
+
+def is_guided(path: str | Path) -> bool:
+    """Whether a student file was distilled under classifier-free guidance: the objective of its ``training_config``
+    metadata sets ``guidance_scale`` or ``guidance_range``, or it takes the scale w as an input (``extra_conditions``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    config = json.loads(meta.get("training_config") or "{}")
+    objective = config.get("objective") if isinstance(config, dict) else None
+    objective = objective if isinstance(objective, dict) else {}
+    guided = objective.get("guidance_scale") is not None or objective.get("guidance_range") is not None
+    return guided or "w" in json.loads(meta.get("extra_conditions") or "{}")
+
+
+def unlisted_students(folder: str | Path, row_sets: list[list[dict]], exclude: list[str] = ()) -> list[Path]:
+    """The student files (``*.safetensors``) of ``folder`` that no current student row of ``row_sets`` lists (its
+    ``student_path``, resolved from the current directory) and ``exclude`` does not name (by path, or a bare file name)."""
+    listed = {Path(r["student_path"]).resolve() for rows in row_sets for r in current_rows(rows)[0]
+              if r["kind"] == "student" and r.get("student_path")}
+    skipped = {Path(e).resolve() for e in exclude} | {e for e in exclude if Path(e).name == e}
+    return [f for f in sorted(Path(folder).glob("*.safetensors"))
+            if f.resolve() not in listed and f.resolve() not in skipped and f.name not in skipped]
+
+
+def check_students_listed(folder: str | Path, rows: list[dict], out: str, guided: list[tuple[str, list[dict]]] = (),
+                          exclude: list[str] = ()) -> None:
+    """Refuse a board that leaves out a student file of ``folder`` (``unlisted_students`` over ``rows`` and the guided
+    folders' rows), naming the files and the bench command that adds them."""
+    missing = unlisted_students(folder, [rows] + [r for _, r in guided], exclude)
+    if not missing:
+        return
+    plain, steered = [str(f) for f in missing if not is_guided(f)], [f.name for f in missing if is_guided(f)]
+    cells = current_rows(rows)[0]
+    how = []
+    if plain and cells:
+        command = bench_command({**cells[-1], "kind": "student", "student_path": ",".join(plain), "steps": "1,2,4"}, out)
+        how.append(f"bench {'it' if len(plain) == 1 else 'them'} with `{command}`")
+    if steered:
+        how.append(f"bench the guided {', '.join(steered)} with --guidance-scale W into a folder given here with --guided")
+    raise ValueError(f"{len(missing)} student file{'s' * (len(missing) > 1)} in {folder} {'have' if len(missing) > 1 else 'has'} "
+                     f"no leaderboard row ({', '.join(map(str, missing))}): {' and '.join(how) or 'bench them'}, "
+                     "or leave a file off the board with --exclude FILE")
+
+
 def leaderboard_table(rows: list[dict], out: str, commands: bool = True,
                       prepared: list[tuple[str, list[dict], dict]] | None = None) -> list[str]:
     """The markdown table's lines (without the command column when ``commands`` is false)."""
-    columns = COLUMNS if commands else COLUMNS[:-1]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     any_cell = converged(current_rows(rows)[0]) or current_rows(rows)[0][-1]  # data rows: any bench command on the folder
     entries = [(label, r, cost_text(r), bench_command(r if r["kind"] in ("solver", "student") else any_cell, out))
                for label, r in leaderboard_rows(rows)]
-    for label, r, cost, command in entries + prepared_entries(rows, prepared or []):
+    return table_lines(entries + prepared_entries(rows, prepared or []), commands)
+
+
+def table_lines(entries: list[tuple[str, dict, str, str]], commands: bool = True) -> list[str]:
+    """The markdown lines of (label, row, cost, command) entries: a header, then a line per entry."""
+    columns = COLUMNS if commands else COLUMNS[:-1]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for label, r, cost, command in entries:
         values = [label, r.get("nfe", "") if r["kind"] in ("solver", "student") else "", with_spread(r, "fid", 2),
                   _cell(r, "kid", 2), _cell(r, "precision"), _cell(r, "recall"), _cell(r, "copy_rate"), _cell(r, "closer_to_train"),
                   cost, f"`{command}`"]
@@ -121,8 +202,9 @@ def leaderboard_table(rows: list[dict], out: str, commands: bool = True,
     return lines
 
 
-def leaderboard_markdown(rows: list[dict], out: str, command: str, prepared: list[tuple[str, list[dict], dict]] | None = None) -> str:
-    """The whole LEADERBOARD.md."""
+def leaderboard_markdown(rows: list[dict], out: str, command: str, prepared: list[tuple[str, list[dict], dict]] | None = None,
+                         guided: list[tuple[str, list[dict]]] | None = None) -> str:
+    """The whole LEADERBOARD.md: the table, then the guided students' table when ``guided`` folders are given."""
     cells, _, _ = current_rows(rows)
     if not cells:
         raise ValueError(f"no benchmark cells in {out}")
@@ -139,7 +221,13 @@ def leaderboard_markdown(rows: list[dict], out: str, command: str, prepared: lis
         "closer to train: `distill/eval/memorization.py` (0 and 0.5 for new data). The data rows are written by every "
         "bench command on the folder. How each row was run (hardware, time): `results/README.md`.", "",
     ]
-    return "\n".join(head + leaderboard_table(rows, out, prepared=prepared)) + "\n"
+    tail = []
+    if guided:
+        folders = ", ".join(f"`{folder}/fid_vs_nfe.csv`" for folder, _ in guided)
+        tail = ["", "## Guided students", "", f"From {folders}: the same teacher, samples and reference under classifier-free "
+                "guidance (the scale in each label), so compare a row with the teacher converged at its own guidance.", "",
+                *table_lines(guided_entries(rows, guided))]
+    return "\n".join(head + leaderboard_table(rows, out, prepared=prepared) + tail) + "\n"
 
 
 def replace_block(text: str, block: str) -> str:

@@ -16,8 +16,9 @@ score). Student rows carry their training cost. The plots and the sample grids a
 Modules: ``config`` (file names, CSV columns, option parsers, ``BenchConfig``, each sample's condition), ``cells``
 (planning the cells, sampling them, keeping their samples), ``student`` (a student's sampling call, teacher check,
 training cost and loading), ``metrics`` (``FidMetric``, ``ExactMetric``, ``make_metric``), ``rows`` (the CSV and
-``run_bench``), ``tables`` (reading results back, the markdown table), ``plots`` (the pictures) and ``run``
-(``benchmark`` and ``redraw``: what ``scripts/bench.py`` runs). Every name is importable from the package itself.
+``run_bench``), ``tables`` (reading results back, the markdown table), ``plots`` (the pictures: the headline, every
+method, the cost) and ``run`` (``benchmark`` and ``redraw``: what ``scripts/bench.py`` runs). Every name is importable
+from the package itself.
 """
 
 from distill.eval.bench.cells import Cell, generate, method_stem, plan_cells, save_cell_samples, save_png_folder
@@ -32,6 +33,7 @@ from distill.eval.bench.config import (
     FIELDS,
     GRID_ROWS,
     GRID_SAMPLES,
+    HEADLINE_PNG,
     PNG,
     PROTOCOL,
     TABLE,
@@ -49,7 +51,21 @@ from distill.eval.bench.config import (
     prompt_order,
 )
 from distill.eval.bench.metrics import ExactMetric, FidMetric, data_splits, make_metric, reference_set
-from distill.eval.bench.plots import plot_bench, plot_cost, save_method_grids, student_points
+from distill.eval.bench.plots import (
+    STUDENT_FAMILIES,
+    bench_figure,
+    best_solver_per_nfe,
+    best_student_per_family,
+    cost_figure,
+    headline_figure,
+    headline_limits,
+    plot_bench,
+    plot_cost,
+    plot_headline,
+    save_method_grids,
+    student_family,
+    student_points,
+)
 from distill.eval.bench.rows import has_row, read_bench_rows, run_bench, run_cell, run_config
 from distill.eval.bench.run import benchmark, check_device, place_teacher, redraw
 from distill.eval.bench.student import (
@@ -65,7 +81,7 @@ from distill.eval.bench.tables import _value, converged, current_rows, markdown_
 __all__ = [
     # config
     "CONFIG_FIELDS", "COST_KEYS", "COST_PNG", "CSV", "DATA_KINDS", "DEFAULT_NFE", "EXACT_METRICS", "FIELDS", "GRID_ROWS",
-    "GRID_SAMPLES", "PNG", "PROTOCOL", "TABLE", "TEACHER_COST", "BenchConfig", "cond_for", "is_analytic", "is_image",
+    "GRID_SAMPLES", "HEADLINE_PNG", "PNG", "PROTOCOL", "TABLE", "TEACHER_COST", "BenchConfig", "cond_for", "is_analytic", "is_image",
     "label_mode", "labels_for", "parse_int_list", "parse_methods", "parse_solvers", "parse_variant", "prompt_order",
     # cells
     "Cell", "generate", "method_stem", "plan_cells", "save_cell_samples", "save_png_folder",
@@ -78,7 +94,8 @@ __all__ = [
     # tables
     "converged", "current_rows", "markdown_table", "with_spread",
     # plots
-    "plot_bench", "plot_cost", "save_method_grids", "student_points",
+    "STUDENT_FAMILIES", "bench_figure", "best_solver_per_nfe", "best_student_per_family", "cost_figure", "headline_figure",
+    "headline_limits", "plot_bench", "plot_cost", "plot_headline", "save_method_grids", "student_family", "student_points",
     # run
     "benchmark", "check_device", "place_teacher", "redraw",
 ]

@@ -16,6 +16,7 @@ DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
 PNG = "fid_vs_nfe.png"
 COST_PNG = "fid_vs_cost.png"
+HEADLINE_PNG = "fid_headline.png"  # the results at a glance: best solver per NFE, best student per family, teacher and floor
 TEACHER_COST = "teacher_cost.json"  # the teacher's own training cost (keys of COST_KEYS), read by the cost plot
 TABLE = "fid_vs_nfe.md"
 PROTOCOL = "2"  # issue #13: floor and training rows at the cells' N, bootstrap spread, precision/recall, memorization, cost

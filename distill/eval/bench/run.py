@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from distill.eval.bench.cells import plan_cells
-from distill.eval.bench.config import COST_PNG, CSV, DATA_KINDS, PNG, TABLE, TEACHER_COST, BenchConfig, is_analytic
-from distill.eval.bench.plots import plot_bench, plot_cost, save_method_grids
+from distill.eval.bench.config import COST_PNG, CSV, DATA_KINDS, HEADLINE_PNG, PNG, TABLE, TEACHER_COST, BenchConfig, is_analytic
+from distill.eval.bench.plots import plot_bench, plot_cost, plot_headline, save_method_grids
 from distill.eval.bench.rows import read_bench_rows, run_bench
 from distill.eval.bench.tables import markdown_table
 
@@ -47,8 +47,9 @@ def benchmark(teacher, cfg: BenchConfig, metric, out: str | Path, solvers: list[
 
 
 def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
-    """fid_vs_nfe.png, fid_vs_cost.png (when students record their cost), the table and the sample grids, from the
-    files in ``out``; with ``plot_with`` also fid_vs_nfe_with_<names>.png, adding those folders' cells."""
+    """fid_vs_nfe.png with fid_headline.png beside it (FID benches), fid_vs_cost.png (when students record their cost),
+    the table and the sample grids, from the files in ``out``; with ``plot_with`` also fid_vs_nfe_with_<names>.png,
+    adding those folders' cells."""
     out, plot_with = Path(out), [Path(f) for f in plot_with]
     rows = read_bench_rows(out / CSV)
     if not any(r["kind"] not in DATA_KINDS for r in rows):
@@ -61,6 +62,7 @@ def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
             others += [r for r in read_bench_rows(folder / CSV) if r["kind"] not in DATA_KINDS]
         plot_bench(others + rows, out / PNG.replace(".png", "_with_" + "_".join(f.name for f in plot_with) + ".png"))
     plot_bench(rows, out / PNG)
+    plot_headline(rows, out / HEADLINE_PNG)
     teacher_cost = json.loads((out / TEACHER_COST).read_text()) if (out / TEACHER_COST).is_file() else None
     plot_cost(rows, out / COST_PNG, teacher_cost)
     (out / TABLE).write_text(markdown_table(rows))
