@@ -29,8 +29,8 @@ from distill.eval.fid import bootstrap_fid_std, feature_metrics
 def reference_key(teacher, cfg: BenchConfig, metric, solver: str, nfe: int, seed: int, num_samples: int) -> str:
     """The cache key of a teacher reference: everything that changes its samples or their features."""
     spec = {"teacher": getattr(teacher, "hash", teacher.name), "solver": solver, "nfe": nfe, "seed": seed, "n": num_samples,
-            "unconditional": cfg.unconditional, "prompts": cfg.prompts, "grid": cfg.grid, "final": cfg.final, "guidance": cfg.guidance_scale,
-            "extractor": metric.extractor, "weights": str(metric.weights_path)}
+            "unconditional": cfg.unconditional, "prompts": cfg.prompts, "grid": cfg.grid, "final": cfg.final,
+            "guidance": cfg.guidance_scale, "extractor": metric.extractor, "weights": str(metric.weights_path)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
