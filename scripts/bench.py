@@ -13,6 +13,7 @@ teacher and the floor), fid_vs_nfe.md (the table), fid_vs_cost.png (when student
 samples/<method>.png.
 Resumable: cells already in the CSV with the same settings are skipped. Sample i uses noise seed (seed + i) in
 every cell; class labels cycle 0..K-1 (--unconditional: -1). Solvers that cannot spend an NFE exactly are skipped.
+One bench writes an --out at a time: a second one is refused with exit status 2, changing nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from distill.core.cores import cap_torch_threads
 from distill.core.grids import GRIDS
 from distill.data import MNIST16_SPLITS
+from distill.engine.lock import FolderInUse, FolderLock
 from distill.engine.paths import check_output_dir
 from distill.eval import bench as lib
 from distill.solvers import SOLVERS
@@ -105,8 +107,20 @@ student_cost = lib.student_cost  # a student's training cost (tests/test_run_cos
 def main(argv=None) -> int:
     args = parse_args(argv)
     cap_torch_threads()  # no more intra-op threads than the cores this process may use
+    with FolderLock(args.out) as lock:  # one writer per --out (distill.engine.lock), released on return or death
+        try:
+            return _bench(args, argv, lock)
+        except FolderInUse as e:  # another bench writes --out: nothing was changed
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+
+def _bench(args, argv, lock: FolderLock) -> int:
     try:
+        lock.acquire_existing()  # an --out written before: locked before its CSV is read; a new one just before writing
         if args.plot_only:
+            if (args.out / lib.CSV).is_file():
+                lock.acquire()
             lib.redraw(args.out, args.plot_with)
             print(f"redrew {args.out / lib.PNG}")
             return 0
@@ -133,6 +147,7 @@ def main(argv=None) -> int:
                                               args.allow_other_teacher)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    lock.acquire()
     command = "python scripts/bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lib.benchmark(teacher, cfg, metric, args.out, solvers, nfes, students=students, student_steps=student_steps,
                   student_columns=columns, command=command)

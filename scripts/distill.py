@@ -5,7 +5,8 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/distill.py --config ...
 
 Nested keys are set with dots: --set objective.solver=euler student.sigma_data=1.0. Without --resume a
-run folder that already has checkpoints is refused; --resume latest ignores incomplete checkpoints.
+run folder that already has checkpoints is refused; --resume latest ignores incomplete checkpoints. A run folder
+another process is writing is refused with exit status 2, changing nothing (distill.engine.lock).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 from distill.engine.config import ConfigError, parse_overrides  # noqa: E402
+from distill.engine.lock import FolderInUse  # noqa: E402
 from distill.engine.run_config import load_run_config  # noqa: E402
 from distill.engine.train import NonFiniteError, train  # noqa: E402
 from students import build_student  # noqa: E402
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
         cfg = load_run_config(args.config, overrides)
         train(cfg, load_teacher=load_teacher, build_student=build_student, resume=args.resume,
               log=lambda m: print(m, flush=True))
+    except FolderInUse as e:  # another process writes this run folder: nothing was changed
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except (ConfigError, FileNotFoundError, NonFiniteError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from distill.core.grids import GRIDS
+from distill.core.safe_files import load_weights_only
 from distill.eval.bench import parse_int_list
 from distill.solvers import per_sample_noise
 from distill.solvers.prepared import files as prepared
@@ -41,7 +42,7 @@ def warmup_cost(teacher, args, state_path: Path) -> tuple[torch.Tensor, torch.Te
            "fine_grid": args.fine_grid, "solver": args.solver, "metric": args.metric, "final": args.final, "seed": args.seed,
            "unconditional": args.unconditional}
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = load_weights_only(state_path, "GITS state")  # tensors and plain data only: a pickle runs no code
         if state["key"]["teacher_hash"] != teacher.hash:
             raise ValueError(f"GITS state {state_path} belongs to teacher {state['key']['teacher_hash'][:12]}, not "
                              f"{teacher.name!r} ({teacher.hash[:12]}); give another --out or delete it")

@@ -117,15 +117,42 @@ class StableDiffusionTeacher(DiffusersTeacher):
         return self
 
 
-def _component_class(index: dict, name: str, root: Path):
+# What model_index.json may name for each component: the classes this loader can use (a text encoder whose first output
+# is its last hidden state, as the UNet's cross-attention needs). Anything else is refused before any import, as
+# importing a module named by a file would run that module's code.
+ALLOWED_CLASSES = {
+    "unet": (("diffusers", COND_UNET),),
+    "vae": (("diffusers", "AutoencoderKL"),),
+    "text_encoder": (("transformers", "CLIPTextModel"), ("transformers", "T5EncoderModel")),
+    "tokenizer": tuple(("transformers", c) for c in ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")),
+}
+
+
+def _allowed(name: str, library, class_name) -> bool:
+    if name == "scheduler":  # any of diffusers' schedulers (the schedule itself is read from its config)
+        return library == "diffusers" and isinstance(class_name, str) and class_name.isidentifier() and class_name.endswith("Scheduler")
+    return (library, class_name) in ALLOWED_CLASSES[name]
+
+
+def _component_entry(index: dict, name: str, root: Path) -> tuple[str, str]:
+    """The (library, class) model_index.json names for component ``name``, checked against ``ALLOWED_CLASSES``."""
     entry = index.get(name)
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]) or not (root / name).is_dir():
         raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks a {name} (model_index.json entry and {name}/ "
                                 f"folder); a text-to-image teacher needs {', '.join(COMPONENTS)}")
     library, class_name = entry
+    if not (isinstance(library, str) and isinstance(class_name, str) and _allowed(name, library, class_name)):
+        allowed = "a diffusers scheduler (diffusers.<Name>Scheduler)" if name == "scheduler" else " or ".join(
+            f"{lib}.{cls}" for lib, cls in ALLOWED_CLASSES[name])
+        raise ValueError(f"model_index.json of {str(root)!r} names {library}.{class_name} for {name}, which a text-to-image "
+                         f"teacher cannot use; allowed: {allowed} (nothing else is imported)")
+    return library, class_name
+
+
+def _component_class(library: str, class_name: str, name: str, root: Path):
     import importlib
 
-    module = importlib.import_module({"diffusers": "diffusers", "transformers": "transformers"}.get(library, library))
+    module = importlib.import_module(library)  # diffusers or transformers: _component_entry allows no other
     if not hasattr(module, class_name):
         raise ValueError(f"model_index.json of {str(root)!r} names {library}.{class_name} for {name}, which does not exist")
     return getattr(module, class_name)
@@ -135,7 +162,8 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     """A ``StableDiffusionTeacher`` from a local pipeline folder (module doc), with ``local_files_only=True``."""
     root = Path(path)
     index = read_json(root / "model_index.json")
-    classes = {name: _component_class(index, name, root) for name in COMPONENTS}
+    entries = {name: _component_entry(index, name, root) for name in COMPONENTS}  # all checked before any import
+    classes = {name: _component_class(*entries[name], name, root) for name in COMPONENTS}
     unet_cfg = read_json(root / "unet" / "config.json")
     if unet_cfg.get("_class_name") != COND_UNET or classes["unet"].__name__ != COND_UNET:
         raise ValueError(f"{root}/unet is a {unet_cfg.get('_class_name')!r}, not a {COND_UNET}; a text-to-image teacher "

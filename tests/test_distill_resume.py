@@ -7,7 +7,8 @@ import sys
 import time
 
 import pytest
-from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tiny_cfg
+import torch
+from distill_helpers import RING8, ROOT, TINY, run, same_tensors, subprocess_env, tensors, tiny_cfg
 
 from distill.engine.checkpoint import complete_checkpoints
 from distill.engine.train import NonFiniteError, check_world_size
@@ -39,10 +40,15 @@ def test_sigkill_mid_training_then_resume_latest_is_bit_identical(tmp_path):
     assert run(tiny_cfg(full, "max_steps=150", "checkpoint_every=10", "log_every=10")) == full
     for name in ("student.safetensors", "student_ema.safetensors"):
         assert same_tensors(full / name, killed / name), name
-    # the objective's EMA target and the optimizer state are checkpointed too: the last checkpoints agree
+    # the objective's EMA target, the optimizer and the random states are checkpointed too (tensors and JSON, no
+    # pickle): the last checkpoints agree
     a, b = full / "checkpoints" / "step-150", killed / "checkpoints" / "step-150"
-    assert same_tensors(a / "model.safetensors", b / "model.safetensors")
-    assert (a / "custom_checkpoint_1.pkl").read_bytes() == (b / "custom_checkpoint_1.pkl").read_bytes()
+    for name in ("model", "optimizer", "ema", "helper.target"):
+        assert same_tensors(a / f"{name}.safetensors", b / f"{name}.safetensors"), name
+    assert (a / "optimizer.json").read_text() == (b / "optimizer.json").read_text()
+    # torch's global generator (seeded by the run); Python's and NumPy's are the test process's own in the full run
+    assert torch.equal(tensors(a / "rng_state_0.safetensors")["torch"], tensors(b / "rng_state_0.safetensors")["torch"])
+    assert not list(a.rglob("*.pkl")) and not list(a.rglob("*.bin"))
 
 
 def test_run_folder_with_checkpoints_needs_resume(tmp_path):
@@ -91,7 +97,7 @@ def test_two_cpu_processes_run_and_finish(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2" in done.stdout and "rank 1 of 2" in done.stdout
-    assert (out / "student.safetensors").is_file() and (out / "checkpoints" / "step-6" / "random_states_1.pkl").is_file()
+    assert (out / "student.safetensors").is_file() and (out / "checkpoints" / "step-6" / "rng_state_1.safetensors").is_file()
     # the LR schedule counts global steps: the same learning rates as a one-process run of the same config
     # (accelerate steps a prepared scheduler once per process unless step_scheduler_with_optimizer=False)
     one = tmp_path / "one"

@@ -21,6 +21,7 @@ from distill.engine.checkpoint import (
 from distill.engine.config import ConfigError
 from distill.engine.run_config import RunConfig
 from distill.engine.run_setup import Run, trackers
+from distill.engine.run_state import read_state
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -92,7 +93,7 @@ def check_resume_config(cfg: RunConfig, ckpt: Path | None) -> None:
 def restore(run: Run, ckpt: Path | None, log) -> int:
     if ckpt is None:
         return 0
-    run.accelerator.load_state(str(ckpt))
+    read_state(run, ckpt, log)  # tensors and JSON; nothing is unpickled (distill.engine.run_state)
     run.last_checkpoint = ckpt
     step = read_manifest(ckpt)["step"]
     log(f"resumed from {ckpt} at step {step}")

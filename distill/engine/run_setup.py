@@ -76,6 +76,7 @@ class Run:
     cache: object = None
     trackers: bool = False  # accelerate trackers initialised (log_with / tensorboard)
     last_checkpoint: Path | None = None
+    lock: object = None  # the run folder's distill.engine.lock.FolderLock, held while the run writes it
     history: dict[str, list] = field(default_factory=dict)
 
 
@@ -305,10 +306,8 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
     k, names = len(specs), [s.name for s in specs]
     for module in objective.frozen().values():
         module.to(accelerator.device, dtype=weight_dtype(cfg)).requires_grad_(False)
-    checkpointed = [m.to(accelerator.device) for _, m in sorted(helpers.items())]
-    if ema is not None:
-        checkpointed.insert(0, ema.to(accelerator.device))
-    accelerator.register_for_checkpointing(*checkpointed) if checkpointed else None
+    for module in [*helpers.values(), *([ema] if ema is not None else [])]:
+        module.to(accelerator.device)  # checkpointed by distill.engine.run_state, as tensors
     trainable = {name: [p for _, p in named[name]] for name in names}
     run = Run(cfg, accelerator, objective, specs, dict(zip(names, prepared[:k])), dict(zip(names, prepared[k:2 * k])),
               settings, trainable, ema, Path(cfg.output_dir), ctx=ctx, cache=cache)

@@ -16,10 +16,11 @@ teacher, student and data) is ``distill.engine.run_setup``; resume, config.yaml,
 ``distill.engine.run_files``.
 
 Exact resume: the data order is ``batch_indices(step, ...)`` and all noise comes from
-``step_generator(seed, step, rank)``, both pure functions of the step; models, optimizers, schedulers,
-the student EMA, the objective's helpers (e.g. an EMA target) and the global RNG go through accelerate's
-``save_state`` inside an atomic checkpoint folder (``distill.engine.checkpoint``). A run killed at any moment and
-resumed with ``resume="latest"`` ends bit-identical on CPU to one that never stopped.
+``step_generator(seed, step, rank)``, both pure functions of the step; models, optimizers, the loss scaler,
+the student EMA, the objective's helpers (e.g. an EMA target) and every rank's global RNG are written as tensors and
+JSON (``distill.engine.run_state``: resuming unpickles nothing) inside an atomic checkpoint folder
+(``distill.engine.checkpoint``). A run killed at any moment and resumed with ``resume="latest"`` ends bit-identical on
+CPU to one that never stopped. The run folder is locked while the run writes it (``distill.engine.lock``).
 
 DeepSpeed (configs/accelerate/deepspeed_zero2.yaml, set up in ``run_setup``) clips gradients itself
 (``gradient_clipping`` in its config) and steps inside ``backward``; the gradient-norm check is skipped there,
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from distill.engine.checkpoint import batch_indices, save_checkpoint, step_generator
 from distill.engine.export import STUDENT_FILE
+from distill.engine.lock import FolderLock, launched_rank
 from distill.engine.paths import check_output_dir, file_sha256
 from distill.engine.run_config import RunConfig, objective_options
 from distill.engine.run_files import (
@@ -76,6 +78,7 @@ from distill.engine.run_setup import (
     trackers,
     weight_dtype,
 )
+from distill.engine.run_state import STATE_FORMAT, write_state
 from distill.objectives.base import Batch, ema_update, unwrap
 
 # the trainer's names, those of run_setup and run_files included, as importable from here as before the split
@@ -255,12 +258,13 @@ def checkpoint(run: Run, step: int) -> None:
     acc = run.accelerator
 
     def write(folder: Path) -> None:
-        acc.save_state(str(folder))  # every rank: per-rank RNG files
+        write_state(run, folder)  # every rank: per-rank random states; tensors and JSON only (run_state)
         if acc.is_main_process:
             write_students(run, folder, final=False)
             (folder / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
 
-    run.last_checkpoint = save_checkpoint(run.out / "checkpoints", step, write, {"kind": "distill", "objective": run.objective.name},
+    run.last_checkpoint = save_checkpoint(run.out / "checkpoints", step, write, {"kind": "distill", "objective": run.objective.name,
+                                                                           "state_format": STATE_FORMAT},
                                           keep=run.cfg.keep_checkpoints, is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
 
 
@@ -279,15 +283,22 @@ def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) 
     """Everything before the first step: checks, accelerator, networks, restore, run files, ``on_start``."""
     check_tensorboard(cfg)
     check_output_dir(cfg.output_dir, "output_dir")
-    ckpt = resolve_resume(Path(cfg.output_dir), resume, log)
-    cls, _ = objective_options(cfg.objective)
-    accelerator = make_accelerator(cfg, cls.find_unused_parameters)
-    check_resume_config(cfg, ckpt)
-    run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
-    step = restore(run, ckpt, log)
-    open_run_files(run, step, log)
-    with torch.no_grad():
-        run.objective.on_start(run.ctx, step)
+    lock = FolderLock(cfg.output_dir, enabled=launched_rank() == 0)  # one writer per run folder (distill.engine.lock)
+    lock.acquire_existing()  # a folder written before: locked before its checkpoints are read
+    try:
+        ckpt = resolve_resume(Path(cfg.output_dir), resume, log)
+        cls, _ = objective_options(cfg.objective)
+        accelerator = make_accelerator(cfg, cls.find_unused_parameters)
+        check_resume_config(cfg, ckpt)
+        run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
+        step = restore(run, ckpt, log)
+        run.lock = lock.acquire()  # a new folder is made and locked just before the first write
+        open_run_files(run, step, log)
+        with torch.no_grad():
+            run.objective.on_start(run.ctx, step)
+    except BaseException:
+        lock.release()
+        raise
     for net in run.nets.values():
         net.train()
     return run, step
@@ -300,6 +311,13 @@ def train(cfg: RunConfig, *, load_teacher, build_student, resume: str | None = N
     teacher, lora[, init_from=path])`` come from the caller (scripts/distill.py), so that distill/ imports neither
     package."""
     run, step = start(cfg, load_teacher, build_student, resume, log)
+    with run.lock:  # released at the end, however the loop ends (the kernel releases it if the process dies)
+        return run_steps(run, step, stop_at, log)
+
+
+def run_steps(run: Run, step: int, stop_at: int | None, log) -> Path | None:
+    """The loop from ``step`` (see ``train``)."""
+    cfg = run.cfg
     log(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes}: {cfg.objective['name']} from step "
         f"{step} to {cfg.max_steps}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.objective["name"], mininterval=5,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from distill.core.safe_files import load_weights_only
 from distill.data import MNIST16_SPLITS, load_dataset
 from distill.eval.bench.config import BenchConfig, is_analytic, is_image, labels_for
 from distill.eval.fid import EXTRACTOR, INCEPTION, bootstrap_fid_std, compute_features, feature_metrics, reference_cache_name
@@ -36,7 +37,7 @@ class FidMetric:
         """The reference's features, kept in ``cache_root/<reference_id>.pt`` (named by content) when given."""
         path = Path(cache_root) / f"{self.reference_id}.pt" if cache_root else None
         if path is not None and path.is_file():
-            return torch.load(path)
+            return load_weights_only(path, "FID feature cache")  # tensors only: a crafted pickle runs no code
         features = self.features(reference)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

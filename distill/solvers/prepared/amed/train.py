@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from distill.core.grids import CLEAN_FINALS, make_grid
+from distill.core.safe_files import load_weights_only
 from distill.solvers import get_solver, per_sample_noise
 from distill.solvers.common import grid_points, t_batch
 from distill.solvers.prepared.amed.predictor import PLUGIN_RULES, AmedPredictor, reduce_features
@@ -111,7 +112,7 @@ def train_amed(teacher, cfg: AmedConfig, state_path=None, progress: bool = True,
     key = {"teacher_hash": teacher.hash, "config": json.loads(json.dumps(asdict(cfg)))}
     start, minutes, state_path = 0, 0.0, None if state_path is None else Path(state_path)
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = load_weights_only(state_path, "AMED state")  # tensors and plain data only: a pickle runs no code
         if state["key"]["teacher_hash"] != teacher.hash:
             raise ValueError(f"AMED state {state_path} belongs to teacher {state['key']['teacher_hash'][:12]}, not "
                              f"{teacher.name!r} ({teacher.hash[:12]}); give another --out or delete it")

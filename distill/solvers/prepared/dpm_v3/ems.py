@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill.core.safe_files import load_weights_only
 from distill.solvers.prepared.dpm_v3.solver import EMS
 
 
@@ -102,7 +103,7 @@ class EmsRun:
     def _load_state(self) -> dict:
         if self.state_path is None or not self.state_path.is_file():
             return {**self._key(), "l": {}, "sb": {}}
-        state = torch.load(self.state_path, weights_only=False)
+        state = load_weights_only(self.state_path, "EMS state")  # tensors and plain data only: a pickle runs no code
         if state.get("teacher_hash") != self.teacher_hash:
             raise ValueError(f"EMS state {self.state_path} belongs to teacher {str(state.get('teacher_hash'))[:12]}, "
                              f"not {self.teacher_hash[:12]}; give another --out or delete it")

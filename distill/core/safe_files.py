@@ -1,0 +1,61 @@
+"""Reading files without running code.
+
+A pickle can name any function and have the unpickler call it, so a crafted ``.pt`` / ``.pkl`` file runs code when
+``torch.load(weights_only=False)`` reads it. Every pickle this project reads goes through torch's weights-only
+unpickler, which builds tensors, numbers, strings and plain containers (dict, list, tuple, OrderedDict) and refuses
+anything else: ``load_weights_only`` for our own files, ``weights_only_torch_load`` around a library call that would
+unpickle with ``weights_only=False`` itself (DeepSpeed's checkpoint loader). Tensors are otherwise written as
+safetensors and everything else as JSON, neither of which can run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from pathlib import Path
+
+import torch
+
+
+class UnsafeFileError(ValueError):
+    """A file that holds something other than tensors and plain data (or is not a torch file): it was not loaded."""
+
+
+def _refusal(path, what: str, error: Exception) -> UnsafeFileError:
+    if isinstance(error, pickle.UnpicklingError):
+        why = (f"holds something other than tensors, numbers and strings, so it was not loaded (unpickling it could "
+               f"run code; torch's weights-only unpickler said: {str(error).splitlines()[0][:200]})")
+    else:
+        why = f"cannot be read as a torch file ({type(error).__name__}: {str(error)[:200]})"
+    return UnsafeFileError(f"{what} {str(path)!r} {why}; delete it or replace it with a file this project wrote")
+
+
+def load_weights_only(path: str | Path, what: str = "file"):
+    """``torch.load(path)`` on the CPU through the weights-only unpickler; a file holding anything else (or no torch
+    file at all) raises ``UnsafeFileError``, one sentence naming ``what`` and the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise _refusal(path, what, e) from None
+
+
+@contextlib.contextmanager
+def weights_only_torch_load(allowed: tuple = (), what: str = "checkpoint file"):
+    """Within: every ``torch.load`` call, also one a library makes with ``weights_only=False``, uses the weights-only
+    unpickler with the classes ``allowed`` added (plain records such as DeepSpeed's loss scaler); a file holding
+    anything else raises ``UnsafeFileError``."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(list(allowed)):
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise _refusal(f, what, e) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
