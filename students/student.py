@@ -157,7 +157,7 @@ class Student(NetDenoiser):
 
 
 # metadata keys read back into ``Student.info`` (JSON values)
-INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "training_cost")
+INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "training_cost", "selection")
 
 
 def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:

@@ -1,0 +1,65 @@
+"""Choose among candidate student files on tune data only (``distill.eval.select``) and record the choice in the file.
+
+    python scripts/select.py --teacher mnist16 --steps 1 \\
+        --candidates runs/x_raw.safetensors runs/x_ema.safetensors --out results/mnist16/students/x_mnist16.safetensors
+
+Each candidate is sampled at --steps on noise seeds --seed.. (default 900,000: never a reporting seed) and scored by
+FID against the mnist16 tune split (1,000 training digits no reported number uses); the lowest is copied to --out
+with metadata ``selection`` = {rule, split, seeds, steps, candidates' FIDs, chosen}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys as _sys
+from pathlib import Path
+
+from distill.engine.paths import check_output_file
+from distill.eval import bench as lib
+from distill.eval.select import check_tune_seed, choose, tune_fids, write_selected
+from students import load_student
+from teachers import load_teacher
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="mnist16")
+    p.add_argument("--candidates", nargs="+", required=True, type=Path)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=900_000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        check_output_file(args.out, "--out")
+        check_tune_seed(args.seed)
+        if args.steps < 1 or args.num_samples < 2:
+            raise ValueError(f"--steps and --num-samples must be at least 1 and 2, got {args.steps} and {args.num_samples}")
+        if len({c.resolve() for c in args.candidates}) != len(args.candidates):
+            raise ValueError("--candidates names the same file twice; allowed: distinct files")
+        teacher = load_teacher(args.teacher)
+        students = {}
+        for path in args.candidates:
+            if not path.is_file():
+                raise FileNotFoundError(f"no candidate student file at {str(path)!r}")
+            students[str(path)] = load_student(str(path))
+            lib.check_student(teacher, path.stem, students[str(path)], near=path.parent)
+            if args.steps not in students[str(path)].sampling_steps:
+                raise ValueError(f"{path} samples with {students[str(path)].sampling_steps} steps, not {args.steps}")
+    except (ValueError, FileNotFoundError) as e:
+        _sys.exit(f"error: {e}")
+    fids = tune_fids(teacher, students, args.steps, args.num_samples, args.seed, args.batch_size)
+    chosen = choose(fids)
+    record = {"rule": "lowest FID against the tune split", "split": "tune", "seeds": [args.seed, args.seed + args.num_samples - 1],
+              "steps": args.steps, "candidates": fids, "chosen": chosen,
+              "command": "python scripts/select.py " + " ".join(argv if argv is not None else _sys.argv[1:])}
+    write_selected(Path(chosen), args.out, record)
+    for name, fid in fids.items():
+        print(f"{'*' if name == chosen else ' '} {name}: tune FID {fid:.3f}")
+    print(f"chose {chosen} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""scripts/select.py: a choice among candidate student files made on the tune split and tune seeds, recorded in the
+chosen file's metadata; reporting seeds refused."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from students import load_student
+
+ROOT = Path(__file__).parents[1]
+A = ROOT / "results/mnist16/students/progressive_mnist16_1.safetensors"
+B = ROOT / "results/mnist16/students/sid_from_pd1_mnist16.safetensors"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("select_script", ROOT / "scripts" / "select.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_select_chooses_the_lowest_tune_fid_and_records_it(tmp_path):
+    out = tmp_path / "chosen.safetensors"
+    assert _script().main(["--candidates", str(A), str(B), "--num-samples", "300", "--out", str(out)]) == 0
+    record = load_student(str(out)).info["selection"]
+    fids = record["candidates"]
+    assert set(fids) == {str(A), str(B)} and record["chosen"] == min(fids, key=fids.get)
+    assert record["split"] == "tune" and record["seeds"] == [900_000, 900_299] and record["steps"] == 1
+    chosen, copy = _tensors(record["chosen"]), _tensors(out)
+    assert chosen.keys() == copy.keys() and all((chosen[k] == copy[k]).all() for k in chosen)
+
+
+def test_reporting_seeds_are_refused(tmp_path):
+    out = tmp_path / "chosen.safetensors"
+    with pytest.raises(SystemExit, match=r"--seed 5 may overlap the reporting seeds 0..99999; allowed: a tune seed of at least 100000"):
+        _script().main(["--candidates", str(A), str(B), "--seed", "5", "--out", str(out)])
+    assert not out.exists()
