@@ -1,0 +1,97 @@
+"""Rank stability of bench entries over disjoint noise-seed sets (``distill.eval.rank_stability``).
+
+    python scripts/rank_stability.py --teacher mnist16 --num-samples 2000 --seeds 0,20000,40000 \\
+        --entry student:results/mnist16/students/sid_from_pd1_mnist16.safetensors@1 --entry solver:unipc@20 ... \\
+        --out results/mnist16_rank_stability
+
+Each entry is sampled as its bench cell (``solver:NAME@NFE`` or ``student:FILE@STEPS``) on seeds s..s+N-1 for each s
+of --seeds (ranges must not overlap) and scored by FID against the bench's reference; writes fids.csv (entry, seed,
+FID) and stability.json / stability.md (each set's top k, how often the top-k order held, the pairs never reordered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys as _sys
+from pathlib import Path
+
+from distill.engine.paths import check_output_dir
+from distill.eval import bench as lib
+from distill.eval.bench.cells import generate
+from distill.eval.fid import feature_statistics, frechet_distance
+from distill.eval.paired import parse_entry
+from distill.eval.rank_stability import stability
+from distill.eval.teacher_ref import check_disjoint
+from students import load_student
+from teachers import load_teacher
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = []
+    if len(seeds) < 2 or min(seeds) < 0:
+        raise ValueError(f"cannot parse --seeds {text!r}: expected at least 2 comma-separated non-negative integers such as 0,20000")
+    return seeds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--entry", action="append", default=[], help="solver:NAME@NFE or student:FILE@STEPS (repeatable)")
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seeds", default="0,20000,40000", help="first seed of each set")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        check_output_dir(args.out, "--out")
+        seeds = parse_seeds(args.seeds)
+        check_disjoint(args.num_samples, {f"set {i}": s for i, s in enumerate(seeds)})
+        if len(args.entry) < max(args.top, 2):
+            raise ValueError(f"--entry given {len(args.entry)} times; allowed: at least --top ({args.top}) entries")
+        teacher = load_teacher(args.teacher)
+        entries = [parse_entry(e, load_student) for e in args.entry]
+        cfg = lib.BenchConfig(num_samples=args.num_samples, seed=seeds[0], batch_size=args.batch_size)
+        cfg.validate(teacher)
+        for e in entries:
+            if e.student is not None:
+                lib.check_student(teacher, e.method, e.student)
+        metric = lib.make_metric(teacher, cfg)
+        if not hasattr(metric, "ref_features"):
+            raise ValueError(f"teacher {teacher.name!r} is analytic: rank stability is measured on FID")
+    except (ValueError, FileNotFoundError) as e:
+        _sys.exit(f"error: {e}")
+    ref = feature_statistics(metric.ref_features)
+    per_set, rows = [], []
+    for s in seeds:
+        cfg.seed = s
+        fids = {}
+        for e in entries:
+            fids[e.label] = frechet_distance(*feature_statistics(metric.features(generate(teacher, e.cell(), cfg, e.student)[0])), *ref)
+            rows.append({"entry": e.label, "seed": s, "fid": fids[e.label]})
+            print(f"seeds {s}..: {e.label}: FID {fids[e.label]:.3f}", flush=True)
+        per_set.append(fids)
+    out = stability(per_set, args.top)
+    out.update(num_samples=args.num_samples, seeds=seeds, command="python scripts/rank_stability.py " + " ".join(argv or _sys.argv[1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "fids.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["entry", "seed", "fid"])
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "stability.json").write_text(json.dumps(out, indent=1))
+    md = [f"Top {args.top} on {len(seeds)} disjoint seed sets of {args.num_samples} samples (`{out['command']}`):", "",
+          "| seeds | top |", "|---|---|"] + [f"| {s}.. | {', '.join(t)} |" for s, t in zip(seeds, out["top"])]
+    md += ["", f"The top-{args.top} order held on {out['top_k_held']:.0%} of the sets; {out['pairs_kept']:.0%} of the entry "
+           f"pairs kept their order on every set."]
+    (args.out / "stability.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
