@@ -144,3 +144,10 @@ def test_discriminator_bce_is_logged_per_band(aniso):
 def test_edm_weighting_needs_the_x0_loss():
     with pytest.raises(ConfigError, match=r"'objective.fake_loss_weighting' is 'edm'.*allowed: fake_loss_space x0"):
         get_objective("sid").Options(fake_loss_space="raw")
+
+
+def test_logged_means_skip_steps_whose_batch_missed_a_band():
+    from distill.engine.run_files import _mean_present
+
+    assert _mean_present([1.0, float("nan"), 3.0]) == 2.0
+    assert math.isnan(_mean_present([float("nan")]))

@@ -152,6 +152,13 @@ def updates_and_seconds(folder: str | Path, up_to: int | None = None, network: s
     return last, seconds
 
 
+def _mean_present(values: list[float]) -> float:
+    """The mean of the values that are not NaN (a per-band statistic is NaN on a step whose batch missed the band); NaN
+    when all are (a non-finite loss stops the run before it is logged)."""
+    kept = [v for v in values if v == v]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log) -> None:
     for name, values in stats.items():
         run.history.setdefault(name, []).append(values)
@@ -160,7 +167,7 @@ def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log
     with open(run.out / METRICS_FILE, "a") as f:
         for name, rows in run.history.items():
             keys = [k for k in rows[-1] if k != "lr"]  # a component that starts mid-window (a GAN switched on late)
-            mean = lambda k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows)  # noqa: E731  is averaged where present
+            mean = lambda k: _mean_present([r[k] for r in rows if k in r])  # noqa: E731  is averaged where present
             row = {"step": step, "network": name, **{k: mean(k) for k in keys},
                    "lr": rows[-1]["lr"], "seconds_per_step": seconds, "updates_averaged": len(rows)}
             f.write(json.dumps(row) + "\n")
