@@ -1,4 +1,4 @@
-"""scripts/select.py: a choice among candidate student files made on the tune split and tune seeds, recorded in the
+"""scripts/select_student.py: a choice among candidate student files made on the tune split and tune seeds, recorded in the
 chosen file's metadata; reporting seeds refused."""
 
 import importlib.util
@@ -15,7 +15,7 @@ B = ROOT / "results/mnist16/students/sid_from_pd1_mnist16.safetensors"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("select_script", ROOT / "scripts" / "select.py")
+    spec = importlib.util.spec_from_file_location("select_script", ROOT / "scripts" / "select_student.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,6 +1,6 @@
 """Choose among candidate student files on tune data only (``distill.eval.select``) and record the choice in the file.
 
-    python scripts/select.py --teacher mnist16 --steps 1 \\
+    python scripts/select_student.py --teacher mnist16 --steps 1 \\
         --candidates runs/x_raw.safetensors runs/x_ema.safetensors --out results/mnist16/students/x_mnist16.safetensors
 
 Each candidate is sampled at --steps on noise seeds --seed.. (default 900,000: never a reporting seed) and scored by
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     chosen = choose(fids)
     record = {"rule": "lowest FID against the tune split", "split": "tune", "seeds": [args.seed, args.seed + args.num_samples - 1],
               "steps": args.steps, "candidates": fids, "chosen": chosen,
-              "command": "python scripts/select.py " + " ".join(argv if argv is not None else _sys.argv[1:])}
+              "command": "python scripts/select_student.py " + " ".join(argv if argv is not None else _sys.argv[1:])}
     write_selected(Path(chosen), args.out, record)
     for name, fid in fids.items():
         print(f"{'*' if name == chosen else ' '} {name}: tune FID {fid:.3f}")
