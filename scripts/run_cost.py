@@ -86,6 +86,23 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: float | N
             "trained_params": trained_params(student)}
 
 
+def add_parent(cost: dict, path: Path) -> dict:
+    """Add the cost of the student a lineage started from (its ``.cost.json``: steps, seconds, teacher evaluations)."""
+    try:
+        parent = json.loads(path.read_text())
+        values = [parent[k] for k in ("steps", "batch_size", "wall_seconds", "teacher_nfe")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--parent-cost {path} is not a readable cost file with steps, batch_size, wall_seconds and "
+                         f"teacher_nfe ({type(e).__name__})") from None
+    if not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+        raise ValueError(f"--parent-cost {path} has a negative or non-numeric field; allowed: numbers >= 0")
+    if parent["batch_size"] != cost["batch_size"]:
+        raise ValueError(f"--parent-cost {path} has batch size {parent['batch_size']}, the runs {cost['batch_size']}; "
+                         f"allowed: the same batch size")
+    return {**cost, "steps": cost["steps"] + parent["steps"], "wall_seconds": cost["wall_seconds"] + round(parent["wall_seconds"]),
+            "teacher_nfe": cost["teacher_nfe"] + parent["teacher_nfe"]}
+
+
 def parse_rates(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -108,6 +125,8 @@ def main(argv=None) -> int:
                    "(a lineage of different objectives, e.g. 128,...,64,64); used instead of --teacher-nfe-per-step, "
                    "not with --teacher-nfe-per-step-last")
     p.add_argument("--student", help="the student file whose parameters count (default: the last run's export)")
+    p.add_argument("--parent-cost", help="the .cost.json of the student the first run started from (init_from), "
+                   "whose run folders are gone: its steps, seconds and teacher evaluations are added")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
@@ -115,6 +134,8 @@ def main(argv=None) -> int:
         cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
                         Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last,
                         per_run)
+        if a.parent_cost:
+            cost = add_parent(cost, Path(a.parent_cost))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -81,3 +81,19 @@ def test_a_lineage_of_three_objectives_counts_each_run_at_its_own_rate(tmp_path)
         run_cost.run_cost([a, b, c], "cpu", None, teacher_nfe_per_step_last=12.8, teacher_nfe_per_run=[128, 64, 64])
     with pytest.raises(ValueError, match="has 2 values for 3 run folders"):
         run_cost.run_cost([a, b, c], "cpu", 128, teacher_nfe_per_run=[128, 64])
+
+
+def test_a_parent_cost_file_adds_the_lineage_whose_runs_are_gone(tmp_path, capsys):
+    b = fake_run(tmp_path / "b", [(30, "student", 1.0)])
+    parent = tmp_path / "p.cost.json"
+    parent.write_text(json.dumps({"steps": 6000, "batch_size": 64, "wall_seconds": 3039, "hardware": "cpu", "teacher_nfe": 768000,
+                                  "trained_params": 17}))
+    out = tmp_path / "s.cost.json"
+    assert run_cost.main([str(b), "--hardware", "cpu", "--teacher-nfe-per-step", "128", "--parent-cost", str(parent),
+                          "--out", str(out)]) == 0
+    cost = json.loads(out.read_text())
+    assert (cost["steps"], cost["wall_seconds"], cost["teacher_nfe"]) == (6030, 3069, 768000 + 128 * 30)
+    parent.write_text(json.dumps({"steps": 1, "batch_size": 32, "wall_seconds": 1, "teacher_nfe": 1}))
+    assert run_cost.main([str(b), "--hardware", "cpu", "--teacher-nfe-per-step", "1", "--parent-cost", str(parent),
+                          "--out", str(tmp_path / "t.json")]) == 2
+    assert "batch size 32, the runs 64" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
