@@ -14,18 +14,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os as _os
 import sys as _sys
 from pathlib import Path
 
-from distill.engine.paths import check_output_dir
-from distill.eval import bench as lib
-from distill.eval.bench.cells import generate
-from distill.eval.fid import feature_statistics, frechet_distance
-from distill.eval.paired import parse_entry
-from distill.eval.rank_stability import stability
-from distill.eval.teacher_ref import check_disjoint
-from students import load_student
-from teachers import load_teacher
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
+from distill.engine.paths import check_output_dir  # noqa: E402
+from distill.eval import bench as lib  # noqa: E402
+from distill.eval.bench.cells import generate  # noqa: E402
+from distill.eval.fid import feature_statistics, frechet_distance  # noqa: E402
+from distill.eval.paired import parse_entry  # noqa: E402
+from distill.eval.rank_stability import stability  # noqa: E402
+from distill.eval.teacher_ref import check_disjoint  # noqa: E402
+from students import load_student  # noqa: E402
+from teachers import load_teacher  # noqa: E402
 
 
 def parse_seeds(text: str) -> list[int]:

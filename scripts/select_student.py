@@ -11,14 +11,19 @@ with metadata ``selection`` = {rule, split, seeds, steps, candidates' FIDs, chos
 from __future__ import annotations
 
 import argparse
+import os as _os
 import sys as _sys
 from pathlib import Path
 
-from distill.engine.paths import check_output_file
-from distill.eval import bench as lib
-from distill.eval.select import check_tune_seed, choose, tune_fids, write_selected
-from students import load_student
-from teachers import load_teacher
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
+from distill.engine.paths import check_output_file  # noqa: E402
+from distill.eval import bench as lib  # noqa: E402
+from distill.eval.select import check_tune_seed, choose, tune_fids, write_selected  # noqa: E402
+from students import load_student  # noqa: E402
+from teachers import load_teacher  # noqa: E402
 
 
 def main(argv=None) -> int:

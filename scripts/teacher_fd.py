@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os as _os
 import sys as _sys
 from pathlib import Path
 
-from distill.engine.paths import check_output_file
-from distill.eval import bench as lib
-from distill.eval.paired import parse_entry
-from distill.eval.teacher_ref import check_disjoint, teacher_features, teacher_referenced
-from students import load_student
-from teachers import load_teacher
+# scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
+if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
+    _sys.path.pop(0)
+
+from distill.engine.paths import check_output_file  # noqa: E402
+from distill.eval import bench as lib  # noqa: E402
+from distill.eval.paired import parse_entry  # noqa: E402
+from distill.eval.teacher_ref import check_disjoint, teacher_features, teacher_referenced  # noqa: E402
+from students import load_student  # noqa: E402
+from teachers import load_teacher  # noqa: E402
 
 FIELDS = ["entry", "fd_teacher", "fd_teacher_std", "precision_teacher", "recall_teacher", "num_samples", "seed", "ref_solver",
           "ref_nfe", "ref_seed", "teacher", "command"]

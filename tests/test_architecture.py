@@ -153,3 +153,16 @@ def test_the_public_entry_points_keep_their_import_paths():
     from teachers import load_teacher
 
     assert all(callable(f) for f in (load_dataset, get_solver, sample, load_student, load_teacher))
+
+
+def test_every_script_keeps_its_folder_off_the_import_path():
+    """`python scripts/x.py` puts scripts/ first on sys.path, where scripts/distill.py hides the distill package: every
+    script that imports the project pops that entry before its first project import."""
+    missing = []
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        text = path.read_text()
+        first = min((text.find(s) for s in ("\nfrom distill", "\nimport distill", "\nfrom students", "\nfrom teachers")
+                     if text.find(s) >= 0), default=-1)
+        if first >= 0 and ".pop(0)" not in text[:first]:
+            missing.append(path.name)
+    assert not missing, f"scripts importing the project without popping scripts/ off sys.path first: {missing}"
