@@ -9,7 +9,8 @@ Song et al. (2023), Eq. 9 / App. C, written as in LCM (Luo et al. 2023) for a ne
 converted to a data prediction D_theta: c_skip(t_min) = 1 and c_out(t_min) = 0, so f(x, t_min) = x exactly
 (the boundary condition), and f -> D_theta at high noise. Between, c_skip + c_out exceeds 1 (1.25 at
 sigma~ = 0.33 on the cosine schedule) and x is the unscaled x_t, so a student started from the teacher is
-biased there (f = 1.25 x0 for D_theta = x0), a bias 4,000 CD steps did not remove (README, "multistep").
+biased there (f = 1.25 x0 for D_theta = x0), a bias 4,000 CD steps did not remove
+(docs/objectives/consistency.md, "Multistep consistency").
 
 ``parameterization="consistency_edm"``: the same boundary applied to the EDM-preconditioned raw output
 F = (D_theta - c_skip^EDM x~) / c_out^EDM in the EDM chart x~ = x / alpha (Song et al. 2023, App. C;
