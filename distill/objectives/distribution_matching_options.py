@@ -88,7 +88,7 @@ class DMD2Options(GanOptions):
 
 @dataclass
 class SiDOptions(GanOptions):
-    alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is Uni-Instruct's SIM branch)
+    alpha: float = 1.2  # SiD's alpha (1.2 in the paper's runs; 1 is the released Uni-Instruct's SIM branch, 1/2 its exact rkl)
     t_range: list = _range([0.0, 0.8])  # SiD: t ~ U[0, 800/1000] on the Karras grid
     start_sigma: float | None = at_least(2.5, 1e-6)  # SiD: G(2.5 z, sigma = 2.5)
     fake_time_sampling: str | None = choice("lognormal", (None, *TIME_SAMPLINGS))  # SID_EDMLoss: lognormal(-1.2, 1.2)

@@ -145,7 +145,7 @@ class RatioOptions(GanOptions):
 @dataclass
 class FDistillOptions(RatioOptions):
     divergence: str = choice("js", FDISTILL_DIVERGENCES)  # the paper's best on ImageNet-64 (FastGen CIFAR-10: fkl)
-    critic_steps: int = at_least(5, 1)  # FastGen: student_update_freq 5
+    critic_steps: int = at_least(5, 1)  # 5 critic steps per generator step (DMD2's ratio; FastGen's student_update_freq 5 is 4:1)
     gan_g_weight: float = at_least(1e-3, 0.0)  # FastGen: 1e-3 (CIFAR-10)
     gan_d_weight: float = at_least(1e-2, 0.0)
 
