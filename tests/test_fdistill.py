@@ -337,7 +337,7 @@ def test_uni_instruct_gradient_is_the_exact_gradient_of_the_expanded_divergence(
 
     def ours(div, x, d_real, d_fake, r):
         weights = {"h": div.h(r), "rh1": r * div.h1(r), "r2h2": r * r * div.h2(r)}
-        return expanded_f_loss(x, d_real, d_fake, weights, ALPHA ** 2 / SIGMA ** 2)
+        return expanded_f_loss(x, d_real, d_fake, weights, ALPHA * (d_real - d_fake) / SIGMA ** 2, ALPHA)
 
     exact, mc = _expanded_grads(name, m0, s0, ours)
     for e, v in zip(exact, mc):
@@ -366,3 +366,31 @@ def test_uni_instruct_rkl_is_sid_with_alpha_one_half_exactly(aniso):
         (g,) = torch.autograd.grad(obj.matching_loss(x, x_tt, t, None, nets)["dm"].sum(), x)
         grads.append(g)
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_uni_instruct_ratio_gradient_from_the_discriminator(aniso):
+    """ratio_gradient discriminator: grad log r is the head's own logit gradient, so a flat head (all weights 0) adds no
+    grad-r term, where the score identity does; with a non-flat head the two differ again."""
+    torch.manual_seed(0)
+    x, x_t, t = _batch(aniso, seed=3)
+    grads = {}
+    for mode in ("score", "discriminator"):
+        obj = objective("uni_instruct", aniso, divergence="fkl", ratio_gradient=mode, ratio_normalisation=False)
+        with torch.no_grad():
+            for p in obj.fake.head.parameters():
+                p.zero_()
+        nets = {"fake_score": obj.fake}
+        x_tt = x_t.detach() + 0 * x
+        (grads[mode],) = torch.autograd.grad(obj.matching_loss(x, x_tt, t, None, nets)["dm"].sum(), x)
+        if mode == "discriminator":
+            from distill.objectives.distribution_matching import dmd_normaliser
+            from distill.objectives.f_divergence import expanded_f_loss
+
+            x_tt = x_t.detach() + 0 * x
+            d_real, d_fake = obj.real(x_tt, t, None), obj.fake(x_tt, t, None)
+            ones = torch.ones(len(x), dtype=torch.float64)
+            weights = {"h": ones, "rh1": ones, "r2h2": 0 * ones}  # r = exp(0) = 1 for fkl, batch mean 1
+            main = expanded_f_loss(x, d_real, d_fake, weights, torch.zeros_like(x), 1.0) / dmd_normaliser(x, d_real).flatten()
+            (g_main,) = torch.autograd.grad(main.sum(), x)
+            assert torch.allclose(grads[mode], g_main, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(grads["score"], grads["discriminator"], rtol=1e-3)

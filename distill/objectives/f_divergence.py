@@ -72,19 +72,20 @@ FDISTILL_DIVERGENCES = ("rkl", "fkl", "js", "softened_rkl", "hellinger", "jeffre
 UNI_DIVERGENCES = ("fkl", "rkl", "js", "softened_rkl", "hellinger", "jeffreys", "neyman", "chi2")  # all: the gradient is exact
 
 
-def expanded_f_loss(x, d_real, d_fake, weights: dict, snr) -> torch.Tensor:
+def expanded_f_loss(x, d_real, d_fake, weights: dict, grad_log_r, alpha) -> torch.Tensor:
     """Per-sample L whose gradient is sigma^4 / (2 alpha^2) grad F_t, F_t = E_{q_t}[h(r) |s_p - s_q|^2] (module doc; Wang et
-    al. 2025, the diffusion expansion), means over dimensions. ``weights``: detached h, r h', r^2 h'' [B]; ``snr``:
-    alpha^2 / sigma^2 broadcastable to x; ``d_real``, ``d_fake``: frozen networks at x_t (gradients through x_t)."""
+    al. 2025, the diffusion expansion), means over dimensions. ``weights``: detached h, r h', r^2 h'' [B]; ``grad_log_r``:
+    the x_t-gradient of log r per sample (exact scores: alpha (D_real - D_fake) / sigma^2); ``alpha``: alpha(t)
+    broadcastable to x; ``d_real``, ``d_fake``: frozen networks at x_t (gradients through x_t)."""
     shape = (-1, *([1] * (x.ndim - 1)))
     h, rh1, r2h2 = (weights[k].reshape(shape).to(x) for k in ("h", "rh1", "r2h2"))
     delta = d_real - d_fake
     a = (delta * (d_real - x)).flatten(1).mean(1).reshape(shape)
     b = delta.pow(2).flatten(1).mean(1).reshape(shape)
     main = h * a - 0.5 * (h + rh1) * b
-    with torch.no_grad():  # the x-gradient of h(r(x_t)) times its factors: grad h = h' r delta (exact scores)
+    with torch.no_grad():  # the x-gradient of h(r(x_t)) times its factors: grad_x h = alpha h'(r) r grad log r
         c = rh1 * a - 0.5 * (2 * rh1 + r2h2) * b
-        g = snr * c * delta
+        g = alpha * c * grad_log_r.detach().to(x)
     return main.flatten() + ((x - x.detach()) * g).flatten(1).sum(1)
 
 
@@ -159,6 +160,9 @@ class UniInstructOptions(RatioOptions):
     fake_loss_space: str = choice("x0", LOSS_SPACES)  # critic: lambda(sigma) ||D_fake - x||^2 (fsim_loss.py)
     fake_loss_weighting: str = choice("edm", FAKE_WEIGHTINGS)
     gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # the discriminator at the critic's sigma
+    # grad log r in the grad-r term: "score" alpha (D_real - D_fake) / sigma^2 (exact for exact networks), or
+    # "discriminator": autograd of the head's logit (zero where the logit or r is clipped): the gradient of the r it reads
+    ratio_gradient: str = choice("score", ("score", "discriminator"))
     gan_g_weight: float = at_least(1e-2, 0.0)
     gan_d_weight: float = at_least(1.0, 0.0)  # the critic's BCE beside the denoising loss at weight 1 (lsd = 1)
 
@@ -238,5 +242,17 @@ class UniInstruct(RatioWeighted):
         weights, terms = self.ratio_weights(logit, t)
         w = dmd_normaliser(x, d_real)  # SiD's per-sample normaliser sg[mean_d |x - D_real|], as the released code
         a, s = alpha_sigma(self.schedule, t, x)
-        per = expanded_f_loss(x, d_real, d_fake, weights, (a / s) ** 2) / w.flatten()  # Wang et al. 2025 (module doc)
+        grad_log_r = self.grad_log_ratio(x_t, t, cond, nets, logit) if self.o.ratio_gradient == "discriminator" else \
+            a * (d_real - d_fake).detach() / s ** 2
+        per = expanded_f_loss(x, d_real, d_fake, weights, grad_log_r, a) / w.flatten()  # Wang et al. 2025 (module doc)
         return {"dm": per, "normaliser": w.flatten(), **terms}
+
+    def grad_log_ratio(self, x_t, t, cond, nets, logit):
+        """d logit / d x_t of the head (one more fake-score call), zero where the logit or r = exp(logit) is clipped."""
+        with torch.enable_grad():
+            y = x_t.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(nets["fake_score"](y, t, cond, logits=True)[1].sum(), y)
+        lo, hi = self.o.ratio_clip
+        lg = logit.detach().double()
+        inside = (lg.abs() < self.o.logit_clip) & (lg.exp() > lo) & (lg.exp() < hi)
+        return grad * inside.reshape(-1, *([1] * (grad.ndim - 1))).to(grad)
