@@ -134,13 +134,17 @@ def _allowed(name: str, library, class_name) -> bool:
     return (library, class_name) in ALLOWED_CLASSES[name]
 
 
-def _component_entry(index: dict, name: str, root: Path) -> tuple[str, str]:
-    """The (library, class) model_index.json names for component ``name``, checked against ``ALLOWED_CLASSES``."""
+def _check_present(index: dict, name: str, root: Path) -> None:
     entry = index.get(name)
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]) or not (root / name).is_dir():
         raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks a {name} (model_index.json entry and {name}/ "
                                 f"folder); a text-to-image teacher needs {', '.join(COMPONENTS)}")
-    library, class_name = entry
+
+
+def _component_entry(index: dict, name: str, root: Path) -> tuple[str, str]:
+    """The (library, class) model_index.json names for component ``name``, checked against ``ALLOWED_CLASSES``."""
+    _check_present(index, name, root)
+    library, class_name = index[name]
     if not (isinstance(library, str) and isinstance(class_name, str) and _allowed(name, library, class_name)):
         allowed = "a diffusers scheduler (diffusers.<Name>Scheduler)" if name == "scheduler" else " or ".join(
             f"{lib}.{cls}" for lib, cls in ALLOWED_CLASSES[name])
@@ -162,6 +166,8 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     """A ``StableDiffusionTeacher`` from a local pipeline folder (module doc), with ``local_files_only=True``."""
     root = Path(path)
     index = read_json(root / "model_index.json")
+    for name in COMPONENTS:  # every part present first (a missing part is named before a class is judged)
+        _check_present(index, name, root)
     entries = {name: _component_entry(index, name, root) for name in COMPONENTS}  # all checked before any import
     classes = {name: _component_class(*entries[name], name, root) for name in COMPONENTS}
     unet_cfg = read_json(root / "unet" / "config.json")
