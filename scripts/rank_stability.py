@@ -23,10 +23,9 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 from distill.engine.paths import check_output_dir  # noqa: E402
-from distill.eval import bench as lib  # noqa: E402
 from distill.eval.bench.cells import generate  # noqa: E402
 from distill.eval.fid import feature_statistics, frechet_distance  # noqa: E402
-from distill.eval.paired import parse_entry  # noqa: E402
+from distill.eval.paired import feature_bench  # noqa: E402
 from distill.eval.rank_stability import stability  # noqa: E402
 from distill.eval.teacher_ref import check_disjoint  # noqa: E402
 from students import load_student  # noqa: E402
@@ -60,15 +59,7 @@ def main(argv=None) -> int:
         if len(args.entry) < max(args.top, 2):
             raise ValueError(f"--entry given {len(args.entry)} times; allowed: at least --top ({args.top}) entries")
         teacher = load_teacher(args.teacher)
-        entries = [parse_entry(e, load_student) for e in args.entry]
-        cfg = lib.BenchConfig(num_samples=args.num_samples, seed=seeds[0], batch_size=args.batch_size)
-        cfg.validate(teacher)
-        for e in entries:
-            if e.student is not None:
-                lib.check_student(teacher, e.method, e.student)
-        metric = lib.make_metric(teacher, cfg)
-        if not hasattr(metric, "ref_features"):
-            raise ValueError(f"teacher {teacher.name!r} is analytic: rank stability is measured on FID")
+        entries, cfg, metric = feature_bench(teacher, args.entry, args.num_samples, seeds[0], args.batch_size, load_student)
     except (ValueError, FileNotFoundError) as e:
         _sys.exit(f"error: {e}")
     ref = feature_statistics(metric.ref_features)

@@ -23,8 +23,7 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 from distill.engine.paths import check_output_file  # noqa: E402
-from distill.eval import bench as lib  # noqa: E402
-from distill.eval.paired import parse_entry  # noqa: E402
+from distill.eval.paired import feature_bench  # noqa: E402
 from distill.eval.teacher_ref import check_disjoint, teacher_features, teacher_referenced  # noqa: E402
 from students import load_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
@@ -54,15 +53,7 @@ def main(argv=None) -> int:
         if args.nfe < 1:
             raise ValueError(f"--nfe must be a positive integer, got {args.nfe}")
         teacher = load_teacher(args.teacher)
-        entries = [parse_entry(e, load_student) for e in args.entry]
-        cfg = lib.BenchConfig(num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size)
-        cfg.validate(teacher)
-        for e in entries:
-            if e.student is not None:
-                lib.check_student(teacher, e.method, e.student)
-        metric = lib.make_metric(teacher, cfg)
-        if not hasattr(metric, "features"):
-            raise ValueError(f"teacher {teacher.name!r} is analytic: its bench measures exact metrics, not features")
+        entries, cfg, metric = feature_bench(teacher, args.entry, args.num_samples, args.seed, args.batch_size, load_student)
     except (ValueError, FileNotFoundError) as e:
         _sys.exit(f"error: {e}")
     ref = teacher_features(teacher, cfg, metric, args.solver, args.nfe, args.ref_seed, args.num_samples, args.cache)

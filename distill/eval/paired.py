@@ -41,6 +41,23 @@ def parse_entry(text: str, load_student) -> Entry:
     return Entry("student", what.rsplit("/", 1)[-1].removesuffix(".safetensors"), int(n), load_student(what))
 
 
+def feature_bench(teacher, texts: list[str], num_samples: int, seed: int, batch_size: int, load_student):
+    """(entries, BenchConfig, metric) for commands that sample entries as their bench cells and read FID features:
+    each entry parsed, each student checked against the teacher (as the bench does), an analytic teacher refused."""
+    from distill.eval.bench import check_student, make_metric
+
+    entries = [parse_entry(t, load_student) for t in texts]
+    cfg = BenchConfig(num_samples=num_samples, seed=seed, batch_size=batch_size)
+    cfg.validate(teacher)
+    for e in entries:
+        if e.student is not None:
+            check_student(teacher, e.method, e.student)
+    metric = make_metric(teacher, cfg)
+    if not hasattr(metric, "ref_features"):
+        raise ValueError(f"teacher {teacher.name!r} is analytic: its bench measures exact metrics, not FID features")
+    return entries, cfg, metric
+
+
 def compare(teacher, cfg: BenchConfig, metric, a: Entry, b: Entry, *, resamples: int = 200) -> dict:
     """FID(a) - FID(b) with its paired interval and verdict, both FIDs, and what was compared."""
     features = [metric.features(generate(teacher, e.cell(), cfg, e.student)[0]) for e in (a, b)]
