@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         cfg.validate(teacher)
         for e in (a, b):
             if e.student is not None:
-                lib.check_student(teacher, e.method, e.student)
+                lib.check_student(teacher, e.method, e.student, near=Path(e.path).parent)
         metric = lib.make_metric(teacher, cfg)
         metric.check(cfg.num_samples)
     except (ValueError, FileNotFoundError) as e:

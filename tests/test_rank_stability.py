@@ -32,3 +32,15 @@ def test_script_runs_and_refuses_overlapping_seeds(tmp_path):
     assert script.main(["--teacher", "mnist16", *entries, "--num-samples", "64", "--seeds", "0,64", "--out", str(tmp_path / "r")]) == 0
     text = (tmp_path / "r" / "stability.md").read_text()
     assert "euler (1 NFE)" not in text.split("| 0.. |")[1].split("|")[1].split(",")[0]  # one Euler step never leads
+
+
+def test_feature_bench_accepts_a_chained_student_by_its_folder():
+    """A progressive round's student names its parent round as teacher; the bench finds the chain's root in the
+    student's folder (check_student's near), so the commands built on feature_bench accept it as the bench does."""
+    from distill.eval.paired import feature_bench
+    from students import load_student
+    from teachers import load_teacher
+
+    path = Path(__file__).parents[1] / "results/mnist16/students/progressive_mnist16_8.safetensors"
+    entries, cfg, metric = feature_bench(load_teacher("mnist16"), [f"student:{path}@8"], 16, 0, 16, load_student)
+    assert entries[0].n == 8 and entries[0].path == str(path) and cfg.num_samples == 16 and hasattr(metric, "ref_features")

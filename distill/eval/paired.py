@@ -6,6 +6,7 @@ seeds (``distill.eval.fid.paired_fid_delta``), the class counts held fixed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
@@ -21,6 +22,7 @@ class Entry:
     method: str
     n: int
     student: object = None
+    path: str | None = None  # the student file (its folder holds the parents of a chain: ``check_student``'s ``near``)
 
     @property
     def label(self) -> str:
@@ -38,7 +40,7 @@ def parse_entry(text: str, load_student) -> Entry:
         raise ValueError(f"entry {text!r} is not solver:NAME@NFE or student:FILE@STEPS (a positive count)")
     if kind == "solver":
         return Entry("solver", what, int(n))
-    return Entry("student", what.rsplit("/", 1)[-1].removesuffix(".safetensors"), int(n), load_student(what))
+    return Entry("student", what.rsplit("/", 1)[-1].removesuffix(".safetensors"), int(n), load_student(what), what)
 
 
 def feature_bench(teacher, texts: list[str], num_samples: int, seed: int, batch_size: int, load_student):
@@ -51,7 +53,7 @@ def feature_bench(teacher, texts: list[str], num_samples: int, seed: int, batch_
     cfg.validate(teacher)
     for e in entries:
         if e.student is not None:
-            check_student(teacher, e.method, e.student)
+            check_student(teacher, e.method, e.student, near=Path(e.path).parent)
     metric = make_metric(teacher, cfg)
     if not hasattr(metric, "ref_features"):
         raise ValueError(f"teacher {teacher.name!r} is analytic: its bench measures exact metrics, not FID features")
