@@ -1,5 +1,6 @@
 """The discriminator's BCE per sigma/alpha band and the density-ratio statistics the generator read, from a run's
-metrics.jsonl (means over logged rows in step windows, rows whose window missed a band skipped); 2 log 2 = 1.386 is a head that cannot separate.
+metrics.jsonl (means over logged rows in step windows, rows whose window missed a band skipped); 2 log 2 = 1.386
+is a head that cannot separate.
 
     python results/mnist16_fdistill30/bce_bands.py RUN_FOLDER [RUN_FOLDER ...] > results/mnist16_fdistill30/bce_bands.md
 """
