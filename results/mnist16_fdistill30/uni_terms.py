@@ -1,7 +1,8 @@
 """The two parts of the exact Uni-Instruct generator gradient (``expanded_f_loss``) at a checkpoint of the mnist16
 rerun, per sigma/alpha band: the x-gradient of the main term h A - (h + r h') B / 2 and that of the grad-r term
-(alpha^2 / sigma^2) c (D_r - D_f), both divided by SiD's normaliser as in training (the grad-r term with grad log r from the score identity, as the
-run used, and from the head's own logit, ``ratio_gradient: discriminator``); RMS over the band's samples.
+(alpha^2 / sigma^2) c (D_r - D_f), both divided by SiD's normaliser as in training (the grad-r term with grad log r
+from the score identity, as the run used, and from the head's own logit, ``ratio_gradient: discriminator``); RMS over
+the band's samples.
 
     OMP_NUM_THREADS=1 python results/mnist16_fdistill30/uni_terms.py RUN_FOLDER > results/mnist16_fdistill30/uni_terms.md
 """
