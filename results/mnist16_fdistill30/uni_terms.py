@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import distill.engine.train as train  # noqa: E402
 from distill.core.schedules import sigma_tilde
 from distill.engine.run_config import load_run_config
 from distill.objectives.base import Batch, unwrap
@@ -19,8 +20,6 @@ from distill.objectives.distribution_matching import dmd_normaliser
 from distill.objectives.losses import alpha_sigma
 from students import build_student
 from teachers import load_teacher
-
-import distill.engine.train as train  # noqa: E402
 
 folder = Path(sys.argv[1])
 cfg = load_run_config(folder / "config.yaml")
