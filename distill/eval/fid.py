@@ -190,16 +190,16 @@ def feature_metrics(gen: torch.Tensor, ref: torch.Tensor, *, kid_subset_size: in
             "precision": prc["precision"], "recall": prc["recall"]}
 
 
-def bootstrap_fid_std(gen: torch.Tensor, ref: torch.Tensor, *, resamples: int = 100, seed: int = 0,
+def bootstrap_fid_std(gen: torch.Tensor, ref, *, resamples: int = 100, seed: int = 0,
                       strata: torch.Tensor | None = None) -> float:
     """The spread of FID over the generated set: the standard deviation of FID over ``resamples`` bootstrap
     resamples of ``gen`` (drawn with replacement, same size) against the fixed reference statistics. With
     ``strata`` (e.g. the class labels a benchmark assigns by sample index) each stratum is resampled within
     itself, so its count stays fixed as it does on fresh noise seeds. It stands for the change on fresh noise
-    seeds (tested against independent draws in tests/test_fid.py)."""
+    seeds (tested against independent draws in tests/test_fid.py). ``ref``: features [M, D] or their (mean, covariance)."""
     if resamples < 2:
         raise ValueError(f"need at least 2 bootstrap resamples, got {resamples}")
-    mu_ref, cov_ref = feature_statistics(ref)
+    mu_ref, cov_ref = ref if isinstance(ref, tuple) else feature_statistics(ref)
     groups = [torch.arange(len(gen))] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
     g = torch.Generator().manual_seed(seed)
 

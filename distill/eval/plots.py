@@ -54,3 +54,24 @@ def save_scatter_2d(x: torch.Tensor, path: str | Path, *, log_density: Callable[
         ax.set_title(title)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def fid_vs_n_plot(rows: list[dict], path: str | Path, top: int = 8) -> None:
+    """FID against 1/N for the paired bench's ``top`` ranked entries (``distill.eval.paired_bench``): the points
+    (FID at each N, mean over subsets) and the line whose intercept at 1/N = 0 is FID-infinity (Chong & Forsyth 2020)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows[:top]:
+        points = sorted((int(k[4:]), float(v)) for k, v in r.items() if k.startswith("fid_") and k[4:].isdigit() and v != "")
+        x = [1.0 / k for k, _ in points]
+        (line,) = ax.plot(x, [v for _, v in points], "o", ms=4)
+        if r.get("fid_inf", "") != "" and points:
+            slope = float(r.get("fid_inf_slope") or 0.0)
+            ax.plot([0.0, max(x)], [float(r["fid_inf"]), float(r["fid_inf"]) + slope * max(x)], "-", lw=1, color=line.get_color(),
+                    label=f"{r['entry']}: FID-inf {float(r['fid_inf']):.2f}")
+    ax.set_xlabel("1 / N (generated samples)")
+    ax.set_ylabel("FID against the data reference")
+    ax.set_xlim(left=0.0)
+    ax.set_title("FID depends on N: the line's intercept is FID-infinity")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
