@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from distill.eval.bench import CSV, read_bench_rows
-from distill.eval.leaderboard import check_students_listed, leaderboard_markdown, leaderboard_table, replace_block
+from distill.eval.leaderboard import check_students_listed, leaderboard_markdown, leaderboard_table, read_paired_rows, replace_block
 
 
 def parse_args(argv=None):
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--guided", type=Path, action="append", default=[], metavar="DIR",
                    help="a bench folder of the same teacher, samples and reference under classifier-free guidance: its "
                    "students go into a guided table (repeatable)")
+    p.add_argument("--paired", type=Path, action="append", default=[], metavar="CSV",
+                   help="a paired.csv of scripts/paired_bench.py (repeatable: the main and the guided folders): adds the "
+                   "delta to the teacher with its 95%% interval, the verdict, the distance to the teacher and FID-infinity")
     p.add_argument("--students", type=Path, default=None, metavar="DIR",
                    help="the student files that must each have a row (default: <results>/students, when it exists)")
     p.add_argument("--exclude", action="append", default=[], metavar="FILE",
@@ -70,7 +73,11 @@ def main(argv=None) -> int:
             if not (folder / CSV).is_file():
                 raise FileNotFoundError(f"no {CSV} in {folder} (--guided)")
             guided.append((str(folder), read_bench_rows(folder / CSV)))
-        text = leaderboard_markdown(rows, str(args.results), command, prepared, guided)
+        for path in args.paired:
+            if not path.is_file():
+                raise FileNotFoundError(f"no paired bench table at {path} (--paired names a paired.csv of scripts/paired_bench.py)")
+        paired = read_paired_rows(args.paired)
+        text = leaderboard_markdown(rows, str(args.results), command, prepared, guided, paired, [str(p) for p in args.paired])
         students = args.students or args.results / "students"
         if args.students is not None and not students.is_dir():
             raise FileNotFoundError(f"no student folder at {students} (--students)")
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
             check_students_listed(students, rows, str(args.results), guided, args.exclude)
         readme = None
         if args.readme is not None:
-            lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared)[:2 + args.readme_rows]
+            lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared, paired=paired)[:2 + args.readme_rows]
             block = "\n".join(lines) + f"\n\nThe full table, with every student and the command of each row: [{args.out}]({args.out}).\n"
             readme = replace_block(args.readme.read_text(), block)
     except (FileNotFoundError, ValueError) as e:

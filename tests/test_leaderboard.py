@@ -162,3 +162,30 @@ def test_every_student_file_needs_a_row_or_an_exclusion(bench_folder, tmp_path, 
         main(["--results", ".", "--out", str(out), "--guided", "cfg2"])
     with pytest.raises(SystemExit, match=r"^error: no student folder at nowhere \(--students\)$"):
         main(["--results", ".", "--out", str(out), "--students", "nowhere"])
+
+
+def test_paired_columns_join_by_entry_and_say_not_run(bench_folder, tmp_path):
+    """--paired adds the paired bench's delta to the teacher [95%], verdict, FD to the teacher (the teacher's row: the
+    floor) and FID-infinity to the rows it has; a sampled row it lacks says 'not run'; data rows stay blank."""
+    from distill.eval.paired_bench import write_csv
+
+    base = {"guidance_scale": "", "labels": "cycle", "num_samples": 20000, "fid": 9.0, "fid_std": 0.1}
+    paired = [{**base, "rank": 1, "entry": "t", "kind": "solver", "method": "ipndm", "n": 20, "teacher": 1, "delta_teacher": 0.0,
+               "delta_teacher_low": 0.0, "delta_teacher_high": 0.0, "verdict_teacher": "the teacher", "fd_teacher": 0.41,
+               "fid_inf": 8.5, "fid_inf_stderr": 0.05},
+              {**base, "rank": 2, "entry": "cd", "kind": "student", "method": "cd", "n": 1, "teacher": 0, "delta_teacher": 6.6,
+               "delta_teacher_low": 6.1, "delta_teacher_high": 7.1, "verdict_teacher": "above the teacher", "fd_teacher": 3.2,
+               "fid_inf": 15.0, "fid_inf_stderr": 0.2}]
+    write_csv(tmp_path / "paired.csv", paired)
+    out = tmp_path / "LB.md"
+    assert _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--paired", str(tmp_path / "paired.csv")]) == 0
+    text = out.read_text()
+    assert "| entry | NFE | FID | delta to the teacher [95%] | verdict | FD to the teacher | FID-infinity | KID |" in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["teacher converged (`ipndm`, best solver at 20 NFE)"][3:7] == ["0 (the teacher)", "the teacher", "0.41 (floor)",
+                                                                               "8.50 +- 0.05"]
+    assert rows["student `cd`, 1 step"][3:7] == ["+6.60 [+6.10, +7.10]", "above the teacher", "3.20", "15.00 +- 0.20"]
+    assert rows["student `cd`, 2 steps"][3] == "not run" and rows["training data"][3:7] == ["", "", "", ""]
+    assert "95% paired-bootstrap interval" in text and "20,000 noise seeds" in text
+    with pytest.raises(SystemExit, match="no paired bench table at"):
+        _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--paired", str(tmp_path / "none.csv")])

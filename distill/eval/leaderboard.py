@@ -182,28 +182,83 @@ def check_students_listed(folder: str | Path, rows: list[dict], out: str, guided
 
 
 def leaderboard_table(rows: list[dict], out: str, commands: bool = True,
-                      prepared: list[tuple[str, list[dict], dict]] | None = None) -> list[str]:
+                      prepared: list[tuple[str, list[dict], dict]] | None = None, paired: dict[tuple, dict] | None = None) -> list[str]:
     """The markdown table's lines (without the command column when ``commands`` is false)."""
     any_cell = converged(current_rows(rows)[0]) or current_rows(rows)[0][-1]  # data rows: any bench command on the folder
     entries = [(label, r, cost_text(r), bench_command(r if r["kind"] in ("solver", "student") else any_cell, out))
                for label, r in leaderboard_rows(rows)]
-    return table_lines(entries + prepared_entries(rows, prepared or []), commands)
+    return table_lines(entries + prepared_entries(rows, prepared or []), commands, paired)
 
 
-def table_lines(entries: list[tuple[str, dict, str, str]], commands: bool = True) -> list[str]:
-    """The markdown lines of (label, row, cost, command) entries: a header, then a line per entry."""
-    columns = COLUMNS if commands else COLUMNS[:-1]
+PAIRED_COLUMNS = ("delta to the teacher [95%]", "verdict", "FD to the teacher", "FID-infinity")
+
+
+def paired_key(row: dict) -> tuple:
+    """How a bench row and a paired-bench row (``distill.eval.paired_bench``) of the same entry are matched."""
+    n = row["n"] if "n" in row else (row["steps"] if row["kind"] == "student" else row["nfe"])
+    return row.get("guidance_scale", ""), row.get("labels", ""), row["kind"], row["method"], int(n)
+
+
+def read_paired_rows(paths) -> dict[tuple, dict]:
+    """The rows of paired.csv files by ``paired_key``."""
+    import csv
+
+    out = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            out.update({paired_key(r): r for r in csv.DictReader(f)})
+    return out
+
+
+def paired_cells(r: dict, paired: dict[tuple, dict]) -> list[str]:
+    """The paired columns of a bench row: its paired-bench row's delta to the teacher with the 95% interval, the
+    verdict, the distance to the teacher's samples (the teacher's own row: the floor) and FID-infinity +- fit error."""
+    from distill.eval.paired_bench import fid_inf_text, interval_text
+
+    if r["kind"] not in ("solver", "student"):
+        return [""] * len(PAIRED_COLUMNS)
+    p = paired.get(paired_key(r))
+    if p is None:
+        return ["not run"] + [""] * (len(PAIRED_COLUMNS) - 1)
+    teacher = p["teacher"] == "1"
+    fd = f"{float(p['fd_teacher']):.2f}" + (" (floor)" if teacher else "")
+    return ["0 (the teacher)" if teacher else interval_text(p, "delta_teacher"), p["verdict_teacher"], fd, fid_inf_text(p)]
+
+
+def table_lines(entries: list[tuple[str, dict, str, str]], commands: bool = True, paired: dict[tuple, dict] | None = None) -> list[str]:
+    """The markdown lines of (label, row, cost, command) entries: a header, then a line per entry; with ``paired``
+    (``read_paired_rows``) the paired bench's columns after FID."""
+    columns = list(COLUMNS if commands else COLUMNS[:-1])
+    if paired:
+        columns[3:3] = PAIRED_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for label, r, cost, command in entries:
         values = [label, r.get("nfe", "") if r["kind"] in ("solver", "student") else "", with_spread(r, "fid", 2),
                   _cell(r, "kid", 2), _cell(r, "precision"), _cell(r, "recall"), _cell(r, "copy_rate"), _cell(r, "closer_to_train"),
                   cost, f"`{command}`"]
+        if paired:
+            values[3:3] = paired_cells(r, paired)
         lines.append("| " + " | ".join(values[:len(columns)]) + " |")
     return lines
 
 
+def paired_note(paired: dict[tuple, dict], paths) -> str:
+    """The header's sentence on the paired columns: where they come from and at what N."""
+    ns = sorted({int(p["num_samples"]) for p in paired.values()})
+    n = " / ".join(f"{k:,}" for k in ns)
+    files = ", ".join(f"`{p}`" for p in paths)
+    return (f" The paired columns come from the paired bench ({files}, `scripts/paired_bench.py`): each entry sampled "
+            f"again on {n} noise seeds shared by every entry of its table. Delta to the teacher: FID(entry) - FID(teacher "
+            "converged) at that N with a 95% paired-bootstrap interval over the same seeds; the verdict says whether the "
+            "interval lies below, across or above 0. FD to the teacher: the Frechet distance to the converged teacher's own "
+            "samples on disjoint seeds (the teacher's row is the floor). FID-infinity: FID extrapolated to infinitely many "
+            "samples (Chong & Forsyth 2020) +- the fit's error. The paired bench's ranking uses FID at its N; its table "
+            "also shows FID at 500 to 10,000 samples. 'not run': an entry the paired bench has no row for.")
+
+
 def leaderboard_markdown(rows: list[dict], out: str, command: str, prepared: list[tuple[str, list[dict], dict]] | None = None,
-                         guided: list[tuple[str, list[dict]]] | None = None) -> str:
+                         guided: list[tuple[str, list[dict]]] | None = None, paired: dict[tuple, dict] | None = None,
+                         paired_paths=()) -> str:
     """The whole LEADERBOARD.md: the table, then the guided students' table when ``guided`` folders are given."""
     cells, _, _ = current_rows(rows)
     if not cells:
@@ -219,15 +274,16 @@ def leaderboard_markdown(rows: list[dict], out: str, command: str, prepared: lis
         "FID +- its bootstrap spread (the standard deviation of FID over 100 resamples of the generated set); KID is "
         "torch-fidelity's raw value (no scaling); precision and recall: Kynkaanniemi et al. 2019 (k = 3); copy rate and "
         "closer to train: `distill/eval/memorization.py` (0 and 0.5 for new data). The data rows are written by every "
-        "bench command on the folder. How each row was run (hardware, time): `results/README.md`.", "",
+        "bench command on the folder. How each row was run (hardware, time): `results/README.md`."
+        + (paired_note(paired, paired_paths) if paired else ""), "",
     ]
     tail = []
     if guided:
         folders = ", ".join(f"`{folder}/fid_vs_nfe.csv`" for folder, _ in guided)
         tail = ["", "## Guided students", "", f"From {folders}: the same teacher, samples and reference under classifier-free "
                 "guidance (the scale in each label), so compare a row with the teacher converged at its own guidance.", "",
-                *table_lines(guided_entries(rows, guided))]
-    return "\n".join(head + leaderboard_table(rows, out, prepared=prepared) + tail) + "\n"
+                *table_lines(guided_entries(rows, guided), paired=paired)]
+    return "\n".join(head + leaderboard_table(rows, out, prepared=prepared, paired=paired) + tail) + "\n"
 
 
 def replace_block(text: str, block: str) -> str:

@@ -1,0 +1,118 @@
+"""The paired bench (distill/eval/paired_bench.py, scripts/paired_bench.py): verdicts from paired intervals on known
+feature sets, the ranking and the entry-above deltas, FID at several N with FID-infinity, the teacher's row as the
+floor of the teacher-referenced distance, shards that split the sampling evenly and fill one cache, the command line."""
+
+import csv
+
+import pytest
+import torch
+from conftest import load_script
+
+from distill.eval.paired_bench import BoardEntry, interval_text, markdown, measure, shard_entries
+
+D = 8
+
+
+def _gauss(n, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, generator=g, dtype=torch.float64) + shift
+
+
+def test_verdicts_ranking_and_floor_on_known_features():
+    """Rows i of every set share seed i. 'close' is the teacher's own samples plus a small perturbation: tied with the
+    teacher. 'far' is shifted by 0.4 in every feature: above the teacher and above 'close'. The teacher's distance to
+    its reference samples on other seeds (the floor) is below far's."""
+    n = 1500
+    data, teacher_ref = _gauss(3000, seed=1), _gauss(n, seed=2)
+    teacher = _gauss(n, seed=3)
+    features = {"teacher": teacher, "close": teacher + 0.02 * _gauss(n, seed=4), "far": _gauss(n, shift=0.4, seed=3)}
+    entries = [BoardEntry("teacher", "solver", "unipc", 20, teacher=True), BoardEntry("close", "student", "a", 1, "a.st"),
+               BoardEntry("far", "student", "b", 1, "b.st")]
+    labels = torch.arange(n) % 10
+    rows = measure(features, entries, data, teacher_ref, labels, resamples=100, sample_counts=(500, 1000))
+    by = {r["entry"]: r for r in rows}
+    assert [r["entry"] for r in rows][-1] == "far" and [r["rank"] for r in rows] == [1, 2, 3]
+    assert by["teacher"]["verdict_teacher"] == "the teacher" and by["teacher"]["delta_teacher"] == 0.0
+    assert by["close"]["verdict_teacher"] == "tied with the teacher", by["close"]
+    assert by["far"]["verdict_teacher"] == "above the teacher" and by["far"]["delta_teacher_low"] > 0
+    assert by["far"]["delta_teacher"] == pytest.approx(by["far"]["fid"] - by["teacher"]["fid"])
+    assert by["far"]["verdict_next"].startswith("above") and by["far"]["next_entry"] in ("teacher", "close")
+    assert "next_entry" not in rows[0]  # the first has no entry above it
+    assert by["far"]["fd_teacher"] > by["teacher"]["fd_teacher"] + 5 * by["teacher"]["fd_teacher_std"]
+    for r in rows:  # FID at 500, 1000 and N; near the data, FID-infinity below FID at 500 (the 1/N bias is positive)
+        assert {"fid_500", "fid_1000", f"fid_{n}"} <= set(r) and (r["fid_inf"] < r["fid_500"] or r["entry"] == "far")
+    text = markdown(rows, {})
+    assert "| 1 | " in text and "tied with the teacher" in text and "(floor)" in text
+    assert interval_text(by["far"], "delta_teacher").startswith("+")
+
+
+def test_fid_infinity_column_reaches_a_known_limit():
+    """Generated and reference sets from one Gaussian: FID -> 0 as N grows, so FID-infinity is ~0 (within its fit error
+    and the one generated set's noise), while FID at 500 is clearly positive (the 1/N bias)."""
+    n = 8000
+    data, g = _gauss(20000, seed=5), _gauss(n, seed=6)
+    entries = [BoardEntry("t", "solver", "unipc", 20, teacher=True)]
+    (row,) = measure({"t": g}, entries, data, _gauss(n, seed=7), None, resamples=20)
+    assert row["fid_500"] > 0.05 and abs(row["fid_inf"]) < 0.01 + 3 * row["fid_inf_stderr"] + 0.2 * row["fid"], row
+
+
+def test_unequal_sample_counts_are_refused():
+    entries = [BoardEntry("t", "solver", "unipc", 20, teacher=True), BoardEntry("s", "student", "s", 1, "s.st")]
+    with pytest.raises(ValueError, match="a paired bench needs the same seeds"):
+        measure({"t": _gauss(600), "s": _gauss(500)}, entries, _gauss(600), _gauss(600), None, resamples=20)
+    with pytest.raises(ValueError, match="no teacher converged"):
+        measure({"s": _gauss(600)}, entries[1:], _gauss(600), _gauss(600), None, resamples=20)
+
+
+def test_shards_cover_every_entry_once_with_even_cost():
+    entries = [BoardEntry(f"e{i}", "student", f"e{i}", n) for i, n in enumerate([1, 1, 2, 4, 8, 16, 32, 20, 1, 4])]
+    shards = [shard_entries(entries, k, 3) for k in range(3)]
+    labels = [e.label for s in shards for e in s]
+    assert sorted(labels) == sorted(e.label for e in entries) and len(set(labels)) == len(entries)
+    loads = [sum(e.n for e in s) for s in shards]
+    assert max(loads) - min(loads) <= 32
+    assert all([e.n for e in s] == sorted(e.n for e in s) for s in shards)
+
+
+def test_command_line_shards_fill_the_cache_then_the_table_reads_it(tmp_path, monkeypatch):
+    """Bench a tiny teacher, fill the feature cache with two shards, then write the table without sampling again: every
+    leaderboard entry has a row with a verdict, a teacher-referenced distance and FID-infinity."""
+    teacher = _make_digit_teacher(tmp_path)
+    bench = tmp_path / "bench"
+    load_script("bench").main(["--teacher", str(teacher), "--solvers", "euler,unipc", "--nfe", "1,2,4", "--num-samples", "24",
+                   "--batch-size", "24", "--bootstrap", "10", "--out", str(bench)])
+    script = load_script("paired_bench").main
+    base = ["--bench", str(bench), "--num-samples", "64", "--batch-size", "32", "--resamples", "20", "--cache", str(tmp_path / "c")]
+    assert script([*base, "--shard", "0/2"]) == 0 and script([*base, "--shard", "1/2"]) == 0
+    assert not (tmp_path / "out").exists()
+    import distill.eval.paired_bench as pb
+    import distill.eval.teacher_ref as tr
+
+    def refuse(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(pb, "generate", refuse)
+    tr_calls = []
+    real = tr.generate
+    monkeypatch.setattr(tr, "generate", lambda *a, **k: tr_calls.append(1) or real(*a, **k))
+    assert script([*base, "--out", str(tmp_path / "out")]) == 0
+    assert len(tr_calls) == 1  # only the teacher's reference samples (disjoint seeds) were drawn
+    rows = list(csv.DictReader(open(tmp_path / "out" / "paired.csv")))
+    assert len(rows) == 3 and sum(r["teacher"] == "1" for r in rows) == 1  # the teacher (best at 4 NFE), best at 1 and 2
+    assert all(r["verdict_teacher"] and r["fd_teacher"] and r["fid_inf"] for r in rows)
+    assert (tmp_path / "out" / "paired.md").is_file() and (tmp_path / "out" / "fid_vs_n.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--out is required"):
+        script(base)
+    with pytest.raises(SystemExit, match="--shard must be K/M"):
+        script([*base, "--shard", "2/2"])
+    with pytest.raises(SystemExit, match="overlap"):
+        script([*base, "--ref-seed", "10", "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="no bench table"):
+        script(["--bench", str(tmp_path / "none"), "--out", str(tmp_path / "o3")])
+
+
+def _make_digit_teacher(tmp_path):
+    from conftest import save_teacher_folder, tiny_unet
+    from diffusers import DDPMScheduler
+
+    return save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=10, sample_size=16), DDPMScheduler())
