@@ -189,3 +189,15 @@ def test_paired_columns_join_by_entry_and_say_not_run(bench_folder, tmp_path):
     assert "95% paired-bootstrap interval" in text and "20,000 noise seeds" in text
     with pytest.raises(SystemExit, match="no paired bench table at"):
         _script("leaderboard").main(["--results", str(bench_folder), "--out", str(out), "--paired", str(tmp_path / "none.csv")])
+
+
+def test_bench_table_says_why_heun_looks_broken_on_the_uniform_grid():
+    """A solver run off its registry's recommended settings (Heun on the uniform grid) gets a note naming the variant
+    that runs it as recommended; a table without such a solver gets none."""
+    from distill.eval.bench.tables import markdown_table
+
+    rows = [_row("solver", "heun", 3, 1100.0), _row("solver", "unipc", 4, 18.0)]
+    text = markdown_table(rows)
+    assert "Note: `heun` ran here on the uniform grid" in text and "--variant NAME_edm=NAME:grid=karras,sigma_max=80" in text
+    assert "Note:" not in markdown_table([_row("solver", "unipc", 4, 18.0)])
+    assert "Note:" not in markdown_table([{**_row("solver", "heun", 3, 40.0), "grid": "karras"}])

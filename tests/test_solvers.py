@@ -140,3 +140,24 @@ def test_lagrange_weights_equal_quadrature(exp_weight):
                 basis = basis * (s - vk) / (nodes[j] - vk)
         integrand = basis * torch.exp(-s) if exp_weight else basis
         assert w == pytest.approx(float(torch.trapezoid(integrand, s)), rel=1e-9, abs=1e-12)
+
+
+def test_sigma_max_starts_heun_where_its_first_step_is_sane():
+    """On mnist16's schedule (squared-cosine DiscreteVP, sigma/alpha = 2e4 at t_max) Heun's first step on the uniform
+    grid spans four orders of magnitude and the samples blow up (the bench's FID > 1,000); started at sigma_max = 80 on
+    a Karras grid (EDM's recipe) it solves the ODE. Checked on a gmm teacher against a 1,601-NFE solve."""
+    from distill.core.schedules import DiscreteVP
+    from teachers.gmm import load_gmm
+
+    teacher = load_gmm("ring8", DiscreteVP("squaredcos_cap_v2"))
+    noise = _noise(400, 2)
+    ref = sample(teacher, noise, solver="heun", nfe=1601, final="direct", grid="logsnr")
+    broken = sample(teacher, noise, solver="heun", nfe=9, final="direct", grid="uniform")
+    x, info = sample(teacher, noise, solver="heun", nfe=17, final="direct", grid="karras", sigma_max=80.0, return_info=True)
+    s = teacher.schedule
+    start = float(torch.exp(-s.lam(info["ts"][0])))
+    assert abs(start - 80.0) < 1e-6 * 80 and rmse(broken, ref) > 10 and rmse(x, ref) < 0.3
+    with pytest.raises(ValueError, match="sigma_max sets where a grid starts"):
+        sample(teacher, noise, solver="heun", timesteps=[999, 500], sigma_max=80.0)
+    with pytest.raises(ValueError, match="outside this schedule's noise levels"):
+        sample(teacher, noise, solver="heun", nfe=9, sigma_max=1e6)

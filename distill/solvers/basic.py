@@ -26,7 +26,7 @@ def _heun_nfe(steps: int, clean_final: bool) -> int:
     return 2 * steps - int(clean_final)
 
 
-@register("heun", order=2, nfe=_heun_nfe)
+@register("heun", order=2, nfe=_heun_nfe, recommended=(("grid", "karras"), ("sigma_max", 80.0)))
 def heun(denoiser, x, ts, *, schedule, cond=None, callback=None):
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1 with S_churn = 0).
 

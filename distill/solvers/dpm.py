@@ -101,7 +101,7 @@ def _nfe_3(steps: int, clean_final: bool) -> int:
     return 3 * steps - 2 * int(clean_final)
 
 
-@register("dpm_solver_2", order=2, nfe=_nfe_2)
+@register("dpm_solver_2", order=2, nfe=_nfe_2, recommended=(("grid", "karras"), ("sigma_max", 80.0)))
 def dpm_solver_2(denoiser, x, ts, *, schedule, cond=None, callback=None, predict: str = "noise",
                  mid_ts: Sequence[Sequence[float]] | None = None):
     """DPM-Solver-2 (Lu et al. 2022, Alg. 1, r1 = 1/2): per step, one DPM-Solver-1 (DDIM) step to the lam
@@ -116,7 +116,7 @@ def dpm_solver_2(denoiser, x, ts, *, schedule, cond=None, callback=None, predict
                        predict=predict, mid_ts=mid_ts, stage2="paper")
 
 
-@register("dpm_solver_3", order=3, nfe=_nfe_3)
+@register("dpm_solver_3", order=3, nfe=_nfe_3, recommended=(("grid", "karras"), ("sigma_max", 80.0)))
 def dpm_solver_3(denoiser, x, ts, *, schedule, cond=None, callback=None, predict: str = "noise",
                  mid_ts: Sequence[Sequence[float]] | None = None, stage2: str = "paper"):
     """DPM-Solver-3 (Lu et al. 2022, Alg. 2, r1 = 1/3, r2 = 2/3 in lam): u1 by DPM-Solver-1 to s1; u2 by a

@@ -20,6 +20,9 @@ class SolverSpec:
     nfe: Callable[[int, bool], int] = _one_per_step  # NFE of a `steps`-step solve (clean_final: last step denoises)
     stochastic: bool = False
     needs: str = ""  # an option without a default (a prepared file): left out of the bench's "all"
+    # sample() options under which the solver works when t_max lies at an extreme noise level (e.g. sigma/alpha ~ 2e4 of
+    # a squared-cosine DiscreteVP): the bench's tables name them next to the uniform-grid cells, which they explain
+    recommended: tuple = ()
 
     def steps_for_nfe(self, nfe: int, clean_final: bool) -> int:
         """The number of steps that spends exactly ``nfe`` evaluations, or a clear error."""
@@ -35,13 +38,13 @@ class SolverSpec:
 
 
 def register(name: str, *, order: int, nfe: Callable[[int, bool], int] = _one_per_step, stochastic: bool = False,
-             needs: str = ""):
+             needs: str = "", recommended: tuple = ()):
     """Decorator adding a solver function to ``SOLVERS`` under ``name``."""
 
     def deco(fn):
         if name in SOLVERS:
             raise ValueError(f"solver {name!r} is already registered")
-        SOLVERS[name] = SolverSpec(name, fn, order, nfe, stochastic, needs)
+        SOLVERS[name] = SolverSpec(name, fn, order, nfe, stochastic, needs, recommended)
         return fn
 
     return deco

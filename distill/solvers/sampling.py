@@ -66,6 +66,7 @@ def sample(
     return_info: bool = False,
     teleport=None,
     handoff_sigma: float | None = None,
+    sigma_max: float | None = None,
     **options,
 ):
     """Solve the probability-flow ODE from standard-normal ``noise`` and return x0.
@@ -82,6 +83,9 @@ def sample(
     noise level sigma / alpha) jumps from t_max to that level with the closed-form Gaussian solution and spends
     the NFE on a grid from there (with ``timesteps=``, to timesteps[0]); the jump costs no NFE. Solver options
     ``ems`` and ``amed`` may be file paths: they are loaded and checked against the teacher.
+    ``sigma_max`` (an EDM noise level sigma / alpha) starts the grid where the schedule reaches it, from noise of that
+    scale, as EDM does (Karras et al. 2022, Sec. 3: sigma_max = 80): a VP schedule whose t_max lies at sigma / alpha
+    ~ 2e4 otherwise makes the first step of a second-order method (Heun) span four orders of magnitude.
     """
     spec = get_solver(solver)
     denoiser, schedule = _model_parts(model, schedule)
@@ -103,6 +107,15 @@ def sample(
             t_start = handoff_time(schedule, handoff_sigma)
     elif handoff_sigma is not None:
         raise ValueError("handoff_sigma is an option of teleport; give teleport= too")
+    if sigma_max is not None:
+        from distill.solvers.prepared.teleport.gaussian import handoff_time
+
+        if teleport is not None or timesteps is not None:
+            raise ValueError("sigma_max sets where a grid starts; drop it with teleport= or timesteps=")
+        try:
+            t_start = handoff_time(schedule, float(sigma_max))
+        except ValueError as e:
+            raise ValueError(str(e).replace("handoff_sigma", "sigma_max", 1)) from None
     if timesteps is not None:
         ts = explicit_grid(schedule, timesteps, final=final)
     elif grid not in GRIDS and str(grid).endswith(".json"):

@@ -42,6 +42,27 @@ def converged(cells: list[dict], key: str = "fid") -> dict | None:
     return min((r for r in solvers if int(r["nfe"]) == top), key=lambda r: _value(r, key))
 
 
+def recommended_notes(cells: list[dict]) -> list[str]:
+    """A line naming the solvers of the table run off the settings their registry entry recommends (``SolverSpec.
+    recommended``: e.g. Heun on a uniform grid from a t_max at sigma/alpha ~ 2e4), why their cells look broken, and the
+    --variant that runs them as recommended; [] when there are none."""
+    from distill.solvers import SOLVERS
+
+    off = {}
+    for r in cells:
+        spec = SOLVERS.get(r["method"]) if r["kind"] == "solver" else None
+        if spec is not None and spec.recommended and r["grid"] != dict(spec.recommended).get("grid"):
+            off[spec.name] = spec.recommended
+    if not off:
+        return []
+    names = ", ".join(f"`{n}`" for n in off)
+    options = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in next(iter(off.values())))
+    return [f"Note: {names} ran here on the {cells[-1]['grid']} grid. Where t_max lies at an extreme noise level "
+            "(sigma/alpha ~ 2e4 for a squared-cosine DiscreteVP such as mnist16's) their first step spans orders of "
+            "magnitude and the samples blow up; their registry entries recommend a start at EDM's sigma_max on a Karras "
+            f"grid: `--variant NAME_edm=NAME:{options}` (rows `*_edm` where benched).  ", ""]
+
+
 def markdown_table(rows: list[dict], key: str | None = None) -> str:
     """A markdown table of ``key`` (default: fid, or swd for analytic teachers; '+-' the bootstrap spread): a row
     per solver, then per student, a column per NFE, '-' where a method has no cell; then the data rows."""
@@ -58,6 +79,7 @@ def markdown_table(rows: list[dict], key: str | None = None) -> str:
             vals = [value.get((kind, method, n)) for n in nfes]
             lines.append(f"| {label} | " + " | ".join("-" if r is None else with_spread(r, key) for r in vals) + " |")
     lines.append("")
+    lines += recommended_notes(cells)
     for row in data.values():
         if row.get(key, "") != "":
             lines.append(f"{row['method']} ({row['num_samples']} samples): {with_spread(row, key, 2)}  ")
