@@ -5,12 +5,15 @@
 
 Each candidate is sampled at --steps on noise seeds --seed.. (default 900,000: never a reporting seed) and scored by
 FID against the mnist16 tune split (1,000 training digits no reported number uses); the lowest is copied to --out
-with metadata ``selection`` = {rule, split, seeds, steps, candidates' FIDs, chosen}.
+with metadata ``selection`` = {rule, split, seeds, steps, candidates' FIDs, chosen, command}. A single candidate is a
+record, not a choice: its tune FID is stored under the rule "one candidate", and ``--history`` says how the file was
+picked before (e.g. between EMA and raw weights on the reporting split, when the run's checkpoints are gone).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import os as _os
 import sys as _sys
 from pathlib import Path
@@ -35,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=900_000)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--history", default=None, help="how the candidates themselves came to be (recorded as is): e.g. "
+                   "an earlier choice that can no longer be redone on tune data")
     args = p.parse_args(argv)
     try:
         check_output_file(args.out, "--out")
@@ -56,9 +61,13 @@ def main(argv=None) -> int:
         _sys.exit(f"error: {e}")
     fids = tune_fids(teacher, students, args.steps, args.num_samples, args.seed, args.batch_size)
     chosen = choose(fids)
-    record = {"rule": "lowest FID against the tune split", "split": "tune", "seeds": [args.seed, args.seed + args.num_samples - 1],
+    rule = ("lowest FID against the tune split" if len(fids) > 1
+            else "one candidate: no choice among files; its FID against the tune split recorded")
+    record = {"rule": rule, "split": "tune", "seeds": [args.seed, args.seed + args.num_samples - 1],
               "steps": args.steps, "candidates": fids, "chosen": chosen,
-              "command": "python scripts/select_student.py " + " ".join(argv if argv is not None else _sys.argv[1:])}
+              "command": "python scripts/select_student.py " + shlex.join(argv if argv is not None else _sys.argv[1:])}
+    if args.history:
+        record["history"] = args.history
     write_selected(Path(chosen), args.out, record)
     for name, fid in fids.items():
         print(f"{'*' if name == chosen else ' '} {name}: tune FID {fid:.3f}")

@@ -42,3 +42,20 @@ def test_reporting_seeds_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--seed 5 may overlap the reporting seeds 0..99999; allowed: a tune seed of at least 100000"):
         _script().main(["--candidates", str(A), str(B), "--seed", "5", "--out", str(out)])
     assert not out.exists()
+
+
+def test_one_candidate_is_recorded_in_place_with_its_history(tmp_path):
+    """A single candidate is a record, not a choice: rule 'one candidate', its tune FID, the history as given; written in
+    place, the tensors unchanged."""
+    import shutil
+
+    path = tmp_path / "s.safetensors"
+    shutil.copy(ROOT / "results/mnist16/students/cd_edm_mnist16.safetensors", path)  # distilled from mnist16 itself
+    before = _tensors(path)
+    assert _script().main(["--candidates", str(path), "--num-samples", "100", "--history", "EMA chosen on the reference split",
+                           "--out", str(path)]) == 0
+    record = load_student(str(path)).info["selection"]
+    assert record["rule"].startswith("one candidate") and record["history"] == "EMA chosen on the reference split"
+    assert list(record["candidates"]) == [str(path)] and record["chosen"] == str(path)
+    after = _tensors(path)
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
