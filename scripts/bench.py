@@ -127,6 +127,7 @@ def _bench(args, argv, lock: FolderLock) -> int:
         if args.teacher is None:
             raise ValueError("--teacher is required (unless --plot-only)")
         check_output_dir(args.out, "--out")
+        lib.read_teacher_cost(args.out)  # a damaged teacher_cost.json is refused now, not after every cell ran
         lib.check_device(args.device)
         solvers, variants = lib.parse_methods(args.solvers, args.variant)
         nfes = lib.parse_int_list(args.nfe, "--nfe")

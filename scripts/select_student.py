@@ -13,8 +13,8 @@ picked before (e.g. between EMA and raw weights on the reporting split, when the
 from __future__ import annotations
 
 import argparse
-import shlex
 import os as _os
+import shlex
 import sys as _sys
 from pathlib import Path
 

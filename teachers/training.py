@@ -88,19 +88,19 @@ def save_teacher_folder(model, cfg: TeacherConfig, num_classes: int, out: Path, 
     """Write a diffusers pipeline folder atomically: unet/, scheduler/, model_index.json, teacher.json."""
     from diffusers import DDPMScheduler
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "unet")
-    DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                  prediction_type=cfg.prediction_type, clip_sample=False).save_pretrained(tmp / "scheduler")
     library = "diffusers" if type(model).__module__.startswith("diffusers") else type(model).__module__  # ToyMLP: ours
     index = {"_class_name": "DDPMPipeline", "unet": [library, type(model).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     meta = {"num_classes": num_classes, "null_class_label": num_classes if (cfg.class_conditional and num_classes) else None,
             "config": dataclasses.asdict(cfg), **info}
-    (tmp / "teacher.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp / "unet")
+        DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                      prediction_type=cfg.prediction_type, clip_sample=False).save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "teacher.json").write_text(json.dumps(meta, indent=1))
+
+    write_folder(out, fill)  # a full disk leaves the old folder and raises OutputWriteError (distill.core.atomic)
 
 
 class UntrainedTeacher:
@@ -153,7 +153,7 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     rcfg = run_config(cfg)
     if train_run(rcfg, load_teacher=lambda spec: teacher, build_student=build, resume=ckpt, log=log, stop_at=stop_at) is None:
         return None
-    (out / "teacher_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_text(out / "teacher_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     final = out / "teacher"
     from students import load_student
 

@@ -5,12 +5,14 @@ A pickle can name any function and have the unpickler call it, so a crafted ``.p
 unpickler, which builds tensors, numbers, strings and plain containers (dict, list, tuple, OrderedDict) and refuses
 anything else: ``load_weights_only`` for our own files, ``weights_only_torch_load`` around a library call that would
 unpickle with ``weights_only=False`` itself (DeepSpeed's checkpoint loader). Tensors are otherwise written as
-safetensors and everything else as JSON, neither of which can run code.
+safetensors and everything else as JSON, neither of which can run code; ``parse_json`` and ``read_json`` name the file
+(and the field) whose text is not JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 from pathlib import Path
 
@@ -28,6 +30,25 @@ def _refusal(path, what: str, error: Exception) -> UnsafeFileError:
     else:
         why = f"cannot be read as a torch file ({type(error).__name__}: {str(error)[:200]})"
     return UnsafeFileError(f"{what} {str(path)!r} {why}; delete it or replace it with a file this project wrote")
+
+
+def parse_json(text: str, where: str):
+    """``json.loads(text)``; text that is not JSON raises ``ValueError``, one sentence naming ``where`` (a file, or a
+    field of a file's metadata)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from None
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """The JSON value in the file ``path``; garbage raises ``ValueError`` naming ``what`` and the path."""
+    where = f"{what} {str(path)!r}"
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON (not UTF-8 text: {e.reason})") from None
+    return parse_json(text, where)
 
 
 def load_weights_only(path: str | Path, what: str = "file"):

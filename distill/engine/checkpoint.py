@@ -5,19 +5,20 @@ checkpoint with its size and sha256), then the folder is renamed to ``step-N``; 
 after that, and never the one just written. ``latest_valid_checkpoint`` returns the newest checkpoint whose
 manifest parses and whose files match it, with the newer ones it skipped and why; folders without a
 manifest (a run killed mid-write) are skipped too. Manifests written before the file list existed are
-valid when they parse.
+valid when they parse. A write the disk refuses (full, read-only) removes ``step-N.tmp`` and raises
+``distill.core.atomic.OutputWriteError``; the checkpoints already written stay as they were.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from distill.core.atomic import replace_folder, writing
 from distill.engine.paths import file_sha256
 
 MANIFEST = "manifest.json"
@@ -136,18 +137,22 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
     main rank has made the empty folder and after every rank has written, before the manifest."""
     root = Path(root)
     tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
+    kept = complete_checkpoints(root)
+    then = f"the checkpoints already written ({', '.join(p.name for p in kept) or 'none'}) were left as they were"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if barrier is not None:
-        barrier()
-    write(tmp)
-    if barrier is not None:
-        barrier()
+    with writing(final, tmp if is_main else None, then):  # a full disk or a read-only folder: one sentence, no step-N.tmp
+        if is_main:
+            tmp.mkdir(parents=True)
+        if barrier is not None:
+            barrier()
+        write(tmp)
+        if barrier is not None:
+            barrier()
+        if is_main:
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest, "files": file_list(tmp)}, indent=1))
+            replace_folder(tmp, final)
     if is_main:
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest, "files": file_list(tmp)}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         rotate_checkpoints(root, keep, final)
     return final
 

@@ -6,24 +6,29 @@ Metadata keys (all strings; JSON where structured): ``format`` (= ``FORMAT``), `
 ``teacher``, ``teacher_hash``, ``training_config`` (the run's config), ``lora`` (null once merged), ``sampler``
 (``consistency`` | ``ode``) and ``sampler_solver``, ``extra_conditions`` (embedded scalar inputs), ``lineage``
 (the parent file and its sha256 when the run started from one).
-``students.load_student(path)`` reads them back. Files are written to a temporary name and renamed. The diffusers
+``students.load_student(path)`` reads them back. Files are written to a temporary name and renamed
+(``distill.core.atomic``: a full disk leaves the old file and raises ``OutputWriteError``). The diffusers
 pipeline folder of a UNet student is written by ``students.diffusers_export``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from distill.core.safe_files import parse_json
+from distill.core.atomic import write_with
 from distill.engine.checkpoint import latest_valid_checkpoint, skipped_messages
 from distill.engine.lora import has_lora, merged_copy
 
 FORMAT = "fewstep-distill/student"
 FORMAT_VERSION = "1"
 REQUIRED = ("network_class", "network_config", "parameterization", "prediction_type", "schedule", "sampling_timesteps")
+# metadata keys whose values are JSON text (checked on reading, so a damaged one is named, not met as a bare parse error)
+JSON_KEYS = ("network_config", "schedule", "sampling_timesteps", "null_class_label", "lora", "extra_conditions",
+             "training_config", "data_shape", "num_classes", "sampling_search", "lineage", "training_cost", "selection")
 STUDENT_FILE, EMA_FILE = "student.safetensors", "student_ema.safetensors"
 CONDITION_PREFIX = "extra_conditions."  # state keys of the student's extra-condition embeddings (SLAM's gamma, w)
 
@@ -46,13 +51,7 @@ def save_student(student, path: str | Path, *, merge_lora: bool = True, training
             "lora": json.dumps(lora), "training_config": json.dumps(training_config or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there when the write or the rename failed
-    return path
+    return write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta))  # atomic (distill.core.atomic)
 
 
 def read_student_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -74,6 +73,9 @@ def read_student_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"{str(path)!r} lacks student metadata keys {missing}")
+    for key in JSON_KEYS:
+        if key in meta:
+            parse_json(meta[key], f"the {key!r} metadata field of student file {str(path)!r}")
     return state, meta
 
 

@@ -7,8 +7,11 @@ replaces the target layers by LoRA layers and freezes every base weight (FACTS.m
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from torch import nn
+
+from distill.core.atomic import write_folder
 
 
 def inject_lora(net: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> nn.Module:
@@ -44,27 +47,18 @@ def merged_copy(net: nn.Module) -> nn.Module:
 def save_peft_adapter(net: nn.Module, lora: dict, folder, base_model: str | None = None):
     """Write the LoRA adapter of ``net`` in PEFT's own layout (``adapter_config.json`` + ``adapter_model.safetensors``),
     loadable with ``PeftModel.from_pretrained(base_network, folder)``; written to a temporary folder and renamed."""
-    import os
-    import shutil
-    from pathlib import Path
-
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     if not has_lora(net):
         raise ValueError("the network holds no unmerged LoRA adapter to export")
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
-                            base_model_name_or_path=base_model)
+    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["target_modules"]),
+                        base_model_name_or_path=base_model)
+    # PeftModel's own keys: base_model.model.<module>.lora_A.weight (the adapter name dropped)
+    state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
+
+    def fill(tmp: Path) -> None:
         config.save_pretrained(str(tmp))
-        # PeftModel's own keys: base_model.model.<module>.lora_A.weight (the adapter name dropped)
-        state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
         save_file(state, str(tmp / "adapter_model.safetensors"))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return write_folder(folder, fill)  # atomic: a failed write leaves the old folder (distill.core.atomic)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from distill.core.atomic import append_text, write_text
 from distill.engine.checkpoint import (
     checkpoint_problem,
     complete_checkpoints,
@@ -107,7 +108,7 @@ def open_run_files(run: Run, step: int, log=print) -> None:
             run.accelerator.init_trackers("")  # a no-op off the main process, but every rank must call it
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
+    write_text(run.out / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
     metrics = run.out / METRICS_FILE
     if metrics.is_file():
         kept = []
@@ -119,7 +120,7 @@ def open_run_files(run: Run, step: int, log=print) -> None:
                 continue
             if row is not None and row["step"] <= step:
                 kept.append(line)
-        metrics.write_text("".join(line + "\n" for line in kept))
+        write_text(metrics, "".join(line + "\n" for line in kept))
 
     names = trackers(run.cfg)
     if names:
@@ -160,20 +161,24 @@ def _mean_present(values: list[float]) -> float:
 
 
 def log_metrics(run: Run, step: int, stats: dict[str, dict], seconds: float, log) -> None:
+    """Every ``log_every`` steps one metrics.jsonl row per network (the window's means), the log line and the trackers;
+    a metrics file the disk refuses (full, read-only) raises ``OutputWriteError`` with the file left as it was."""
     for name, values in stats.items():
         run.history.setdefault(name, []).append(values)
     if step % run.cfg.log_every or not run.accelerator.is_main_process:
         return
-    with open(run.out / METRICS_FILE, "a") as f:
-        for name, rows in run.history.items():
-            keys = [k for k in rows[-1] if k != "lr"]  # a component that starts mid-window (a GAN switched on late)
-            mean = lambda k: _mean_present([r[k] for r in rows if k in r])  # noqa: E731  is averaged where present
-            row = {"step": step, "network": name, **{k: mean(k) for k in keys},
-                   "lr": rows[-1]["lr"], "seconds_per_step": seconds, "updates_averaged": len(rows)}
-            f.write(json.dumps(row) + "\n")
-            parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))
-            log(f"step {step}/{run.cfg.max_steps} {name}: loss {row['loss']:.5f} grad_norm {row['grad_norm']:.3g} "
-                f"lr {row['lr']:.2e} {seconds:.3f} s/step" + (f" [{parts}]" if parts else ""))
-            if run.trackers:
-                run.accelerator.log({f"{name}/{key}": row[key] for key in (*keys, "lr")}, step=step)
+    rows = {}
+    for name, history in run.history.items():
+        keys = [k for k in history[-1] if k != "lr"]  # a component that starts mid-window (a GAN switched on late)
+        mean = lambda k: _mean_present([r[k] for r in history if k in r])  # noqa: E731  is averaged where present
+        rows[name] = keys, {"step": step, "network": name, **{k: mean(k) for k in keys},
+                            "lr": history[-1]["lr"], "seconds_per_step": seconds, "updates_averaged": len(history)}
+    # whole lines or none: a full disk or a folder made read-only stops the run with one sentence (OutputWriteError)
+    append_text(run.out / METRICS_FILE, "".join(json.dumps(row) + "\n" for _, row in rows.values()))
+    for name, (keys, row) in rows.items():
+        parts = " ".join(f"{k} {row[k]:.5g}" for k in keys if k not in ("loss", "grad_norm"))
+        log(f"step {step}/{run.cfg.max_steps} {name}: loss {row['loss']:.5f} grad_norm {row['grad_norm']:.3g} "
+            f"lr {row['lr']:.2e} {seconds:.3f} s/step" + (f" [{parts}]" if parts else ""))
+        if run.trackers:
+            run.accelerator.log({f"{name}/{key}": row[key] for key in (*keys, "lr")}, step=step)
     run.history = {}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +40,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from distill.core.atomic import write_with
 from distill.engine.checkpoint import batch_indices, save_checkpoint, step_generator
 from distill.engine.export import STUDENT_FILE
 from distill.engine.lock import FolderLock, launched_rank
@@ -249,9 +249,7 @@ def write_students(run: Run, folder: Path, final: bool) -> None:
     others = {**{n: unwrap(m) for n, m in run.nets.items() if n != "student"}, **run.objective.helpers()}
     if others:
         state = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in others.items() for k, v in m.state_dict().items()}
-        tmp = folder / (NETWORKS_FILE + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, folder / NETWORKS_FILE)
+        write_with(folder / NETWORKS_FILE, lambda tmp: save_file(state, str(tmp)))
 
 
 def checkpoint(run: Run, step: int) -> None:

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from distill.core.atomic import write_text, write_with
 from distill.core.conditioning import takes_prompts
 from distill.core.grids import CLEAN_FINALS, make_grid
+from distill.core.safe_files import read_json
 from distill.solvers import get_solver, sample
 
 FORMAT = "fewstep-distill/trajectories"
@@ -73,6 +74,15 @@ def check_match(folder: Path, have: dict, want: dict) -> None:
                              f"{want[key]!r} asked for; use another folder or delete this cache")
 
 
+def read_manifest(folder: Path) -> dict:
+    """A cache's manifest.json; garbage or a value other than a JSON object is refused, naming the file."""
+    m = read_json(folder / MANIFEST, "trajectory cache manifest")
+    if not isinstance(m, dict):
+        raise ValueError(f"trajectory cache manifest {str(folder / MANIFEST)!r} holds a JSON {type(m).__name__}, not an object; "
+                         "delete the cache and make it again")
+    return m
+
+
 def _shard_path(folder: Path, k: int) -> Path:
     return folder / f"shard-{k:05d}.safetensors"
 
@@ -109,12 +119,6 @@ def make_shard(teacher, m: dict, k: int) -> dict[str, torch.Tensor]:
     return {"noise": noise, "states": stacked.float().contiguous(), "sample": x.float().contiguous(), "label": label}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **settings) -> Path:
     """Make (or finish) the cache in ``out``; ``settings`` are those of ``cache_settings``."""
     from safetensors.torch import save_file
@@ -122,9 +126,9 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
     out, m = Path(out), cache_settings(teacher, **settings)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
-        check_match(out, json.loads((out / MANIFEST).read_text()), m)
+        check_match(out, read_manifest(out), m)
     else:
-        _write_json(out / MANIFEST, m)
+        write_text(out / MANIFEST, json.dumps(m, indent=1))
     todo = [k for k in range(m["num_shards"]) if not shard_complete(_shard_path(out, k), _shard_count(m, k))]
     done = m["num_samples"] - sum(_shard_count(m, k) for k in todo)
     bar = tqdm(total=m["num_samples"], initial=done, desc="trajectories", unit="traj", mininterval=5, disable=not progress)
@@ -132,9 +136,8 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
         path, count = _shard_path(out, k), _shard_count(m, k)
         with torch.no_grad():
             tensors = make_shard(teacher, m, k)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "shard": str(k), "count": str(count)})
-        os.replace(tmp, path)
+        meta = {"format": FORMAT, "shard": str(k), "count": str(count)}
+        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic (distill.core.atomic)
         bar.update(count)
         log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
     bar.close()
@@ -152,7 +155,7 @@ class TrajectoryCache:
         self.folder = Path(folder)
         if not (self.folder / MANIFEST).is_file():
             raise FileNotFoundError(f"{str(self.folder)!r} is not a trajectory cache (no {MANIFEST})")
-        self.manifest = m = json.loads((self.folder / MANIFEST).read_text())
+        self.manifest = m = read_manifest(self.folder)
         for k in range(m["num_shards"]):
             if not shard_complete(_shard_path(self.folder, k), _shard_count(m, k)):
                 raise ValueError(f"trajectory cache {str(self.folder)!r} is incomplete (shard {k} missing or truncated); "

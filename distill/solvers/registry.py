@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 SOLVERS: dict[str, "SolverSpec"] = {}
+SHARED_ARGS = ("schedule", "cond", "callback")  # what sample() gives every solver function by name
 
 
 def _one_per_step(steps: int, clean_final: bool) -> int:
@@ -23,6 +25,13 @@ class SolverSpec:
     # sample() options under which the solver works when t_max lies at an extreme noise level (e.g. sigma/alpha ~ 2e4 of
     # a squared-cosine DiscreteVP): the bench's tables name them next to the uniform-grid cells, which they explain
     recommended: tuple = ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The solver's own named options (``sample(..., **options)``): its function's keyword-only arguments but
+        ``SHARED_ARGS``, e.g. ``ems`` and ``order`` of dpm_solver_v3, ``amed`` of the AMED solvers."""
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SHARED_ARGS)
 
     def steps_for_nfe(self, nfe: int, clean_final: bool) -> int:
         """The number of steps that spends exactly ``nfe`` evaluations, or a clear error."""

@@ -36,6 +36,19 @@ def _model_parts(model, schedule):
     raise TypeError("model must be a teacher (with .denoise and .schedule) or a denoiser callable with schedule=")
 
 
+SAMPLE_OPTIONS = ("grid", "final", "teleport", "handoff_sigma", "sigma_max")  # sample()'s own, beside a solver's options
+
+
+def check_options(solver: str, options, where: str = "", taken: tuple[str, ...] = ()) -> None:
+    """One sentence naming the options ``solver`` does not take (``where``: e.g. ' of --variant v3') and the allowed
+    ones: ``SAMPLE_OPTIONS`` and the solver's own (``SolverSpec.options``), but those in ``taken`` (set by the caller)."""
+    allowed = [k for k in (*SAMPLE_OPTIONS, *get_solver(solver).options) if k not in taken]
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}{where} for solver "
+                         f"{solver!r}; allowed: {', '.join(allowed)}")
+
+
 def _load_prepared(options: dict, teacher) -> dict:
     """Solver options given as file paths (``ems``, ``amed``), loaded and checked against the teacher."""
     out = dict(options)
@@ -88,6 +101,7 @@ def sample(
     ~ 2e4 otherwise makes the first step of a second-order method (Heun) span four orders of magnitude.
     """
     spec = get_solver(solver)
+    check_options(solver, options)
     denoiser, schedule = _model_parts(model, schedule)
     teacher = model if hasattr(model, "hash") else None
     if (nfe is None) == (timesteps is None):

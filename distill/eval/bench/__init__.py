@@ -67,10 +67,12 @@ from distill.eval.bench.plots import (
     student_points,
 )
 from distill.eval.bench.rows import has_row, read_bench_rows, run_bench, run_cell, run_config
-from distill.eval.bench.run import benchmark, check_device, place_teacher, redraw
+from distill.eval.bench.run import benchmark, check_device, place_teacher, read_teacher_cost, redraw
 from distill.eval.bench.student import (
+    check_cost,
     check_student,
     load_students,
+    read_cost_file,
     student_cost,
     student_root_hash,
     student_sample,
@@ -86,7 +88,7 @@ __all__ = [
     # cells
     "Cell", "generate", "method_stem", "plan_cells", "save_cell_samples", "save_png_folder",
     # student
-    "check_student", "load_students", "student_cost", "student_root_hash", "student_sample", "student_teacher_hash",
+    "check_cost", "check_student", "load_students", "read_cost_file", "student_cost", "student_root_hash", "student_sample", "student_teacher_hash",
     # metrics
     "ExactMetric", "FidMetric", "data_splits", "make_metric", "reference_set",
     # rows
@@ -97,5 +99,5 @@ __all__ = [
     "STUDENT_FAMILIES", "bench_figure", "best_solver_per_nfe", "best_student_per_family", "cost_figure", "headline_figure",
     "headline_limits", "plot_bench", "plot_cost", "plot_headline", "save_method_grids", "student_family", "student_points",
     # run
-    "benchmark", "check_device", "place_teacher", "redraw",
+    "benchmark", "check_device", "place_teacher", "read_teacher_cost", "redraw",
 ]

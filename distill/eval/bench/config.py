@@ -11,6 +11,7 @@ import torch
 from distill.core.conditioning import takes_prompts
 from distill.core.grids import FINALS, GRIDS
 from distill.solvers import get_solver
+from distill.solvers.sampling import check_options
 
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
@@ -29,6 +30,7 @@ FIELDS = ["method", "kind", "nfe", "steps", "fid", "fid_std", "kid", "precision"
 CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id", "protocol")
 DATA_KINDS = ("floor", "training")  # rows of real data, measured like a cell at the cells' sample count
 EXACT_METRICS = {"ode_rmse": "RMSE vs exact ODE solution", "swd": "sliced W2 to data", "nll": "NLL under the true density"}
+BENCH_TAKES = ("generator", "noises")  # solver options the bench sets itself (per-sample step noise), not a --variant
 GRID_SAMPLES = 10  # samples kept per cell for the picture of each method (one per class for 10 classes)
 GRID_ROWS = 4  # NFEs shown in the picture of each method
 
@@ -59,6 +61,7 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
         if not eq or not key:
             raise ValueError(f"cannot parse option {item!r} of --variant {label}: expected key=value")
         options[key] = _option_value(value)
+    check_options(solver, options, f" of --variant {label}", taken=BENCH_TAKES)
     return label, solver, options
 
 

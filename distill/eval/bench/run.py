@@ -4,7 +4,6 @@ files (``redraw``, also alone for ``--plot-only``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +13,7 @@ from distill.eval.bench.cells import plan_cells
 from distill.eval.bench.config import COST_PNG, CSV, DATA_KINDS, HEADLINE_PNG, PNG, TABLE, TEACHER_COST, BenchConfig, is_analytic
 from distill.eval.bench.plots import plot_bench, plot_cost, plot_headline, save_method_grids
 from distill.eval.bench.rows import read_bench_rows, run_bench
+from distill.eval.bench.student import read_cost_file
 from distill.eval.bench.tables import markdown_table
 
 
@@ -21,6 +21,12 @@ def check_device(device: str) -> None:
     """A CUDA device needs a GPU that torch sees."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} needs a GPU, but torch sees none; use --device cpu")
+
+
+def read_teacher_cost(out: str | Path) -> dict | None:
+    """The teacher's own training cost, ``out/teacher_cost.json`` (``read_cost_file``), or None when there is none."""
+    path = Path(out) / TEACHER_COST
+    return read_cost_file(path) if path.is_file() else None
 
 
 def place_teacher(teacher, device: str) -> None:
@@ -51,6 +57,7 @@ def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
     the table and the sample grids, from the files in ``out``; with ``plot_with`` also fid_vs_nfe_with_<names>.png,
     adding those folders' cells."""
     out, plot_with = Path(out), [Path(f) for f in plot_with]
+    teacher_cost = read_teacher_cost(out)  # checked before any picture is drawn
     rows = read_bench_rows(out / CSV)
     if not any(r["kind"] not in DATA_KINDS for r in rows):
         raise FileNotFoundError(f"no benchmark cells in {out / CSV}")
@@ -63,7 +70,6 @@ def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
         plot_bench(others + rows, out / PNG.replace(".png", "_with_" + "_".join(f.name for f in plot_with) + ".png"))
     plot_bench(rows, out / PNG)
     plot_headline(rows, out / HEADLINE_PNG)
-    teacher_cost = json.loads((out / TEACHER_COST).read_text()) if (out / TEACHER_COST).is_file() else None
     plot_cost(rows, out / COST_PNG, teacher_cost)
     (out / TABLE).write_text(markdown_table(rows))
     save_method_grids(out)

@@ -4,11 +4,13 @@ never imports the ``students`` package)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from distill.core.safe_files import parse_json, read_json
 from distill.eval.bench.config import COST_KEYS
 
 
@@ -25,15 +27,17 @@ def student_sample(student, noise: torch.Tensor, steps: int, cond: torch.Tensor 
         return student.sample(noise, steps=steps, cond=cond, **({"w": guidance_scale} if takes_w else {}))
 
 
-def check_student(teacher, name: str, student, allow_other_teacher: bool = False, near: str | Path | None = None) -> None:
+def check_student(teacher, name: str, student, allow_other_teacher: bool = False, near: str | Path | None = None,
+                  use: tuple[str, str] = ("bench", "bench")) -> None:
     """A student that records the hash of the teacher it was distilled from, or of its chain's first teacher, must
     match the bench's teacher (unless ``allow_other_teacher``; its rows then carry both hashes). ``near``: the folder
-    of the student's file, searched by hash for the parents of a chain recorded before ``root_teacher_hash``."""
+    of the student's file, searched by hash for the parents of a chain recorded before ``root_teacher_hash``.
+    ``use``: the teacher's role and the verb of the sentence (another command: ``("reference", "measure")``)."""
     want = student_teacher_hash(student)
     if want and want != teacher.hash and not allow_other_teacher and student_root_hash(student, near) != teacher.hash:
         made_from = student.info.get("teacher") or "another teacher"
-        raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the bench "
-                         f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to bench it anyway")
+        raise ValueError(f"student {name!r} was distilled from {made_from!r} (teacher hash {want[:12]}), not from the {use[0]} "
+                         f"teacher {teacher.name!r} ({teacher.hash[:12]}); pass --allow-other-teacher to {use[1]} it anyway")
 
 
 def student_root_hash(student, near: str | Path | None = None) -> str:
@@ -53,26 +57,40 @@ def student_teacher_hash(student) -> str:
 def student_cost(path: str, cost_file: str | None) -> dict:
     """A student's training cost: the file's own ``training_cost`` metadata (a JSON object), else ``cost_file``,
     else ``<student>.cost.json`` beside it, else nothing. Keys: ``COST_KEYS``; others are refused."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         text = (f.metadata() or {}).get("training_cost")
-    source = f"the training_cost metadata of {path}"
-    if text is None:
-        sidecar = Path(path).with_suffix(".cost.json")
-        cost_path = Path(cost_file) if cost_file else sidecar if sidecar.is_file() else None
-        if cost_path is None:
-            return {}
-        if not cost_path.is_file():
-            raise FileNotFoundError(f"no cost file at {cost_path} (--cost)")
-        text, source = cost_path.read_text(), str(cost_path)
-    cost = json.loads(text)
+    if text is not None:
+        source = f"the 'training_cost' metadata field of student file {str(path)!r}"
+        return check_cost(parse_json(text, source), source)
+    sidecar = Path(path).with_suffix(".cost.json")
+    cost_path = Path(cost_file) if cost_file else sidecar if sidecar.is_file() else None
+    if cost_path is None:
+        return {}
+    if not cost_path.is_file():
+        raise FileNotFoundError(f"no cost file at {cost_path} (--cost)")
+    return read_cost_file(cost_path)
+
+
+def check_cost(cost, source: str) -> dict:
+    """``cost`` (parsed from ``source``, named in the sentence) if it is a JSON object of ``COST_KEYS`` whose fields but
+    ``hardware`` are numbers >= 0 (they go on the cost plot's log axes); else ``ValueError``."""
     unknown = sorted(set(cost) - set(COST_KEYS)) if isinstance(cost, dict) else ["(not a JSON object)"]
     if unknown:
         raise ValueError(f"{source} has unknown cost keys {unknown}; allowed: {', '.join(COST_KEYS)}")
+    for key, value in cost.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if key != "hardware" and not number:
+            raise ValueError(f"{source} has cost field {key!r} = {value!r}; allowed: a number >= 0")
+        if key == "hardware" and not isinstance(value, str):
+            raise ValueError(f"{source} has cost field 'hardware' = {value!r}; allowed: a text naming the hardware")
     return cost
+
+
+def read_cost_file(path: str | Path) -> dict:
+    """A cost file (a student's ``.cost.json``, the bench's ``teacher_cost.json``), checked by ``check_cost``."""
+    return check_cost(read_json(path, "cost file"), f"cost file {str(path)!r}")
 
 
 def load_students(paths: list[str], teacher, load: Callable[[str], object], cost_files: list[str] = (),
