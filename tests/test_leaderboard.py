@@ -53,7 +53,7 @@ def test_leaderboard_rows_commands_and_readme_block(bench_folder, tmp_path):
     table = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
     labels = [line.split(" | ")[0][2:] for line in table]
     assert labels == ["data floor (floor vs reference)", "training data", "teacher converged (`ipndm`, best solver at 20 NFE)",
-                      "best solver at 1 NFE: `euler` (tied with 1 other)", "best solver at 2 NFE: `ipndm`", "best solver at 4 NFE: `unipc`",
+                      "best solver at 1 NFE: `euler` (the same samples as 1 other)", "best solver at 2 NFE: `ipndm`", "best solver at 4 NFE: `unipc`",
                       "best solver at 8 NFE: `unipc`", "student `cd`, 1 step", "student `cd`, 2 steps", "student `other`, 1 step"]
     cd = table[7].split(" | ")
     assert cd[1:4] == ["1", "15.70 +- 0.30", "1.50"]

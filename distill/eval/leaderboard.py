@@ -78,8 +78,10 @@ def leaderboard_rows(rows: list[dict]) -> list[tuple[str, dict]]:
         at = [r for r in cells if r["kind"] == "solver" and int(r["nfe"]) == nfe]
         if at:
             top = min(at, key=lambda r: _value(r, "fid"))
-            ties = sum(_value(r, "fid") == _value(top, "fid") for r in at) - 1  # e.g. every solver's identical first step
-            tied = f" (tied with {ties} other{'s' * (ties > 1)})" if ties else ""
+            # the same FID to the last digit: the same samples (e.g. every deterministic solver's one step to clean);
+            # whether two entries are tied is the paired bench's verdict (--paired), never a rounding of FIDs
+            same = sum(_value(r, "fid") == _value(top, "fid") for r in at) - 1
+            tied = f" (the same samples as {same} other{'s' * (same > 1)})" if same else ""
             entries.append((f"best solver at {nfe} NFE: `{top['method']}`{tied}", top))
     for r in sorted((r for r in cells if r["kind"] == "student"), key=lambda r: (r["method"], int(r["steps"]))):
         entries.append((f"student `{r['method']}`, {r['steps']} step{'s' if r['steps'] != '1' else ''}", r))
