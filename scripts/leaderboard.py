@@ -25,11 +25,12 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
+from distill.core.safe_files import read_json
+from distill.engine.paths import check_output_file
 from distill.eval.bench import CSV, read_bench_rows
 from distill.eval.leaderboard import check_students_listed, leaderboard_markdown, leaderboard_table, read_paired_rows, replace_block
 
@@ -59,6 +60,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python scripts/leaderboard.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
+        check_output_file(args.out, "--out")
+        if args.readme is not None:
+            check_output_file(args.readme, "--readme")
+            if not args.readme.is_file():
+                raise FileNotFoundError(f"--readme {str(args.readme)!r} does not exist; allowed: a README with a leaderboard block")
+        if args.readme_rows < 1:
+            raise ValueError(f"--readme-rows must be at least 1 (table rows shown in the README), got {args.readme_rows}")
         if not (args.results / CSV).is_file():
             raise FileNotFoundError(f"no {CSV} in {args.results}; run scripts/bench.py --out {args.results} first")
         rows = read_bench_rows(args.results / CSV)
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
             for name in (CSV, "prepared.json"):
                 if not (folder / name).is_file():
                     raise FileNotFoundError(f"no {name} in {folder}; a --prepared folder needs both")
-            prepared.append((str(folder), read_bench_rows(folder / CSV), json.loads((folder / "prepared.json").read_text())))
+            prepared.append((str(folder), read_bench_rows(folder / CSV), read_json(folder / "prepared.json", "--prepared file")))
         guided = []
         for folder in args.guided:
             if not (folder / CSV).is_file():
@@ -85,8 +93,11 @@ def main(argv=None) -> int:
             check_students_listed(students, rows, str(args.results), guided, args.exclude)
         readme = None
         if args.readme is not None:
-            lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared, paired=paired)[:2 + args.readme_rows]
-            block = "\n".join(lines) + f"\n\nThe full table, with every student and the command of each row: [{args.out}]({args.out}).\n"
+            lines = leaderboard_table(rows, str(args.results), commands=False, prepared=prepared, paired=paired,
+                                      ranked=True)[:2 + args.readme_rows]
+            order = " (ranked by the paired bench's FID at its N)" if paired else ""
+            block = ("\n".join(lines) + f"\n\nThe first {args.readme_rows} rows{order}; the full table, with every student and the "
+                     f"command of each row: [{args.out}]({args.out}).\n")
             readme = replace_block(args.readme.read_text(), block)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -68,8 +68,9 @@ def _cell(row: dict, key: str, digits: int = 3) -> str:
 
 
 def leaderboard_rows(rows: list[dict]) -> list[tuple[str, dict]]:
-    """(entry label, CSV row) in leaderboard order."""
+    """(entry label, CSV row) in leaderboard order; a bench without FID (an analytic teacher's) is refused."""
     cells, data, _ = current_rows(rows)
+    check_fid(cells)
     entries = [(row["method"], row) for kind, row in sorted(data.items())]  # floor, then training
     best = converged(cells)
     if best is not None:
@@ -80,12 +81,20 @@ def leaderboard_rows(rows: list[dict]) -> list[tuple[str, dict]]:
             top = min(at, key=lambda r: _value(r, "fid"))
             # the same FID to the last digit: the same samples (e.g. every deterministic solver's one step to clean);
             # whether two entries are tied is the paired bench's verdict (--paired), never a rounding of FIDs
-            same = sum(_value(r, "fid") == _value(top, "fid") for r in at) - 1
+            same = sum(_value(r, "fid") == _value(top, "fid") for r in at if r is not top)
             tied = f" (the same samples as {same} other{'s' * (same > 1)})" if same else ""
             entries.append((f"best solver at {nfe} NFE: `{top['method']}`{tied}", top))
     for r in sorted((r for r in cells if r["kind"] == "student"), key=lambda r: (r["method"], int(r["steps"]))):
         entries.append((f"student `{r['method']}`, {r['steps']} step{'s' if r['steps'] != '1' else ''}", r))
     return entries
+
+
+def check_fid(cells: list[dict]) -> None:
+    """The board ranks by FID: cells without one (an analytic teacher's, scored by swd, ode_rmse and nll) are refused."""
+    if cells and all(r.get("fid", "") == "" for r in cells):
+        raise ValueError(f"the bench of teacher {cells[-1]['teacher']!r} has no FID (an analytic teacher's cells are scored by "
+                         "swd, ode_rmse and nll) and the leaderboard ranks by FID; allowed: a bench of an image teacher "
+                         "(an analytic teacher's table is its bench's fid_vs_nfe.md)")
 
 
 SAME = ("num_samples", "seed", "reference_id", "teacher_hash", "labels")  # settings a joined folder shares with the board
@@ -184,12 +193,23 @@ def check_students_listed(folder: str | Path, rows: list[dict], out: str, guided
 
 
 def leaderboard_table(rows: list[dict], out: str, commands: bool = True,
-                      prepared: list[tuple[str, list[dict], dict]] | None = None, paired: dict[tuple, dict] | None = None) -> list[str]:
-    """The markdown table's lines (without the command column when ``commands`` is false)."""
+                      prepared: list[tuple[str, list[dict], dict]] | None = None, paired: dict[tuple, dict] | None = None,
+                      ranked: bool = False) -> list[str]:
+    """The markdown table's lines (without the command column when ``commands`` is false). ``ranked``: the sampled
+    entries in the paired bench's rank order (by FID at its N), after the data rows, the unranked ones last."""
     any_cell = converged(current_rows(rows)[0]) or current_rows(rows)[0][-1]  # data rows: any bench command on the folder
     entries = [(label, r, cost_text(r), bench_command(r if r["kind"] in ("solver", "student") else any_cell, out))
                for label, r in leaderboard_rows(rows)]
-    return table_lines(entries + prepared_entries(rows, prepared or []), commands, paired)
+    entries += prepared_entries(rows, prepared or [])
+    if ranked and paired:
+        def rank(entry):
+            r = entry[1]
+            if r["kind"] not in ("solver", "student"):
+                return -1
+            p = paired.get(paired_key(r))
+            return int(p["rank"]) if p is not None else 10**6
+        entries.sort(key=rank)
+    return table_lines(entries, commands, paired)
 
 
 PAIRED_COLUMNS = ("delta to the teacher [95%]", "verdict", "FD to the teacher", "FID-infinity")
