@@ -30,6 +30,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from distill.core.atomic import reports_write_errors
 from distill.core.cores import cap_torch_threads
 from distill.core.grids import GRIDS
 from distill.data import MNIST16_SPLITS
@@ -94,16 +95,15 @@ def parse_args(argv=None):
 
 def _load_student(path: str):
     """``students.load_student`` (imported on first use), the loader ``lib.load_students`` is given."""
-    try:
-        from students import load_student
-    except ImportError:
-        raise ValueError("--students needs students.load_student, which this checkout does not have yet") from None
+    from students import load_student
+
     return load_student(path)
 
 
 student_cost = lib.student_cost  # a student's training cost (tests/test_run_cost.py reads it through this script)
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     cap_torch_threads()  # no more intra-op threads than the cores this process may use

@@ -21,11 +21,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.core.atomic import reports_write_errors
+from distill.engine.paths import check_resumable_output
+from distill.eval.bench import check_device
 from distill.solvers.prepared import files as prepared
 from distill.solvers.prepared.dpm_v3.ems import EmsConfig, EmsRun
 from teachers import load_teacher
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="gmm:<preset>[@schedule], a zoo name (mnist16) or a diffusers folder")
@@ -42,7 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: runs/prepared/<teacher hash[:16]>/ems.safetensors")
     args = p.parse_args(argv)
     try:
+        check_device(args.device)
         teacher = load_teacher(args.teacher)
+        out, state = check_resumable_output(args.out or prepared.default_path("ems", teacher), "--out")
         if hasattr(teacher, "to"):
             teacher.to(args.device)
         cfg = EmsConfig(args.n_lams, args.num_samples, args.batch_size, args.smooth, args.seed)
@@ -50,9 +56,8 @@ def main(argv=None) -> int:
                                            unconditional=args.unconditional)
         if labels is None and teacher.num_classes:
             labels = x0.new_full((len(x0),), -1).long()
-        out = args.out or prepared.default_path("ems", teacher)
-        run = EmsRun(teacher.denoise, teacher.schedule, x0, labels, cfg, teacher_hash=teacher.hash,
-                     state_path=out.with_name(out.name + ".state.pt"), device=args.device)
+        run = EmsRun(teacher.denoise, teacher.schedule, x0, labels, cfg, teacher_hash=teacher.hash, state_path=state,
+                     device=args.device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ems = run.run()

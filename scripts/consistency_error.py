@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
+from distill.core.atomic import csv_text, reports_write_errors, write_text
 from distill.data import dataset_tensors, load_dataset
+from distill.engine.paths import check_output_dir
+from distill.eval.bench import check_student
 from distill.eval.consistency_error import consistency_error
 from students import load_student
 from teachers import load_teacher
@@ -44,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="heldout", help="split of the real x0 (mnist16: heldout, not trained on)")
     p.add_argument("--reference-steps", type=int, default=40, help="DPM-Solver++(2M) steps of the teacher's reference solve")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-other-teacher", action="store_true", help="measure students distilled from another teacher")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -58,9 +62,11 @@ def _students(text: str) -> dict[str, str]:
     return out
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_output_dir(args.out, "--out", files=("consistency_error.csv", "consistency_error.md"))
         students = _students(args.students)
         times = [float(t) for t in args.times.split(",") if t.strip()]
         if args.num_samples < 2 or args.reference_steps < 2 or not times:
@@ -70,10 +76,13 @@ def main(argv=None) -> int:
         lo, hi = teacher.schedule.t_min, teacher.schedule.t_max
         if any(not lo <= t <= hi for t in times):
             raise ValueError(f"--times must lie in the teacher's [t_min, t_max] = [{lo:g}, {hi:g}], got {args.times!r}")
+        models = {name: (None if name == "teacher" and not path else load_student(path)) for name, path in students.items()}
+        for name, student in models.items():  # as the bench: a student is measured against the teacher it was made from
+            check_student(teacher, name, student, args.allow_other_teacher, near=Path(students[name]).parent,
+                          use=("reference", "measure"))
         x0, labels = dataset_tensors(load_dataset(args.dataset, args.split))
         x0 = x0[:args.num_samples].float()
         cond = labels[:args.num_samples] if getattr(teacher, "num_classes", None) else None
-        models = {name: (None if name == "teacher" and not path else load_student(path)) for name, path in students.items()}
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -93,12 +102,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "consistency_error.csv"
     kept = [r for r in (list(csv.DictReader(path.open())) if path.exists() else []) if r["student"] not in models]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
-        w.writeheader()
-        w.writerows(kept + rows)
-    tmp.replace(path)
+    write_text(path, csv_text(kept + rows, FIELDS))  # atomic (distill.core.atomic)
     _markdown(list(csv.DictReader(path.open())), args.out / "consistency_error.md")
     print(f"wrote {path} and {args.out / 'consistency_error.md'}")
     return 0
@@ -109,7 +113,7 @@ def _markdown(rows: list[dict], path: Path) -> None:
     for r in rows:
         lines.append(f"| {r['student']} | {r['source']} | {float(r['t']):g} | {float(r['alpha']):.3f} | {float(r['err']):.4f} | "
                      f"{float(r['bias']):+.4f} | {float(r['move']):.4f} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

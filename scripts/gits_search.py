@@ -19,7 +19,7 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse
-import os
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill.core.atomic import reports_write_errors, write_with
 from distill.core.grids import GRIDS
 from distill.core.safe_files import load_weights_only
+from distill.engine.paths import check_resumable_output
 from distill.eval.bench import parse_int_list
 from distill.solvers import per_sample_noise
 from distill.solvers.prepared import files as prepared
@@ -67,12 +69,12 @@ def warmup_cost(teacher, args, state_path: Path) -> tuple[torch.Tensor, torch.Te
     cost = gits.cost_matrix(torch.cat(states, 1), torch.cat(denoised, 1), teacher.schedule, fine, args.metric)
     minutes = (time.perf_counter() - start) / 60
     state_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_path.with_name(state_path.name + ".tmp")
-    torch.save({"key": key, "fine_ts": fine, "cost": cost, "minutes": minutes}, tmp)
-    os.replace(tmp, state_path)
+    state = {"key": key, "fine_ts": fine, "cost": cost, "minutes": minutes}
+    write_with(state_path, lambda tmp: torch.save(state, tmp))  # atomic (distill.core.atomic)
     return fine, cost, minutes
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -90,12 +92,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: runs/prepared/<teacher hash[:16]>/gits.json")
     args = p.parse_args(argv)
     try:
-        teacher = load_teacher(args.teacher)
         steps = parse_int_list(args.steps, "--steps")
         if max(steps) > args.fine_steps:
             raise ValueError(f"--steps up to {max(steps)} need --fine-steps of at least that many")
-        out = args.out or prepared.default_path("gits", teacher)
-        fine, cost, minutes = warmup_cost(teacher, args, out.with_name(out.name + ".state.pt"))
+        if not (math.isfinite(args.coeff) and args.coeff > 0):
+            raise ValueError(f"--coeff is {args.coeff}; allowed: a finite number > 0, the weight of the cost still to come "
+                             f"(GITS: {gits.COEFF})")
+        if args.num_samples < 1 or args.batch_size < 1:
+            raise ValueError(f"--num-samples and --batch-size must be at least 1, got {args.num_samples} and {args.batch_size}")
+        teacher = load_teacher(args.teacher)
+        out, state = check_resumable_output(args.out or prepared.default_path("gits", teacher), "--out")
+        fine, cost, minutes = warmup_cost(teacher, args, state)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     data = gits.save_grids(out, teacher, fine, cost, steps, coeff=args.coeff, final=args.final,

@@ -27,6 +27,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
+from distill.core.atomic import append_text, csv_text, reports_write_errors, write_text  # noqa: E402
 from distill.eval.solver_error import exact_metrics, make_problem  # noqa: E402
 from students import load_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
@@ -61,6 +62,7 @@ COLUMNS = ["teacher", "method", "steps", "ode_rmse", "swd", "nll", "mode_tv", "m
            "mode_weights", "num_samples"]
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -95,14 +97,9 @@ def main(argv=None) -> int:
                       ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |" for r in rows])
     print(table)
     if args.md:
-        Path(args.md).write_text(table + "\n")
-    if args.out:
-        new = not Path(args.out).is_file()
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        write_text(args.md, table + "\n")
+    if args.out:  # whole rows appended, or the file left as it was (distill.core.atomic)
+        append_text(args.out, csv_text(rows, keys, header=not Path(args.out).is_file()))
     return 0
 
 

@@ -20,12 +20,12 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
+from distill.core.atomic import reports_write_errors, write_text
 from distill.eval.gpu_check import gpu_check, markdown, worker
 from teachers import load_teacher
 
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     return args
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -61,11 +62,9 @@ def main(argv=None) -> int:
             results = gpu_check(Path(work), script, command, args.tiny, args.steps, load_teacher, log)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / results["device"]["slug"]
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, stem.with_suffix(".json"))
+    write_text(stem.with_suffix(".json"), json.dumps(results, indent=2) + "\n")  # atomic (distill.core.atomic)
     table = markdown(results)
-    stem.with_suffix(".md").write_text(table)
+    write_text(stem.with_suffix(".md"), table)
     print(table, flush=True)
     print(f"wrote {stem}.json and {stem}.md", flush=True)
     rows = {**results["training"], **results["sampling"]["solvers"]}

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from distill.core.atomic import append_text, reports_write_errors
 from distill.engine.paths import check_output_file
 from distill.eval import bench as lib
 from distill.eval.paired import compare, parse_entry
@@ -28,6 +29,7 @@ from students import load_student
 from teachers import load_teacher
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -60,8 +62,8 @@ def main(argv=None) -> int:
           f"95% paired interval [{result['low']:+.2f}, {result['high']:+.2f}]: a is {result['verdict']} b")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps({**result, "command": "python scripts/paired.py " + " ".join(argv or _sys.argv[1:])}) + "\n")
+        record = {**result, "command": "python scripts/paired.py " + " ".join(argv or _sys.argv[1:])}
+        append_text(args.out, json.dumps(record) + "\n")  # the whole line or none (distill.core.atomic)
     return 0
 
 

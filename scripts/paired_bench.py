@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of each paired interval")
     p.add_argument("--cache", type=Path, default=Path("runs/teacher_ref"), help="the feature cache folder")
     p.add_argument("--shard", default=None, help="K/M: only sample every M-th entry from the K-th into the cache")
+    p.add_argument("--max-nfe", type=int, default=None,
+                   help="leave out entries that spend more NFE (the leaderboard marks them 'not run'); the teacher stays")
     p.add_argument("--out", type=Path, default=None, help="the output folder (required without --shard)")
     args = p.parse_args(argv)
     command = "python scripts/paired_bench.py " + shlex.join(argv if argv is not None else _sys.argv[1:])
@@ -69,7 +71,11 @@ def main(argv=None) -> int:
         from students import load_student
         from teachers import load_teacher
 
+        if args.max_nfe is not None and args.max_nfe < 1:
+            raise ValueError(f"--max-nfe must be a positive NFE, got {args.max_nfe}")
         entries, settings = pb.board_entries(rows)
+        left_out = [e.label for e in entries if args.max_nfe is not None and e.n > args.max_nfe and not e.teacher]
+        entries = [e for e in entries if e.label not in left_out]
         teacher = load_teacher(settings["teacher"])
         if teacher.hash != settings["teacher_hash"]:
             raise ValueError(f"teacher {settings['teacher']!r} is not the one {table} was benched with (hash "
@@ -109,7 +115,8 @@ def main(argv=None) -> int:
               f"(the same for every entry), against the data reference `{settings['reference_id']}`; the teacher's "
               f"reference samples on seeds {args.ref_seed}.. ({teacher_entry.label}). Ranked by FID at "
               f"{args.num_samples:,}; intervals: paired bootstrap over the same seeds ({args.resamples} resamples, "
-              "within classes), 95%.\n\n")
+              "within classes), 95%."
+              + (f" Left out (over {args.max_nfe} NFE): {', '.join(left_out)}." if left_out else "") + "\n\n")
     tmp = args.out / "paired.md.tmp"
     tmp.write_text(header + pb.markdown(out, settings))
     tmp.replace(args.out / "paired.md")

@@ -26,6 +26,7 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
+from distill.core.atomic import write_text  # noqa: E402
 from distill.engine.checkpoint import latest_valid_checkpoint  # noqa: E402
 from distill.engine.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
 from distill.engine.export import STUDENT_FILE  # noqa: E402
@@ -88,7 +89,7 @@ def run_rounds(config: str, out: Path, overrides: dict, final: int = 1, log=prin
         rounds.append({"student_steps": n, "teacher_steps": 2 * n, "student": str(done), **round_cost(folder)})
         files.append(done)
         parent = done
-    (out / "rounds.json").write_text(json.dumps(rounds, indent=1))
+    write_text(out / "rounds.json", json.dumps(rounds, indent=1))
     return files
 
 

@@ -12,7 +12,6 @@ FID) and stability.json / stability.md (each set's top k, how often the top-k or
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os as _os
 import sys as _sys
@@ -22,6 +21,7 @@ from pathlib import Path
 if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
     _sys.path.pop(0)
 
+from distill.core.atomic import csv_text, reports_write_errors, write_text  # noqa: E402
 from distill.engine.paths import check_output_dir  # noqa: E402
 from distill.eval.bench.cells import generate  # noqa: E402
 from distill.eval.fid import feature_statistics, frechet_distance  # noqa: E402
@@ -42,6 +42,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -75,16 +76,13 @@ def main(argv=None) -> int:
     out = stability(per_set, args.top)
     out.update(num_samples=args.num_samples, seeds=seeds, command="python scripts/rank_stability.py " + " ".join(argv or _sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "fids.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["entry", "seed", "fid"])
-        w.writeheader()
-        w.writerows(rows)
-    (args.out / "stability.json").write_text(json.dumps(out, indent=1))
+    write_text(args.out / "fids.csv", csv_text(rows, ["entry", "seed", "fid"]))  # atomic (distill.core.atomic)
+    write_text(args.out / "stability.json", json.dumps(out, indent=1))
     md = [f"Top {args.top} on {len(seeds)} disjoint seed sets of {args.num_samples} samples (`{out['command']}`):", "",
           "| seeds | top |", "|---|---|"] + [f"| {s}.. | {', '.join(t)} |" for s, t in zip(seeds, out["top"])]
     md += ["", f"The top-{args.top} order held on {out['top_k_held']:.0%} of the sets; {out['pairs_kept']:.0%} of the entry "
            f"pairs kept their order on every set."]
-    (args.out / "stability.md").write_text("\n".join(md) + "\n")
+    write_text(args.out / "stability.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

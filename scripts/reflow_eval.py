@@ -22,13 +22,13 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from distill.core.atomic import csv_text, reports_write_errors, write_text  # noqa: E402
 from distill.core.grids import GRIDS  # noqa: E402
 from distill.eval.exact import rmse, sliced_wasserstein  # noqa: E402
 from distill.eval.solver_error import make_problem  # noqa: E402
@@ -83,17 +83,15 @@ def metrics(problem, x: torch.Tensor, own_end: torch.Tensor) -> dict:
 
 def write(rows: list[dict], out: Path, header: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_text(out.with_suffix(".csv"), csv_text(rows, FIELDS))  # atomic (distill.core.atomic)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     cols = FIELDS[:7]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)

@@ -27,7 +27,9 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
+from distill.core.atomic import reports_write_errors, write_text  # noqa: E402
 from distill.engine.export import STUDENT_FILE  # noqa: E402
+from distill.engine.paths import check_output_file  # noqa: E402
 from distill.engine.train import CONFIG_FILE, updates_and_seconds  # noqa: E402
 
 
@@ -62,9 +64,12 @@ def run_cost(folders: list[Path], hardware: str, teacher_nfe_per_step: float | N
     if teacher_nfe_per_run is not None and len(teacher_nfe_per_run) != len(folders):
         raise ValueError(f"--teacher-nfe-per-run has {len(teacher_nfe_per_run)} values for {len(folders)} run folders; "
                          f"give one per run, in training order")
-    if min(teacher_nfe_per_step or 0, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0, up_to or 0,
+    if min(teacher_nfe_per_step or 0, extra_teacher_nfe, extra_seconds, teacher_nfe_per_step_last or 0,
            *(teacher_nfe_per_run or [])) < 0:
         raise ValueError("teacher evaluations and extra seconds must be >= 0")
+    if up_to is not None and up_to < 1:
+        raise ValueError(f"--up-to must be a positive step of the last run (the checkpoint's step), got {up_to}; allowed: 1 "
+                         "up to the steps it logged")
     steps, seconds, batches, nfe = 0, 0.0, set(), extra_teacher_nfe
     for i, folder in enumerate(folders):
         last = i == len(folders) - 1
@@ -110,6 +115,7 @@ def parse_rates(text: str) -> list[float]:
         raise ValueError(f"--teacher-nfe-per-run is {text!r}; allowed: comma-separated numbers, one per run folder") from None
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the old cost file kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders, in training order")
@@ -130,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     try:
+        check_output_file(a.out, "--out")
         per_run = None if a.teacher_nfe_per_run is None else parse_rates(a.teacher_nfe_per_run)
         cost = run_cost([Path(r) for r in a.runs], a.hardware, a.teacher_nfe_per_step, a.extra_teacher_nfe,
                         Path(a.student) if a.student else None, a.extra_seconds, a.up_to, a.teacher_nfe_per_step_last,
@@ -139,7 +146,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Path(a.out).write_text(json.dumps(cost) + "\n")
+    write_text(a.out, json.dumps(cost) + "\n")  # atomic: never a 0-byte cost.json
     print(json.dumps(cost))
     return 0
 

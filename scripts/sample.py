@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from distill.core.atomic import reports_write_errors, write_text, write_with
 from distill.core.conditioning import takes_prompts
 from distill.core.grids import FINALS, GRIDS
 from distill.engine.paths import check_output_dir
@@ -73,6 +74,7 @@ def guidance_problem(args, teacher) -> str | None:
     return None
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.solver not in SOLVERS:
@@ -109,17 +111,15 @@ def main(argv=None) -> int:
             "grid": args.grid, "final": args.final, "seeds": f"{args.seed}..{args.seed + args.n - 1}", "class_label": str(args.class_label),
             "guidance_scale": str(args.guidance_scale), "prompt": str(args.prompt),
             "negative_prompt": str(args.negative_prompt)}
-    tmp = args.out / "samples.safetensors.tmp"
     tensors = {"samples": x.contiguous(), **({} if images is None else {"images": images.contiguous()})}
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(args.out / "samples.safetensors")
+    write_with(args.out / "samples.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic
     title = f"{args.teacher} {args.solver} NFE={args.nfe}"
     if len(teacher.data_shape) == 3:
         save_image_grid((x if images is None else images)[:64], args.out / "samples.png", title=title)
     elif teacher.data_shape == (2,):
         log_density = teacher.log_prob if hasattr(teacher, "log_prob") else None
         save_scatter_2d(x, args.out / "samples.png", log_density=log_density, title=title)
-    (args.out / "sample_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    write_text(args.out / "sample_args.json", json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
     print(f"wrote {len(x)} samples to {args.out / 'samples.safetensors'}")
     return 0
 

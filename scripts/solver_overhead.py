@@ -15,14 +15,15 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse
-import csv
 from pathlib import Path
 
+from distill.core.atomic import csv_text, reports_write_errors, write_text
 from distill.eval.solver_overhead import measure
 from teachers.diffusers_folder import DiffusersTeacher
 from teachers.folders import schedule_from_scheduler_config
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
@@ -39,10 +40,7 @@ def main(argv=None) -> int:
     rows = measure(make_teacher, args.shapes.split(","), args.steps, args.repeats,
                    [s for s in args.solvers.split(",") if s], log=lambda m: print(m, flush=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text(args.out, csv_text(rows, list(rows[0])))  # atomic (distill.core.atomic)
     print(f"wrote {args.out}")
     return 0
 

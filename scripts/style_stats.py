@@ -24,14 +24,17 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
     _sys.path.pop(0)
 
 import argparse
-import csv
+import sys
 from pathlib import Path
 
 import torch
 
-from distill.data import load_dataset, mean_ink
+from distill.core.atomic import csv_text, reports_write_errors, write_text
+from distill.data import load_dataset
+from distill.engine.paths import check_output_dir
 from distill.eval.bench import BenchConfig, Cell, generate, parse_int_list
 from distill.eval.fid import load_classifier
+from distill.eval.style import joined_rows, parse_students, statistics, target_options  # noqa: F401  (tests read statistics here)
 from students import load_student
 from teachers import load_teacher
 
@@ -51,78 +54,57 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def statistics(x: torch.Tensor, labels: torch.Tensor | None, classifier) -> dict:
-    on = ((x.float().clamp(-1, 1) + 1) / 2 > 0.5).flatten(1).float().mean(1)  # stroke area, blind to blur's grey halo
-    ink = mean_ink(x)
-    row = {"mean_ink": float(ink.mean()), "ink_std": float(ink.std()), "ink_p10": float(ink.float().quantile(0.1)),
-           "on_fraction": float(on.mean())}  # ink_p10: the worst decile's edge when the reward is mean ink
-    if labels is not None:
-        with torch.no_grad():
-            row["accuracy"] = float((classifier(x.clamp(-1, 1)).argmax(1) == labels).float().mean())
-    return row
-
-
-def target_options(text: str) -> dict:
-    pairs = [kv.split("=", 1) for kv in text.split(",") if kv]
-    return {k: (float(v) if k == "fraction" else v) for k, v in pairs}
-
-
 def save_pair_grid(before: torch.Tensor, after: torch.Tensor, path: Path) -> None:
     from torchvision.utils import save_image
 
     save_image(torch.cat([before, after]).clamp(-1, 1) * 0.5 + 0.5, str(path), nrow=len(before), padding=1, pad_value=1.0)
 
 
-def joined_rows(rows: list[dict], bench_csv: Path, students: dict) -> list[dict]:
-    """Style and FID side by side, with progress toward the target and the FID change against the first student."""
-    with open(bench_csv) as f:
-        fid = {(r["method"], int(r["steps"])): r for r in csv.DictReader(f) if r["kind"] == "student"}
-    target = next(r["mean_ink"] for r in rows if r["kind"] == "target")
-    cells = {(r["name"], r["steps"]): r for r in rows if r["kind"] == "student"}
-    first, out = next(iter(students)), []
-    for (name, k), r in cells.items():
-        f, f0 = fid.get((Path(students[name]).stem, k)), fid.get((Path(students[first]).stem, k))
-        before = cells[(first, k)]["mean_ink"]
-        out.append({"name": name, "steps": k, "num_samples": r["num_samples"], "mean_ink": round(r["mean_ink"], 4),
-                    "target_ink": round(target, 4), "ink_progress": round((r["mean_ink"] - before) / (target - before), 3),
-                    "ink_p10": round(r["ink_p10"], 4),
-                    "on_fraction": round(r["on_fraction"], 4), "accuracy": round(r["accuracy"], 4),
-                    "fid": f and f["fid"], "fid_std": f and f["fid_std"],
-                    "fid_change": f and f0 and round(float(f["fid"]) - float(f0["fid"]), 3),
-                    "fid_samples": f and f["num_samples"], "student": students[name]})
-    return out
-
-
 def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_text(path, csv_text(rows, fields or list(rows[0])))  # atomic (distill.core.atomic)
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        inputs = prepare(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     with torch.no_grad():  # not torch.set_grad_enabled(False): main() also runs inside other processes (tests)
-        return run(args)
+        return run(args, *inputs)
 
 
-def run(args) -> int:
+def prepare(args) -> tuple:
+    """(students by name, their loaded models, step counts, the data and target sets, teacher, classifier): every input
+    checked and loaded before any sample is drawn, and the output folder checked before anything is written."""
+    students = parse_students(args.students)
+    names = ("style.csv", "results.csv", *(f"before_after_{name}.png" for name in list(students)[1:]))
+    check_output_dir(args.out, "--out", files=names)
+    steps = parse_int_list(args.student_steps, "--student-steps")
+    if args.num_samples < 2 or args.grid_samples < 1:
+        raise ValueError(f"need --num-samples >= 2 and --grid-samples >= 1, got {args.num_samples} and {args.grid_samples}")
+    if args.bench_csv is not None and not args.bench_csv.is_file():
+        raise FileNotFoundError(f"no bench CSV at {args.bench_csv} (--bench-csv)")
+    sets = {name: load_dataset(args.dataset, "train", **options)
+            for name, options in (("data", {}), ("target", target_options(args.target_options)))}
     teacher = load_teacher(args.teacher)
+    models = {name: load_student(path).eval() for name, path in students.items()}
+    return students, models, steps, sets, teacher, load_classifier()
+
+
+def run(args, students: dict, models: dict, steps: list[int], sets: dict, teacher, classifier) -> int:
     cfg = BenchConfig(num_samples=args.num_samples, seed=args.seed)
-    classifier = load_classifier()
     labels = torch.arange(args.num_samples) % teacher.num_classes if teacher.num_classes else None
-    students = dict(item.split("=", 1) for item in args.students.split(","))
     rows, firsts = [], {}
-    for name, path in students.items():
-        student = load_student(path).eval()
-        for k in parse_int_list(args.student_steps, "--student-steps"):
+    for name, student in models.items():
+        for k in steps:
             x, _ = generate(teacher, Cell(name, "student", k, k), cfg, student)
             rows.append({"kind": "student", "name": name, "steps": k, "num_samples": len(x), **statistics(x, labels, classifier)})
             firsts.setdefault(k, {})[name] = x[:args.grid_samples]
             print(rows[-1], flush=True)
-    for name, options in (("data", {}), ("target", target_options(args.target_options))):
-        data = load_dataset(args.dataset, "train", **options)
-        rows.append({"kind": name, "name": f"{args.dataset} {args.target_options if options else 'train'}", "steps": "",
+    for name, data in sets.items():
+        rows.append({"kind": name, "name": f"{args.dataset} {args.target_options if name == 'target' else 'train'}", "steps": "",
                      "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
         print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ in --cache (default runs/teacher_ref) under a hash of what made them. Rows are a
 from __future__ import annotations
 
 import argparse
-import csv
 import os as _os
 import sys as _sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
     _sys.path.pop(0)
 
+from distill.core.atomic import append_text, csv_text, reports_write_errors  # noqa: E402
 from distill.engine.paths import check_output_file  # noqa: E402
 from distill.eval.paired import feature_bench  # noqa: E402
 from distill.eval.teacher_ref import check_disjoint, teacher_features, teacher_referenced  # noqa: E402
@@ -32,6 +32,7 @@ FIELDS = ["entry", "fd_teacher", "fd_teacher_std", "precision_teacher", "recall_
           "ref_nfe", "ref_seed", "teacher", "command"]
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
@@ -62,19 +63,16 @@ def main(argv=None) -> int:
     from distill.eval.bench.cells import generate
 
     rows += [(e.label, args.seed, metric.features(generate(teacher, e.cell(), cfg, e.student)[0])) for e in entries]
-    new = not args.out.is_file()
+    table = []
+    for label, seed, feats in rows:
+        row = {"entry": label, **teacher_referenced(feats, ref), "num_samples": args.num_samples, "seed": seed,
+               "ref_solver": args.solver, "ref_nfe": args.nfe, "ref_seed": args.ref_seed, "teacher": args.teacher,
+               "command": command}
+        print(f"{label}: FD to the teacher {row['fd_teacher']:.3f} +- {row['fd_teacher_std']:.3f}, precision "
+              f"{row['precision_teacher']:.3f}, recall {row['recall_teacher']:.3f}")
+        table.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        for label, seed, feats in rows:
-            row = {"entry": label, **teacher_referenced(feats, ref), "num_samples": args.num_samples, "seed": seed,
-                   "ref_solver": args.solver, "ref_nfe": args.nfe, "ref_seed": args.ref_seed, "teacher": args.teacher,
-                   "command": command}
-            print(f"{label}: FD to the teacher {row['fd_teacher']:.3f} +- {row['fd_teacher_std']:.3f}, precision "
-                  f"{row['precision_teacher']:.3f}, recall {row['recall_teacher']:.3f}")
-            w.writerow(row)
+    append_text(args.out, csv_text(table, FIELDS, header=not args.out.is_file()))  # whole rows or none (distill.core.atomic)
     return 0
 
 

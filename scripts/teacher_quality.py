@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from distill.core.atomic import reports_write_errors, write_text
 from distill.data import load_dataset
 from distill.eval.fid import fid_kid, load_classifier
 from distill.eval.plots import save_image_grid
@@ -44,6 +45,7 @@ def generate(teacher, n: int, solver: str, nfe: int, seed: int, batch: int = 500
     return torch.cat(out), labels
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="mnist16")
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         "command": "python scripts/teacher_quality.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "teachers.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_text(args.out / "teachers.json", json.dumps(res, indent=1) + "\n")  # atomic (distill.core.atomic)
     order = torch.cat([torch.nonzero(labels == k).flatten()[:10] for k in range(10)])
     save_image_grid(x[order], args.out / "mnist16_teacher_samples.png", title=f"{args.solver}, {args.nfe} NFE, one row per class")
     print(json.dumps(res, indent=1))

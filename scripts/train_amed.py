@@ -23,7 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill.core.atomic import reports_write_errors
 from distill.core.grids import GRIDS
+from distill.engine.paths import check_resumable_output
 from distill.eval.bench import parse_int_list
 from distill.solvers.prepared import files as prepared
 from distill.solvers.prepared.amed.predictor import PLUGIN_RULES
@@ -31,6 +33,7 @@ from distill.solvers.prepared.amed.train import AmedConfig, train_amed
 from teachers import load_teacher
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     d = AmedConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,8 +59,9 @@ def main(argv=None) -> int:
         cfg = AmedConfig(args.solver, tuple(parse_int_list(args.nfe, "--nfe")), args.grid, args.final, args.batch_size,
                          args.num_batches, args.lr, args.teacher_solver, args.teacher_substeps, args.hidden, args.scale_dir,
                          args.seed, args.unconditional, args.save_every)
-        out = args.out or prepared.default_path("amed", teacher)
-        predictor = train_amed(teacher, cfg, state_path=out.with_name(out.name + ".state.pt"))
+        cfg.validate()
+        out, state = check_resumable_output(args.out or prepared.default_path("amed", teacher), "--out")
+        predictor = train_amed(teacher, cfg, state_path=state)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     predictor.save(out)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from distill.core.atomic import reports_write_errors, write_text, write_with
 from distill.data import load_dataset
 from distill.eval.fid import Mnist16Classifier
 
@@ -43,6 +44,7 @@ def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return pad[:, :, dy:dy + 16, dx:dx + 16]
 
 
+@reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)
@@ -84,10 +86,9 @@ def main(argv=None) -> int:
             "seconds": f"{time.time() - t0:.0f}", "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
             "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_with(args.out, lambda tmp: save_file(state, str(tmp), metadata=meta))  # atomic (distill.core.atomic)
+    write_text(args.out.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta, indent=1))
     return 0
 

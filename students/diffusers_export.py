@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from distill.core.atomic import write_folder
 from distill.engine.export import FORMAT
 from distill.engine.lora import has_lora, merged_copy
 from students.diffusers_scheduler import FewStepScheduler
@@ -128,10 +128,8 @@ def save_diffusers(student, folder: str | Path, teacher_folder: str | Path | Non
     check_diffusers_exportable(student, teacher_folder)
     teacher_root = teacher_folder_of(student, teacher_folder) if student.info.get("conditioning") == "prompts" else None
     net = fold_default_conditions(student, merged_copy(student.net) if has_lora(student.net) else student.net)
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         net.save_pretrained(tmp / "unet")
         meta = {**student.metadata(), "format": FORMAT, "network_class": type(net).__name__, "lora": "null"}
         (tmp / "student.json").write_text(json.dumps(meta, indent=1, sort_keys=True))  # safetensors metadata comes in any order
@@ -144,8 +142,5 @@ def save_diffusers(student, folder: str | Path, teacher_folder: str | Path | Non
             for name in PROMPT_COMPONENTS:
                 shutil.copytree(teacher_root / name, tmp / name)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there when a write or the rename failed
-    return folder
+
+    return write_folder(folder, fill)  # a failed write leaves the old folder and no .tmp (distill.core.atomic)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from distill.core.atomic import write_folder, write_text
 from distill.core.param import PREDICTION_TYPES
 from distill.core.schedules import BETA_SCHEDULES, DiscreteVP
 from distill.data import load_dataset

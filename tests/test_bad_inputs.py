@@ -11,6 +11,7 @@ import torch
 from conftest import load_script
 from distill_helpers import RING8, TINY, run, same_tensors, tiny_cfg
 
+from distill.core.atomic import OutputWriteError
 from distill.engine.checkpoint import MANIFEST
 from distill.engine.export import save_student
 from distill.engine.run_config import StudentConfig
@@ -227,9 +228,9 @@ def test_export_diffusers_of_an_mlp_student_writes_nothing(mlp_student_file, exi
 def test_save_student_removes_its_tmp_when_the_rename_fails(mlp_student_file, existing):
     from students import load_student
 
-    with pytest.raises(OSError):
+    with pytest.raises(OutputWriteError, match="a folder is in the way"):
         save_student(load_student(mlp_student_file), existing)  # a folder: the write succeeds, the rename cannot
-    assert not Path(str(existing) + ".tmp").exists()
+    assert not Path(str(existing) + ".tmp").exists() and not [p for p in existing.parent.iterdir() if ".tmp" in p.name]
 
 
 # -- make_trajectories.py ------------------------------------------------------------------------------

@@ -101,6 +101,9 @@ def test_command_line_shards_fill_the_cache_then_the_table_reads_it(tmp_path, mo
     assert len(rows) == 3 and sum(r["teacher"] == "1" for r in rows) == 1  # the teacher (best at 4 NFE), best at 1 and 2
     assert all(r["verdict_teacher"] and r["fd_teacher"] and r["fid_inf"] for r in rows)
     assert (tmp_path / "out" / "paired.md").is_file() and (tmp_path / "out" / "fid_vs_n.png").stat().st_size > 0
+    assert script([*base, "--max-nfe", "1", "--out", str(tmp_path / "out1")]) == 0  # the teacher stays
+    assert len(list(csv.DictReader(open(tmp_path / "out1" / "paired.csv")))) == 2
+    assert "Left out (over 1 NFE): best solver at 2 NFE" in (tmp_path / "out1" / "paired.md").read_text()
     with pytest.raises(SystemExit, match="--out is required"):
         script(base)
     with pytest.raises(SystemExit, match="--shard must be K/M"):

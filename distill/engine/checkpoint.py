@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from distill.core.atomic import replace_folder, writing
+from distill.core.atomic import give_umask_modes, replace_folder, writing
 from distill.engine.paths import file_sha256
 
 MANIFEST = "manifest.json"
@@ -151,6 +151,7 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
             barrier()
         if is_main:
             (tmp / MANIFEST).write_text(json.dumps({"step": step, **manifest, "files": file_list(tmp)}, indent=1))
+            give_umask_modes(tmp)
             replace_folder(tmp, final)
     if is_main:
         rotate_checkpoints(root, keep, final)

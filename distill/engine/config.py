@@ -10,6 +10,7 @@ a float field takes such a string as the float it spells; a string field keeps i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -151,6 +152,9 @@ def check_values(cfg, prefix: str = "") -> None:
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             allowed = ", ".join("null" if c is None else str(c) for c in f.metadata["choices"])
             raise ConfigError(f"config key {key!r} is {value!r}; allowed: {allowed}")
+        if isinstance(value, float) and math.isnan(value):  # nan passes every comparison: named here, not by the optimizer
+            bounds = " and ".join(f"{op} {f.metadata[k]}" for k, op in (("min", ">="), ("max", "<=")) if k in f.metadata)
+            raise ConfigError(f"config key {key!r} is nan; allowed: a number{' ' + bounds if bounds else ''}")
         if "min" in f.metadata and value is not None and value < f.metadata["min"]:
             raise ConfigError(f"config key {key!r} must be at least {f.metadata['min']}, got {value!r}")
         if "max" in f.metadata and value is not None and value > f.metadata["max"]:

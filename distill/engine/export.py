@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from distill.core.safe_files import parse_json
 from distill.core.atomic import write_with
+from distill.core.safe_files import parse_json
 from distill.engine.checkpoint import latest_valid_checkpoint, skipped_messages
 from distill.engine.lora import has_lora, merged_copy
 

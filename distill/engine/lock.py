@@ -12,9 +12,12 @@ one multi-process launch only rank 0 takes it (``launched_rank``).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
+
+from distill.core.atomic import writing
 
 LOCK_FILE = ".lock"
 
@@ -43,18 +46,20 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         if self.enabled and self._fd is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock(os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            with writing(self.folder / LOCK_FILE):  # a read-only or full folder: one sentence (OutputWriteError)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._lock(os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
         self._previous = None  # writing now: the lock file keeps this process's pid
         return self
 
     def acquire_existing(self) -> FolderLock:
-        try:
-            fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC) if self.enabled and self._fd is None else None
-        except (FileNotFoundError, NotADirectoryError):  # no lock file: nothing written here under a lock, nothing to take
-            fd = None
-        if fd is not None:
-            self._previous = self._lock(fd)
+        with writing(self.folder / LOCK_FILE):  # a folder made read-only (or a full disk): one sentence, nothing changed
+            try:
+                fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC) if self.enabled and self._fd is None else None
+            except (FileNotFoundError, NotADirectoryError):  # no lock file: nothing written here under a lock, nothing to take
+                fd = None
+            if fd is not None:
+                self._previous = self._lock(fd)
         return self
 
     def _lock(self, fd: int) -> bytes:
@@ -67,8 +72,14 @@ class FolderLock:
             raise FolderInUse(f"{self.folder} is in use by another process (pid {holder}); wait for it or choose "
                               f"another output folder") from None
         previous = os.pread(fd, 4096, 0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock file as it was, the lock dropped
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, previous, 0)
+            os.close(fd)
+            raise
         self._fd = fd
         return previous
 

@@ -69,3 +69,10 @@ def check_output_dir(path: str | Path, option: str = "output folder", files: tup
         if (path / name).is_dir():
             raise OutputPathError(f"{option} {str(path)!r} holds a folder {name!r} where the file {name!r} is to be written")
     return path
+
+
+def check_resumable_output(path: str | Path, option: str = "output file", suffix: str = ".state.pt") -> tuple[Path, Path]:
+    """(``path``, its resume state ``<path><suffix>``), both checked by ``check_output_file``: a preparation script
+    (EMS, GITS, AMED) that resumes from a state file refuses a bad output before it writes that state."""
+    path = check_output_file(path, option)
+    return path, check_output_file(path.with_name(path.name + suffix), f"the state file of {option}")

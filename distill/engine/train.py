@@ -320,20 +320,19 @@ def run_steps(run: Run, step: int, stop_at: int | None, log) -> Path | None:
         f"{step} to {cfg.max_steps}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.objective["name"], mininterval=5,
                disable=not run.accelerator.is_main_process)
-    while step < cfg.max_steps:
-        t0 = time.time()
-        batches = [make_batch(run, step, micro) for micro in range(cfg.gradient_accumulation_steps)]
-        stats = {name: update_network(run, name, batches) for name in run.objective.updates(step)}
-        step += 1
-        bar.update(1)
-        bar.set_postfix({f"{n}_loss": f"{v['loss']:.4g}" for n, v in stats.items()}, refresh=False)
-        log_metrics(run, step, stats, time.time() - t0, log)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            checkpoint(run, step)
-        if stop_at is not None and step >= stop_at and step < cfg.max_steps:
-            if step % cfg.checkpoint_every:
+    with bar:  # closed however the loop ends, so that an error message starts on a line of its own
+        while step < cfg.max_steps:
+            t0 = time.time()
+            batches = [make_batch(run, step, micro) for micro in range(cfg.gradient_accumulation_steps)]
+            stats = {name: update_network(run, name, batches) for name in run.objective.updates(step)}
+            step += 1
+            bar.update(1)
+            bar.set_postfix({f"{n}_loss": f"{v['loss']:.4g}" for n, v in stats.items()}, refresh=False)
+            log_metrics(run, step, stats, time.time() - t0, log)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint(run, step)
-            bar.close()
-            return None
-    bar.close()
+            if stop_at is not None and step >= stop_at and step < cfg.max_steps:
+                if step % cfg.checkpoint_every:
+                    checkpoint(run, step)
+                return None
     return finish(run, log)

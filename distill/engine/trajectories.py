@@ -132,15 +132,15 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
     todo = [k for k in range(m["num_shards"]) if not shard_complete(_shard_path(out, k), _shard_count(m, k))]
     done = m["num_samples"] - sum(_shard_count(m, k) for k in todo)
     bar = tqdm(total=m["num_samples"], initial=done, desc="trajectories", unit="traj", mininterval=5, disable=not progress)
-    for k in todo:
-        path, count = _shard_path(out, k), _shard_count(m, k)
-        with torch.no_grad():
-            tensors = make_shard(teacher, m, k)
-        meta = {"format": FORMAT, "shard": str(k), "count": str(count)}
-        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic (distill.core.atomic)
-        bar.update(count)
-        log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
-    bar.close()
+    with bar:  # closed however the loop ends, so that an error message starts on a line of its own
+        for k in todo:
+            path, count = _shard_path(out, k), _shard_count(m, k)
+            with torch.no_grad():
+                tensors = make_shard(teacher, m, k)
+            meta = {"format": FORMAT, "shard": str(k), "count": str(count)}
+            write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic: a full disk keeps the shards before
+            bar.update(count)
+            log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
     return out
 
 

@@ -212,6 +212,20 @@ def leaderboard_table(rows: list[dict], out: str, commands: bool = True,
     return table_lines(entries, commands, paired)
 
 
+def interval_text(row: dict, key: str, digits: int = 2) -> str:
+    """'+1.23 [+0.80, +1.66]' from row[key], row[key_low], row[key_high] ('' when absent)."""
+    if row.get(key, "") == "":
+        return ""
+    v, lo, hi = (float(row[k]) for k in (key, key + "_low", key + "_high"))
+    return f"{v:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def fid_inf_text(row: dict) -> str:
+    if row.get("fid_inf", "") == "":
+        return ""
+    return f"{float(row['fid_inf']):.2f} +- {float(row['fid_inf_stderr']):.2f}"
+
+
 PAIRED_COLUMNS = ("delta to the teacher [95%]", "verdict", "FD to the teacher", "FID-infinity")
 
 
@@ -235,8 +249,6 @@ def read_paired_rows(paths) -> dict[tuple, dict]:
 def paired_cells(r: dict, paired: dict[tuple, dict]) -> list[str]:
     """The paired columns of a bench row: its paired-bench row's delta to the teacher with the 95% interval, the
     verdict, the distance to the teacher's samples (the teacher's own row: the floor) and FID-infinity +- fit error."""
-    from distill.eval.paired_bench import fid_inf_text, interval_text
-
     if r["kind"] not in ("solver", "student"):
         return [""] * len(PAIRED_COLUMNS)
     p = paired.get(paired_key(r))

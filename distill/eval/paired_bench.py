@@ -35,6 +35,7 @@ from distill.engine.paths import file_sha256
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
 from distill.eval.fid import bootstrap_fid_std, feature_metrics, feature_statistics, fid_infinity, frechet_distance, paired_fid_delta
+from distill.eval.leaderboard import fid_inf_text, interval_text, leaderboard_rows
 from distill.eval.teacher_ref import reference_key
 
 SAMPLE_COUNTS = (500, 1000, 2000, 5000, 10000)  # the N at which FID is shown (capped at the run's N)
@@ -59,7 +60,6 @@ def board_entries(rows: list[dict]) -> tuple[list[BoardEntry], dict]:
     """The sampled entries of a bench folder's leaderboard (``leaderboard_rows``: the teacher converged first, then the
     best solvers and the students; data rows are not sampled) and the folder's settings (its last cell row)."""
     from distill.eval.bench import converged, current_rows
-    from distill.eval.leaderboard import leaderboard_rows
 
     cells = current_rows(rows)[0]
     if not cells:
@@ -191,20 +191,6 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
     return ranked
-
-
-def interval_text(row: dict, key: str, digits: int = 2) -> str:
-    """'+1.23 [+0.80, +1.66]' from row[key], row[key_low], row[key_high] ('' when absent)."""
-    if row.get(key, "") == "":
-        return ""
-    v, lo, hi = (float(row[k]) for k in (key, key + "_low", key + "_high"))
-    return f"{v:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def fid_inf_text(row: dict) -> str:
-    if row.get("fid_inf", "") == "":
-        return ""
-    return f"{float(row['fid_inf']):.2f} +- {float(row['fid_inf_stderr']):.2f}"
 
 
 def markdown(rows: list[dict], settings: dict) -> str:

@@ -12,6 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from distill.core.atomic import write_with  # noqa: E402
+
+
+def save_figure(fig, path: str | Path, **options) -> None:
+    """``fig.savefig(path, **options)`` atomically (``distill.core.atomic``), in the format ``path``'s suffix names."""
+    kind = Path(path).suffix.lstrip(".") or "png"
+    write_with(path, lambda tmp: fig.savefig(tmp, format=kind, **options))
+
 
 def image_grid(x: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """[B, C, H, W] in [-1, 1] -> one [H', W', C] float image in [0, 1] with a 1-pixel white border
@@ -31,7 +39,7 @@ def save_image_grid(x: torch.Tensor, path: str | Path, title: str | None = None,
     ax.axis("off")
     if title:
         ax.set_title(title)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -52,7 +60,7 @@ def save_scatter_2d(x: torch.Tensor, path: str | Path, *, log_density: Callable[
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    save_figure(fig, path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -73,5 +81,5 @@ def fid_vs_n_plot(rows: list[dict], path: str | Path, top: int = 8) -> None:
     ax.set_xlim(left=0.0)
     ax.set_title("FID depends on N: the line's intercept is FID-infinity")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)

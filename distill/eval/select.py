@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from distill.core.atomic import write_with
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig
 from distill.eval.bench.metrics import FidMetric, reference_set
@@ -54,6 +55,4 @@ def write_selected(source: Path, out: Path, record: dict) -> None:
         meta, tensors = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     meta["selection"] = json.dumps(record, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(out)
+    write_with(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic (distill.core.atomic)

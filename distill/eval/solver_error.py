@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 
+from distill.core.atomic import csv_text, write_text
 from distill.core.denoisers import classifier_free_guidance
 from distill.eval.exact import ode_reference, rmse, sliced_wasserstein
 from distill.solvers import get_solver, per_sample_noise, sample
@@ -91,19 +92,15 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(path: Path, rows: Iterable[dict], fields: list[str] = FIELDS) -> None:
-    """Write the CSV atomically (temp file + rename), so an interrupted run never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
+    """Write the CSV atomically (temp file + rename, ``distill.core.atomic``), so an interrupted run never leaves half a
+    file."""
+    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+    write_text(path, csv_text(rows, fields))
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """ODE error and sliced Wasserstein vs NFE (log-log), one panel pair per teacher, one line per solver."""
-    from distill.eval.plots import plt
+    from distill.eval.plots import plt, save_figure
 
     teachers = list(dict.fromkeys(r["teacher"] for r in rows))
     fig, axes = plt.subplots(len(teachers), 2, figsize=(11, 4 * len(teachers)), squeeze=False)
@@ -126,5 +123,5 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
         row_axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)

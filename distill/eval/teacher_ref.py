@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill.core.atomic import write_with
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig
 from distill.eval.fid import bootstrap_fid_std, feature_metrics
@@ -49,10 +50,8 @@ def teacher_features(teacher, cfg: BenchConfig, metric, solver: str, nfe: int, s
     features = metric.features(x).contiguous()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": features}, str(tmp), metadata={"key": key, "solver": solver, "nfe": str(nfe),
-                                                                  "seed": str(seed), "num_samples": str(num_samples)})
-        tmp.replace(path)
+        meta = {"key": key, "solver": solver, "nfe": str(nfe), "seed": str(seed), "num_samples": str(num_samples)}
+        write_with(path, lambda tmp: save_file({"features": features}, str(tmp), metadata=meta))  # atomic
     return features
 
 

@@ -88,7 +88,8 @@ __all__ = [
     # cells
     "Cell", "generate", "method_stem", "plan_cells", "save_cell_samples", "save_png_folder",
     # student
-    "check_cost", "check_student", "load_students", "read_cost_file", "student_cost", "student_root_hash", "student_sample", "student_teacher_hash",
+    "check_cost", "check_student", "load_students", "read_cost_file", "student_cost", "student_root_hash", "student_sample",
+    "student_teacher_hash",
     # metrics
     "ExactMetric", "FidMetric", "data_splits", "make_metric", "reference_set",
     # rows

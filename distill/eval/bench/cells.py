@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from distill.core.atomic import write_folder, write_with
 from distill.eval.bench.config import GRID_SAMPLES, BenchConfig, cond_for, is_analytic
 from distill.eval.bench.student import student_sample
 from distill.eval.fid import uint8_images
@@ -82,20 +83,18 @@ def generate(teacher, cell: Cell, cfg: BenchConfig, student=None) -> tuple[torch
 
 
 def save_png_folder(x: torch.Tensor, folder: Path) -> None:
-    """One PNG per sample (000000.png, ...), for external FID tools; written to a temp folder, then renamed."""
-    import shutil
-
+    """One PNG per sample (000000.png, ...), for external FID tools; written to a temp folder, then renamed
+    (``distill.core.atomic``)."""
     from PIL import Image
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     u8 = uint8_images(torch.nan_to_num(x.float()))
     u8 = u8[:, :1] if x.shape[1] == 1 else u8
-    for i, img in enumerate(u8.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{i:06d}.png")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+
+    def fill(tmp: Path) -> None:
+        for i, img in enumerate(u8.permute(0, 2, 3, 1).numpy()):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{i:06d}.png")
+
+    write_folder(folder, fill)
 
 
 def save_cell_samples(x: torch.Tensor, cell: Cell, out: Path) -> None:
@@ -104,4 +103,5 @@ def save_cell_samples(x: torch.Tensor, cell: Cell, out: Path) -> None:
 
     (out / "samples").mkdir(parents=True, exist_ok=True)
     meta = {"method": cell.method, "kind": cell.kind, "nfe": str(cell.nfe)}
-    save_file({"samples": x[:GRID_SAMPLES].float().contiguous()}, str(out / "samples" / f"{cell.name}.safetensors"), metadata=meta)
+    tensors = {"samples": x[:GRID_SAMPLES].float().contiguous()}
+    write_with(out / "samples" / f"{cell.name}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))

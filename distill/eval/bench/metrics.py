@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from distill.core.atomic import write_with
 from distill.core.safe_files import load_weights_only
 from distill.data import MNIST16_SPLITS, load_dataset
 from distill.eval.bench.config import BenchConfig, is_analytic, is_image, labels_for
@@ -41,8 +42,7 @@ class FidMetric:
         features = self.features(reference)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(features, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            write_with(path, lambda tmp: torch.save(features, tmp))  # atomic (distill.core.atomic)
         return features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,9 @@ def _legend_beside(ax, entries: int) -> None:
 
 
 def _save(fig, path: str | Path) -> None:
-    fig.savefig(path, dpi=130, bbox_inches="tight")  # "tight": the canvas takes in the legend beside the axes
+    from distill.eval.plots import save_figure
+
+    save_figure(fig, path, dpi=130, bbox_inches="tight")  # "tight": the canvas takes in the legend beside the axes
 
 
 def plot_bench(rows: list[dict], path: str | Path) -> None:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from distill.core.atomic import append_text, write_text
 from distill.eval.bench.cells import plan_cells
 from distill.eval.bench.config import COST_PNG, CSV, DATA_KINDS, HEADLINE_PNG, PNG, TABLE, TEACHER_COST, BenchConfig, is_analytic
 from distill.eval.bench.plots import plot_bench, plot_cost, plot_headline, save_method_grids
@@ -45,8 +46,7 @@ def benchmark(teacher, cfg: BenchConfig, metric, out: str | Path, solvers: list[
     cells = plan_cells(solvers, nfes, list(students), student_steps, log=log, variants=cfg.variants)
     out.mkdir(parents=True, exist_ok=True)
     if command is not None:
-        with open(out / "commands.txt", "a") as f:
-            f.write(command + "\n")
+        append_text(out / "commands.txt", command + "\n")
     rows = run_bench(teacher, cells, cfg, metric, out, students=students, student_columns=student_columns, log=log)
     redraw(out)
     return rows
@@ -71,5 +71,5 @@ def redraw(out: str | Path, plot_with: list[Path] = ()) -> None:
     plot_bench(rows, out / PNG)
     plot_headline(rows, out / HEADLINE_PNG)
     plot_cost(rows, out / COST_PNG, teacher_cost)
-    (out / TABLE).write_text(markdown_table(rows))
+    write_text(out / TABLE, markdown_table(rows))
     save_method_grids(out)

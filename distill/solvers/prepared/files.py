@@ -9,10 +9,11 @@ scripts put them: ``runs/prepared/<teacher hash[:16]>/<kind>.<ext>``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from distill.core.atomic import write_text, write_with
 
 KINDS = ("gaussian", "ems", "amed", "gits")
 ROOT = Path("runs/prepared")
@@ -34,15 +35,13 @@ def check_teacher(meta: dict, teacher, path, kind: str) -> None:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """safetensors with string metadata, written to a temp file and renamed (atomic)."""
+    """safetensors with string metadata, written to a temp file and renamed (atomic: ``distill.core.atomic``)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    tensors, meta = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {k: str(v) for k, v in meta.items()}
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_tensors(path: str | Path, kind: str, teacher=None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -63,9 +62,7 @@ def load_tensors(path: str | Path, kind: str, teacher=None) -> tuple[dict[str, t
 def save_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1))
 
 
 def load_json(path: str | Path, kind: str, teacher=None) -> dict:

@@ -5,7 +5,7 @@ teacher's and the optimizer steps after every step index (see ``distill.solvers.
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill.core.atomic import write_with
 from distill.core.grids import CLEAN_FINALS, make_grid
 from distill.core.safe_files import load_weights_only
 from distill.solvers import get_solver, per_sample_noise
@@ -43,6 +44,14 @@ class AmedConfig:
             raise ValueError(f"unknown AMED solver {self.solver!r}; allowed: {', '.join(PLUGIN_RULES)}")
         if self.final not in CLEAN_FINALS:
             raise ValueError(f"final must be one of {', '.join(CLEAN_FINALS)}, got {self.final!r}")
+        counts = {"num_batches": self.num_batches, "batch_size": self.batch_size, "save_every": self.save_every,
+                  "teacher_substeps": self.teacher_substeps, "hidden": self.hidden}
+        small = [f"{k} (--{k.replace('_', '-')}) is {v}" for k, v in counts.items() if v < 1]
+        if small:  # num_batches 0 would write an untrained predictor
+            raise ValueError(f"AMED setting {' and '.join(small)}; allowed: at least 1 for each of {', '.join(counts)} "
+                             "(no batch: an untrained predictor)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr is {self.lr}; allowed: a finite number > 0")
         spec = get_solver(self.solver)
         for n in self.nfe:
             spec.steps_for_nfe(n, True)  # an NFE the solver cannot spend: one clear error
@@ -133,8 +142,7 @@ def train_amed(teacher, cfg: AmedConfig, state_path=None, progress: bool = True,
             state = {"key": key, "predictor": predictor.state_dict(), "optimizer": opt.state_dict(), "batch": b + 1,
                      "minutes": minutes, "rng": torch.get_rng_state()}
             state_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, state_path.with_name(state_path.name + ".tmp"))
-            os.replace(state_path.with_name(state_path.name + ".tmp"), state_path)
+            write_with(state_path, lambda tmp: torch.save(state, tmp))  # atomic (distill.core.atomic)
     if state_path is None:
         minutes += (time.perf_counter() - clock) / 60
     predictor.meta = {"minutes": f"{minutes:.2f}", "config": json.dumps(asdict(cfg)), "teacher": teacher.name}

@@ -15,7 +15,6 @@ state file as it ends, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distill.core.atomic import write_with
 from distill.core.safe_files import load_weights_only
 from distill.solvers.prepared.dpm_v3.solver import EMS
 
@@ -116,9 +116,7 @@ class EmsRun:
         if self.state_path is None:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        torch.save(self.state, tmp)
-        os.replace(tmp, self.state_path)
+        write_with(self.state_path, lambda tmp: torch.save(self.state, tmp))  # atomic (distill.core.atomic)
 
     # -- units ----------------------------------------------------------------------------------------
     def _batches(self):

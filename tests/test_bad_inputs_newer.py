@@ -1,0 +1,311 @@
+"""Bad inputs to the newer command-line tools (issue #32), through their real ``main``: each case ends with one sentence
+naming the problem and the allowed values, a non-zero exit, no traceback, and no file changed or left behind
+(``<out>.tmp``, ``<out>.state.pt``). Tiny inputs: gmm teachers, untrained mlp students, hand-written CSVs."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_script
+from distill_helpers import RING8, TINY
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_bad_inputs import refused
+
+from distill.engine.export import save_student
+from distill.engine.run_config import StudentConfig
+from distill.eval.bench import FIELDS
+from distill.eval.solver_error import write_rows
+from students import build_student
+from teachers import load_teacher
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder): a refused command changes and adds nothing."""
+    return {str(p): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A folder with a file in it that no refused command may touch."""
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("results of an earlier run\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def aniso_student(tmp_path_factory):
+    """An untrained mlp student of gmm:aniso2d, saved as a student file."""
+    path = tmp_path_factory.mktemp("student") / "aniso.safetensors"
+    torch.manual_seed(0)
+    student = build_student(StudentConfig(arch="mlp", model={"hidden": 16, "layers": 1}), load_teacher("gmm:aniso2d"))
+    return save_student(student, path)
+
+
+def with_metadata(src: Path, dst: Path, **changes: str) -> Path:
+    """A copy of a student file with some metadata fields replaced."""
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(src)), str(dst), metadata={**meta, **changes})
+    return dst
+
+
+# -- output paths, checked before any work ---------------------------------------------------------------
+# (script, argv before --out, the output option, a file (True) or a folder (False))
+OUTPUTS = {
+    "run_cost": (["nowhere", "--hardware", "cpu", "--teacher-nfe-per-step", "1"], "--out", True),
+    "consistency_error": (["--teacher", "gmm:ring8", "--students", "teacher", "--dataset", "ring8"], "--out", False),
+    "leaderboard": (["--results", "nowhere"], "--out", True),
+    "compute_ems": (["--teacher", "gmm:aniso2d", "--n-lams", "4", "--num-samples", "8"], "--out", True),
+    "gits_search": (["--teacher", "gmm:aniso2d", "--steps", "2", "--num-samples", "4", "--fine-steps", "4"], "--out", True),
+    "train_amed": (["--teacher", "gmm:aniso2d", "--nfe", "2", "--batch-size", "4", "--num-batches", "1"], "--out", True),
+    "style_stats": (["--teacher", "gmm:ring8", "--students", "a=a.safetensors"], "--out", False),
+    "fidelity_cli": (["--input1", "a", "--input2", "b", "--fid"], "--cache-root", False),
+}
+
+
+def _main(script: str):
+    if script == "fidelity_cli":
+        from distill.eval.fidelity_cli import main
+
+        return main
+    return load_script(script).main
+
+
+@pytest.mark.parametrize("script", list(OUTPUTS))
+def test_output_of_the_wrong_kind_is_refused_before_any_work(existing, capsys, script):
+    argv, option, is_file = OUTPUTS[script]
+    target = existing if is_file else existing / "keep.txt"
+    before = tree(existing)
+    message = refused(_main(script), [*argv, option, str(target)], capsys)
+    kind = "is a folder, but a file is expected there" if is_file else "is a file, but a folder is expected there"
+    assert f"{option} {str(target)!r} {kind}" in message and "Traceback" not in message
+    assert tree(existing) == before and not Path(str(target) + ".tmp").exists()
+
+
+@pytest.mark.parametrize("script", list(OUTPUTS))
+def test_output_in_a_read_only_folder_is_refused_before_any_work(existing, capsys, monkeypatch, script):
+    """chmod does not stop root, so the read-only answer of os.access is simulated for that one folder."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == existing else real_access(p, mode))
+    argv, option, is_file = OUTPUTS[script]
+    target = existing / ("new.out" if is_file else "new")
+    before = tree(existing)
+    message = refused(_main(script), [*argv, option, str(target)], capsys)
+    assert f"{option} {str(target)!r} cannot be written: the folder {str(existing)!r} is read-only" in message
+    assert tree(existing) == before
+
+
+@pytest.mark.parametrize("script", ["compute_ems", "gits_search", "train_amed"])
+def test_a_folder_where_the_resume_state_goes_is_refused(existing, capsys, script):
+    argv, option, _ = OUTPUTS[script]
+    out = existing / "prepared.out"
+    (existing / "prepared.out.state.pt").mkdir()
+    before = tree(existing)
+    message = refused(_main(script), [*argv, option, str(out)], capsys)
+    assert f"the state file of --out {str(existing / 'prepared.out.state.pt')!r} is a folder" in message
+    assert tree(existing) == before
+
+
+# -- style_stats.py: refusals are sentences, not tracebacks ------------------------------------------------
+@pytest.mark.parametrize("bad, sentence", [
+    (["--student-steps", "0"], "cannot parse --student-steps '0': expected comma-separated positive integers"),
+    (["--students", "nameless.safetensors"], "cannot parse --students 'nameless.safetensors': expected comma-separated name=path"),
+    (["--target-options", "fraction=lots"], "cannot parse --target-options 'fraction=lots': expected key=value items"),
+    (["--bench-csv", "missing.csv"], "no bench CSV at missing.csv (--bench-csv)"),
+])
+def test_style_stats_refusals_are_one_sentence(tmp_path, capsys, bad, sentence):
+    argv = ["--teacher", "gmm:ring8", "--students", "a=a.safetensors", "--dataset", "ring8", "--target-options", "",
+            "--out", str(tmp_path / "o")]
+    message = refused(load_script("style_stats").main, argv + bad, capsys)
+    assert message.startswith("error: ") and sentence in message and "Traceback" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_style_stats_missing_student_file_is_one_sentence(tmp_path, capsys):
+    argv = ["--teacher", "gmm:ring8", "--students", f"a={tmp_path / 'a.safetensors'}", "--dataset", "ring8",
+            "--target-options", "", "--out", str(tmp_path / "o")]
+    message = refused(load_script("style_stats").main, argv, capsys)
+    assert f"student file {str(tmp_path / 'a.safetensors')!r} does not exist" in message and not (tmp_path / "o").exists()
+
+
+# -- values accepted without effect or with a wrong one -----------------------------------------------------
+def fake_run(folder: Path) -> Path:
+    """A run folder as run_cost reads it: config.yaml, 10 logged steps, an exported student."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("batch_size: 8\n")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 10, "network": "student", "seconds_per_step": 0.1}) + "\n")
+    save_file({"w": torch.zeros(3)}, str(folder / "student.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("up_to", ["0", "-3"])
+def test_run_cost_up_to_must_be_a_positive_step(tmp_path, capsys, up_to):
+    run, out = fake_run(tmp_path / "run"), tmp_path / "s.cost.json"
+    argv = [str(run), "--hardware", "cpu", "--teacher-nfe-per-step", "1", "--up-to", up_to, "--out", str(out)]
+    message = refused(load_script("run_cost").main, argv, capsys)
+    assert f"--up-to must be a positive step of the last run (the checkpoint's step), got {up_to}; allowed: 1" in message
+    assert not out.exists()
+
+
+def test_train_amed_without_batches_is_refused(tmp_path, capsys):
+    out = tmp_path / "amed.safetensors"
+    argv = ["--teacher", "gmm:aniso2d", "--nfe", "2", "--batch-size", "4", "--num-batches", "0", "--out", str(out)]
+    message = refused(load_script("train_amed").main, argv, capsys)
+    assert "AMED setting num_batches (--num-batches) is 0; allowed: at least 1" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("coeff", ["nan", "inf", "0", "-1.15"])
+def test_gits_coeff_must_be_a_finite_positive_weight(tmp_path, capsys, coeff):
+    argv = ["--teacher", "gmm:aniso2d", "--steps", "2", "--num-samples", "4", "--fine-steps", "4", "--coeff", coeff,
+            "--out", str(tmp_path / "gits.json")]
+    message = refused(load_script("gits_search").main, argv, capsys)
+    assert f"--coeff is {float(coeff)}; allowed: a finite number > 0" in message and "(GITS: 1.15)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+CONFIG = {"num_samples": "8", "seed": "0", "guidance_scale": "", "grid": "uniform", "final": "direct", "labels": "none",
+          "teacher_hash": "abc", "reference_id": "ref", "protocol": "2"}
+
+
+def bench_csv(folder: Path, teacher: str, key: str) -> Path:
+    """A bench folder whose cells carry ``key`` (fid: an image teacher's; swd: an analytic teacher's)."""
+    rows = [{"kind": "solver", "method": m, "nfe": str(n), "steps": str(n), key: str(v), "teacher": teacher, **CONFIG}
+            for m, n, v in (("euler", 1, 5.0), ("heun", 2, 3.0), ("euler", 2, 4.0))]
+    write_rows(folder / "fid_vs_nfe.csv", rows, FIELDS)
+    return folder
+
+
+def test_leaderboard_readme_rows_must_be_positive(tmp_path, capsys):
+    results = bench_csv(tmp_path, "mnist16", "fid")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- leaderboard: generated by scripts/leaderboard.py -->\nold\n<!-- /leaderboard -->\n")
+    before = tree(tmp_path)
+    argv = ["--results", str(results), "--out", str(tmp_path / "LEADERBOARD.md"), "--readme", str(readme), "--readme-rows", "-1"]
+    message = refused(load_script("leaderboard").main, argv, capsys)
+    assert "--readme-rows must be at least 1 (table rows shown in the README), got -1" in message
+    assert tree(tmp_path) == before
+
+
+def test_leaderboard_of_an_analytic_teacher_is_refused(tmp_path, capsys):
+    results = bench_csv(tmp_path, "gmm:ring8", "swd")
+    before = tree(tmp_path)
+    message = refused(load_script("leaderboard").main, ["--results", str(results), "--out", str(tmp_path / "L.md")], capsys)
+    assert ("the bench of teacher 'gmm:ring8' has no FID (an analytic teacher's cells are scored by swd, ode_rmse and nll) "
+            "and the leaderboard ranks by FID; allowed: a bench of an image teacher") in message
+    assert tree(tmp_path) == before
+
+
+def test_leaderboard_tie_count_ignores_cells_without_fid(tmp_path):
+    from distill.eval.bench import read_bench_rows
+    from distill.eval.leaderboard import leaderboard_rows
+
+    rows = read_bench_rows(bench_csv(tmp_path, "mnist16", "fid") / "fid_vs_nfe.csv")
+    rows.append({**rows[0], "method": "dpmpp_2m", "fid": ""})  # a cell of no FID at 1 NFE is not 'the same samples'
+    labels = [label for label, _ in leaderboard_rows(rows)]
+    assert "best solver at 1 NFE: `euler`" in labels and not any("-1 other" in label for label in labels)
+
+
+def bench_argv(out, *extra, teacher="gmm:ring8"):
+    return ["--teacher", teacher, "--unconditional", "--solvers", "euler", "--nfe", "1", "--num-samples", "8",
+            "--reference-steps", "10", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("variant, solver, allowed", [
+    ("v=euler:foo=1", "euler", "grid, final, teleport, handoff_sigma, sigma_max"),
+    ("v=dpm_solver_v3:orders=2", "dpm_solver_v3", "grid, final, teleport, handoff_sigma, sigma_max, ems, order, p_pseudo"),
+    ("v=ddpm:noises=1", "ddpm", "grid, final, teleport, handoff_sigma, sigma_max"),  # the bench draws a stochastic step's noise
+])
+def test_bench_variant_option_names_are_checked(tmp_path, capsys, variant, solver, allowed):
+    message = refused(load_script("bench").main, bench_argv(tmp_path / "o", "--variant", variant), capsys)
+    key = variant.split(":")[1].split("=")[0]
+    assert f"unknown option {key!r} of --variant v for solver {solver!r}; allowed: {allowed}" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_names_an_unknown_solver_option():
+    from distill.solvers import sample
+
+    with pytest.raises(ValueError, match="unknown option 'orders' for solver 'unipc'; allowed: grid, .*, order, variant"):
+        sample(load_teacher("gmm:ring8"), torch.zeros(2, 2), solver="unipc", nfe=2, orders=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_compute_ems_device_cuda_without_a_gpu(tmp_path, capsys):
+    out = tmp_path / "ems.safetensors"
+    argv = ["--teacher", "gmm:aniso2d", "--n-lams", "4", "--num-samples", "8", "--device", "cuda", "--out", str(out)]
+    message = refused(load_script("compute_ems").main, argv, capsys)
+    assert "--device cuda needs a GPU, but torch sees none; use --device cpu" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_consistency_error_refuses_a_student_of_another_teacher(aniso_student, tmp_path, capsys):
+    argv = ["--teacher", "gmm:ring8", "--students", f"s={aniso_student}", "--dataset", "ring8", "--split", "train",
+            "--times", "0.5", "--num-samples", "4", "--reference-steps", "2", "--out", str(tmp_path / "o")]
+    main = load_script("consistency_error").main
+    message = refused(main, argv, capsys)
+    ring8, aniso = load_teacher("gmm:ring8").hash, load_teacher("gmm:aniso2d").hash
+    assert (f"student 's' was distilled from 'gmm:aniso2d' (teacher hash {aniso[:12]}), not from the reference teacher "
+            f"'gmm:ring8' ({ring8[:12]}); pass --allow-other-teacher to measure it anyway") in message
+    assert not (tmp_path / "o").exists()
+    assert main(argv + ["--allow-other-teacher"]) == 0
+    assert {r["student"] for r in csv.DictReader(open(tmp_path / "o" / "consistency_error.csv"))} == {"s"}
+
+
+@pytest.mark.parametrize("cost, field", [
+    ({"steps": -5, "batch_size": 8}, "cost field 'steps' = -5; allowed: a number >= 0"),
+    ({"steps": 5, "wall_seconds": "an hour"}, "cost field 'wall_seconds' = 'an hour'; allowed: a number >= 0"),
+    ({"steps": 5, "teacher_nfe": True}, "cost field 'teacher_nfe' = True; allowed: a number >= 0"),
+    ({"steps": 5, "hardware": 3}, "cost field 'hardware' = 3; allowed: a text naming the hardware"),
+    ("not json{", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+])
+def test_bench_refuses_a_bad_cost_file_naming_it(aniso_student, tmp_path, capsys, cost, field):
+    path = tmp_path / "s.cost.json"
+    path.write_text(cost if isinstance(cost, str) else json.dumps(cost))
+    argv = bench_argv(tmp_path / "o", "--students", str(aniso_student), "--student-steps", "1", "--cost", str(path),
+                      teacher="gmm:aniso2d")
+    message = refused(load_script("bench").main, argv, capsys)
+    assert f"cost file {str(path)!r} " in message and field in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_refuses_a_damaged_teacher_cost_before_any_cell(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "teacher_cost.json").write_text(json.dumps({"wall_seconds": -1}))
+    before = tree(out)
+    message = refused(load_script("bench").main, bench_argv(out), capsys)
+    assert f"cost file {str(out / 'teacher_cost.json')!r} has cost field 'wall_seconds' = -1; allowed: a number >= 0" in message
+    assert tree(out) == before
+
+
+def test_garbage_trajectory_manifest_is_named(existing, capsys):
+    (existing / "manifest.json").write_text("\x00garbage")
+    before = tree(existing)
+    argv = ["--teacher", "gmm:ring8", "--solver", "euler", "--nfe", "2", "--num-samples", "8", "--out", str(existing)]
+    message = refused(load_script("make_trajectories").main, argv, capsys)
+    assert f"trajectory cache manifest {str(existing / 'manifest.json')!r} is not valid JSON" in message
+    assert tree(existing) == before
+
+
+@pytest.mark.parametrize("field", ["sampling_timesteps", "training_cost"])
+def test_garbage_student_metadata_field_is_named(aniso_student, tmp_path, capsys, field):
+    student = with_metadata(aniso_student, tmp_path / "damaged.safetensors", **{field: "{1: [0.5"})
+    argv = bench_argv(tmp_path / "o", "--students", str(student), "--student-steps", "1", teacher="gmm:aniso2d")
+    message = refused(load_script("bench").main, argv, capsys)
+    assert f"the {field!r} metadata field of student file {str(student)!r} is not valid JSON" in message
+    assert not (tmp_path / "o").exists()
+
+
+# -- distill.py --set ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, key", [("optim.lr=.nan", "optim.lr"), ("grad_clip=.nan", "grad_clip")])
+def test_nan_override_names_the_key(tmp_path, capsys, override, key):
+    argv = ["--config", str(RING8), "--output-dir", str(tmp_path / "run"), "--set", *TINY, override]
+    message = refused(load_script("distill").main, argv, capsys)
+    assert f"config key {key!r} is nan; allowed: a number >= 0" in message and "Invalid learning rate" not in message
+    assert not (tmp_path / "run").exists()
