@@ -28,6 +28,9 @@ How a student samples is part of the file (``sampler``):
   * ``ode``: deterministic steps of a registered solver (``sampler_solver``, e.g. ``euler`` = DDIM) over
     the sampling times followed by the clean point, with D_theta as the denoiser (progressive distillation,
     reflow): no re-noising.
+  * ``meanflow``: one average-velocity jump per interval, z_r = z_t - (t - r) u(z_t, r, t) in the rectified-flow chart
+    (Geng et al. 2025, Alg. 2 and its "Sampling" paragraph), taken as one DDIM step from t to r with the data prediction at the
+    extra input ``interval`` = flow_time(t) - flow_time(r) (``distill.objectives.meanflow``).
 ``sampling_timesteps`` maps a step count to its times; counts not stored come from ``sampling_grid``.
 """
 
@@ -41,10 +44,10 @@ from torch import nn
 from distill.core.denoisers import NetDenoiser
 from distill.core.grids import explicit_grid, make_grid
 from distill.core.param import append_dims
-from distill.core.schedules import Schedule, schedule_from_config, sigma_tilde
+from distill.core.schedules import Schedule, flow_time, schedule_from_config, sigma_tilde
 
 PARAMETERIZATIONS = ("consistency", "consistency_edm", "denoiser")
-SAMPLERS = ("consistency", "ode")
+SAMPLERS = ("consistency", "ode", "meanflow")
 MAX_SAMPLING_STEPS = 4
 
 
@@ -129,6 +132,8 @@ class Student(NetDenoiser):
         ``callback(info)`` sees every intermediate state; ``extra`` conditions go to the network."""
         ts = self.sampling_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
         x = noise * float(self.schedule.init_noise_scale(ts[0]))
+        if self.sampler == "meanflow":
+            return self._mean_flow_sample(x, ts, cond, callback, **extra)
         if self.sampler == "ode":
             from distill.solvers import get_solver
 
@@ -142,6 +147,20 @@ class Student(NetDenoiser):
             if callback is not None:
                 callback({"i": i, "t": float(t), "x": x})
             x = self(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device), cond, **extra)
+        return x
+
+    def _mean_flow_sample(self, x: torch.Tensor, ts: torch.Tensor, cond, callback, **extra) -> torch.Tensor:
+        """MeanFlow's k-step sampler (module doc): a DDIM step is the Euler step z_r = z_t - (t - r) u of the flow chart."""
+        from distill.solvers.common import ddim_step, grid_points, t_batch
+
+        grid = explicit_grid(self.schedule, ts, final="clean")
+        points, taus = grid_points(self.schedule, grid), flow_time(self.schedule, grid)
+        for i, (cur, nxt) in enumerate(zip(points[:-1], points[1:])):
+            interval = torch.full((x.shape[0],), float(taus[i] - taus[i + 1]), dtype=torch.float64, device=x.device)
+            d = self.denoise(x, t_batch(cur, x), cond, interval=interval, **extra)
+            if callback is not None:  # as the euler solver reports a step
+                callback({"i": i, "t": cur.t, "x": x, "denoised": d})
+            x = ddim_step(x, d, cur, nxt)
         return x
 
     # -- what a student file records -------------------------------------------------------------------

@@ -307,6 +307,22 @@ def sigma_tilde(schedule, t) -> torch.Tensor:
     return (log_s - log_a).exp()
 
 
+def flow_time(schedule, t) -> torch.Tensor:
+    """The rectified-flow time tau = sigma / (alpha + sigma) of process time ``t``: the time with the same log-SNR on
+    alpha = 1 - tau, sigma = tau (0 at clean data). In the chart z = x / (alpha + sigma) every schedule's
+    probability-flow ODE is the rectified flow's (``distill.solvers.common.chart_scale``)."""
+    return torch.sigmoid(-schedule.lam(t))
+
+
+def time_of_flow(schedule, tau) -> torch.Tensor:
+    """The process time whose flow time is ``tau`` (the inverse of ``flow_time``, the identity on a rectified-flow
+    schedule), forward-mode differentiable in tau."""
+    tau = torch.as_tensor(tau, dtype=torch.float64)
+    if schedule.kind == "rectified_flow":
+        return tau
+    return schedule.t_of_lam(torch.log1p(-tau) - torch.log(tau))  # lam = log(alpha / sigma) = log((1 - tau) / tau)
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.config()`` output."""
     config = dict(config)

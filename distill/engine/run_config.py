@@ -28,7 +28,8 @@ class StudentConfig:
     sigma_data: float = at_least(0.5, 1e-6)  # sigma_data of c_skip / c_out
     sampling_grid: str = choice("karras", GRIDS)  # spacing of the default 1-4 step sampling times
     class_conditional: bool = False  # pass dataset labels to teacher and student
-    sampler: str = choice("consistency", ("consistency", "ode"))  # re-noising steps, or deterministic solver steps
+    # re-noising steps, deterministic solver steps, or MeanFlow's average-velocity jumps (students/student.py)
+    sampler: str = choice("consistency", ("consistency", "ode", "meanflow"))
     sampler_solver: str = "euler"  # the solver of the ode sampler (euler = DDIM)
     sampling_steps: list | None = None  # step counts whose times the student file records; null: 1-4
 

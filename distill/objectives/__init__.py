@@ -1,7 +1,18 @@
 """Distillation objectives: one module per family, all behind ``distill.objectives.base.Objective``."""
 
 # imported for their side effect: each module registers its objectives
-from distill.objectives import consistency, diffusion, distribution_matching, f_divergence, progressive, pso, reflow, slam  # noqa: F401
+from distill.objectives import (  # noqa: F401
+    consistency,
+    diffusion,
+    distribution_matching,
+    f_divergence,
+    kd,
+    meanflow,
+    progressive,
+    pso,
+    reflow,
+    slam,
+)
 from distill.objectives.base import OBJECTIVES, Batch, Network, Objective, get_objective, register_objective, unwrap
 
 __all__ = ["OBJECTIVES", "Batch", "Network", "Objective", "get_objective", "register_objective", "unwrap"]

@@ -52,10 +52,11 @@ class ReflowOptions:
     phase_inset: float = at_least(0.01, 0.0, 0.5)
 
 
-def phase_bounds(num_points: int, phases: int) -> list[int]:
-    """Indices of the K + 1 phase boundaries among a cache grid's points, evenly spread, first and last included."""
+def phase_bounds(num_points: int, phases: int, key: str = "phases", grid: str = "the trajectory cache") -> list[int]:
+    """Indices of the K + 1 phase boundaries among a cache grid's points, evenly spread, first and last included
+    (``key``, ``grid``: the option and the grid an error names)."""
     if phases > num_points - 1:
-        raise ConfigError(f"config key 'objective.phases' is {phases}, but the trajectory cache has only "
+        raise ConfigError(f"config key 'objective.{key}' is {phases}, but {grid} has only "
                           f"{num_points - 1} steps; allowed: 1 to {num_points - 1}")
     return [round(k * (num_points - 1) / phases) for k in range(phases + 1)]
 
