@@ -7,7 +7,10 @@ Each candidate is sampled at --steps on noise seeds --seed.. (default 900,000: n
 FID against the mnist16 tune split (1,000 training digits no reported number uses); the lowest is copied to --out
 with metadata ``selection`` = {rule, split, seeds, steps, candidates' FIDs, chosen, command}. A single candidate is a
 record, not a choice: its tune FID is stored under the rule "one candidate", and ``--history`` says how the file was
-picked before (e.g. between EMA and raw weights on the reporting split, when the run's checkpoints are gone).
+picked before (e.g. between EMA and raw weights on the reporting split, when the run's checkpoints are gone). Recorded
+in place (--out the candidate itself) the file is not changed, as its content hash is what students distilled from it
+name as their teacher: the record goes to ``<stem>.selection.json`` beside it (``distill.eval.select.read_selection``
+reads either).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abs
 
 from distill.engine.paths import check_output_file  # noqa: E402
 from distill.eval import bench as lib  # noqa: E402
-from distill.eval.select import check_tune_seed, choose, tune_fids, write_selected  # noqa: E402
+from distill.eval.select import check_tune_seed, choose, tune_fids, write_record_beside, write_selected  # noqa: E402
 from students import load_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 
@@ -68,7 +71,10 @@ def main(argv=None) -> int:
               "command": "python scripts/select_student.py " + shlex.join(argv if argv is not None else _sys.argv[1:])}
     if args.history:
         record["history"] = args.history
-    write_selected(Path(chosen), args.out, record)
+    if len(fids) == 1 and Path(chosen).resolve() == args.out.resolve():  # a record in place: the file stays byte-identical
+        print(f"recorded beside it: {write_record_beside(args.out, record)}")
+    else:
+        write_selected(Path(chosen), args.out, record)
     for name, fid in fids.items():
         print(f"{'*' if name == chosen else ' '} {name}: tune FID {fid:.3f}")
     print(f"chose {chosen} -> {args.out}")

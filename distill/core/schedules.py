@@ -323,6 +323,29 @@ def time_of_flow(schedule, tau) -> torch.Tensor:
     return schedule.t_of_lam(torch.log1p(-tau) - torch.log(tau))  # lam = log(alpha / sigma) = log((1 - tau) / tau)
 
 
+def trig_time(schedule, t, sigma_data: float) -> torch.Tensor:
+    """The TrigFlow time of process time ``t`` (Lu & Song 2024, Sec. 2: x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I)):
+    the time with the same log-SNR, sigma_d tan(t) = sigma / alpha, i.e. t = atan2(sigma, alpha sigma_d) in [0, pi/2]
+    (pi/2 where alpha = 0). The state is x_trig = x cos(t) / alpha = x sigma_d / sqrt(alpha^2 sigma_d^2 + sigma^2)
+    (``trig_scale``); float64."""
+    log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
+    return torch.atan2(log_s.exp(), log_a.exp() * sigma_data)
+
+
+def time_of_trig(schedule, t, sigma_data: float) -> torch.Tensor:
+    """The process time whose TrigFlow time is ``t`` (the inverse of ``trig_time``), forward-mode differentiable in t:
+    lam = log(alpha / sigma) = -log(sigma_d tan t)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return schedule.t_of_lam(-math.log(sigma_data) - torch.log(torch.tan(t)))
+
+
+def trig_scale(schedule, t, sigma_data: float) -> torch.Tensor:
+    """x / x_trig = sqrt(alpha^2 sigma_d^2 + sigma^2) / sigma_d at process time ``t`` (``trig_time``): the factor from the
+    TrigFlow state to the process state of the same log-SNR, finite where alpha = 0; forward-mode differentiable."""
+    log_a, log_s = schedule.log_alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
+    return ((2 * log_a).exp() * sigma_data**2 + (2 * log_s).exp()).sqrt() / sigma_data
+
+
 def schedule_from_config(config: dict) -> Schedule:
     """Rebuild a schedule from ``Schedule.config()`` output."""
     config = dict(config)

@@ -56,3 +56,29 @@ def write_selected(source: Path, out: Path, record: dict) -> None:
     meta["selection"] = json.dumps(record, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_with(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic (distill.core.atomic)
+
+
+def sidecar(path: Path) -> Path:
+    """Where the selection record of a file that is recorded in place lives: ``<stem>.selection.json`` beside it."""
+    return Path(path).with_name(Path(path).stem + ".selection.json")
+
+
+def write_record_beside(path: Path, record: dict) -> Path:
+    """Record a selection for ``path`` without changing the file: its content hash is the identity other students were
+    distilled from (a chained student's teacher) and the key of every cached measurement, so the record goes beside it."""
+    from distill.core.atomic import write_text
+
+    out = sidecar(path)
+    write_text(out, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def read_selection(path: Path) -> dict | None:
+    """A student file's selection record: its ``selection`` metadata, else its sidecar (``write_record_beside``)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("selection"):
+        return json.loads(meta["selection"])
+    side = sidecar(path)
+    return json.loads(side.read_text()) if side.is_file() else None
+

@@ -11,6 +11,7 @@ from distill.objectives import (  # noqa: F401
     progressive,
     pso,
     reflow,
+    scm,
     slam,
 )
 from distill.objectives.base import OBJECTIVES, Batch, Network, Objective, get_objective, register_objective, unwrap
