@@ -60,3 +60,16 @@ def test_one_candidate_is_recorded_in_place_with_its_history(tmp_path):
     assert record["rule"].startswith("one candidate") and record["history"] == "EMA chosen on the reference split"
     assert list(record["candidates"]) == [str(path)] and record["chosen"] == str(path)
     assert path.read_bytes() == raw and (tmp_path / "s.selection.json").is_file()  # the file itself is unchanged
+
+
+def test_every_committed_student_has_its_selection_recorded_on_tune_data():
+    """Issue #31 item 8: each committed student names what was chosen and on which data (its metadata or the record
+    beside it), and every record's FIDs are on the tune split and tune seeds."""
+    from distill.eval.select import REPORTING_SEEDS, read_selection
+
+    files = sorted((ROOT / "results/mnist16/students").glob("*.safetensors"))
+    assert len(files) >= 20
+    for f in files:
+        record = read_selection(f)
+        assert record is not None, f"{f.name} has no selection record"
+        assert record["split"] == "tune" and min(record["seeds"]) >= REPORTING_SEEDS, f.name
