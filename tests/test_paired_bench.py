@@ -119,3 +119,18 @@ def _make_digit_teacher(tmp_path):
     from diffusers import DDPMScheduler
 
     return save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=10, sample_size=16), DDPMScheduler())
+
+
+def test_shared_bootstrap_reproduces_the_pairwise_intervals():
+    """The one-bootstrap-per-entry intervals equal paired_fid_delta's with the same seed and strata."""
+    from distill.eval.fid import paired_fid_delta
+
+    n = 600
+    data, ref, teacher = _gauss(1200, seed=1), _gauss(n, seed=2), _gauss(n, seed=3)
+    other = teacher + 0.3 * _gauss(n, seed=4)
+    labels = torch.arange(n) % 10
+    entries = [BoardEntry("t", "solver", "unipc", 20, teacher=True), BoardEntry("s", "student", "s", 1, "s.st")]
+    rows = {r["entry"]: r for r in measure({"t": teacher, "s": other}, entries, data, ref, labels, resamples=40, seed=7)}
+    d = paired_fid_delta(other, teacher, data, resamples=40, seed=7, strata=labels)
+    assert rows["s"]["delta_teacher"] == pytest.approx(d["delta"]) and rows["s"]["delta_teacher_low"] == pytest.approx(d["low"])
+    assert rows["s"]["delta_teacher_high"] == pytest.approx(d["high"]) and rows["s"]["verdict_teacher"].startswith(d["verdict"])

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch_fidelity.metric_prc import prc_features_to_metric
 
 from distill.engine.paths import file_sha256
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
-from distill.eval.fid import bootstrap_fid_std, feature_metrics, feature_statistics, fid_infinity, frechet_distance, paired_fid_delta
+from distill.eval.fid import bootstrap_fid_std, feature_statistics, fid_infinity, frechet_distance, verdict
 from distill.eval.leaderboard import fid_inf_text, interval_text, leaderboard_rows
 from distill.eval.teacher_ref import reference_key
 
@@ -143,19 +144,41 @@ def _strata(labels: torch.Tensor | None) -> torch.Tensor | None:
     return None if labels is None or len(labels.unique()) < 2 else labels
 
 
+def _resamples(n: int, strata: torch.Tensor | None, resamples: int, seed: int) -> list[torch.Tensor]:
+    """The bootstrap's resampled index sets, drawn as ``paired_fid_delta`` draws them (so its intervals are reproduced
+    exactly): each stratum resampled within itself, with replacement."""
+    groups = [torch.arange(n)] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in groups]) for _ in range(resamples)]
+
+
+def _interval(full: float, boot: torch.Tensor, level: float = 0.95) -> dict:
+    """The normal bootstrap interval of ``paired_fid_delta`` from a difference and its resampled differences."""
+    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + level) / 2, dtype=torch.float64)))
+    low, high = full - z * float(boot.std()), full + z * float(boot.std())
+    return {"delta": full, "low": low, "high": high, "verdict": verdict(low, high)}
+
+
 def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_ref: torch.Tensor,
             teacher_ref: torch.Tensor, labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0,
-            sample_counts=SAMPLE_COUNTS, bench_n: int | None = None) -> list[dict]:
+            sample_counts=SAMPLE_COUNTS, bench_n: int | None = None, prc_samples: int = 5000) -> list[dict]:
     """The paired bench's rows, ranked by FID at N: ``features`` (label -> [N, D], row i from noise seed i, the same
     seeds for every entry), ``data_ref`` the data reference's features, ``teacher_ref`` the teacher's samples on
-    disjoint seeds. ``bench_n``: also report FID of the first ``bench_n`` rows (the bench's own cells)."""
+    disjoint seeds. ``bench_n``: also report FID of the first ``bench_n`` rows (the bench's own cells).
+
+    Every entry's FID is computed once on each of the same ``resamples`` index sets, so every paired interval (to the
+    teacher, to the entry above) is a difference of two such vectors: the intervals of ``paired_fid_delta`` with the
+    same seed, at one bootstrap per entry instead of one per pair. ``fid_std`` is the spread of that vector. Precision
+    and recall against the teacher's samples use the first ``prc_samples`` of each (k-NN over 20,000 x 20,000 is
+    costly and they settle well before)."""
     teacher = next((e for e in entries if e.teacher), None)
     if teacher is None:
         raise ValueError("no teacher converged among the entries: the paired deltas are against it")
     n = len(features[teacher.label])
     strata = _strata(labels)
     ref_stats, teacher_stats = feature_statistics(data_ref), feature_statistics(teacher_ref)
-    rows = {}
+    idxs = _resamples(n, strata, resamples, seed)
+    rows, boot = {}, {}
     for e in entries:
         f = features[e.label]
         if len(f) != n:
@@ -163,7 +186,8 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
         row = {"entry": e.label, "kind": e.kind, "method": e.method, "n": e.n, "student_path": e.path,
                "teacher": int(e.teacher), "num_samples": n}
         row["fid"] = frechet_distance(*feature_statistics(f), *ref_stats)
-        row["fid_std"] = bootstrap_fid_std(f, ref_stats, resamples=50, seed=seed, strata=strata)
+        boot[e.label] = torch.tensor([frechet_distance(*feature_statistics(f[i]), *ref_stats) for i in idxs], dtype=torch.float64)
+        row["fid_std"] = float(boot[e.label].std())
         if bench_n:
             row["fid_bench"] = frechet_distance(*feature_statistics(f[:bench_n]), *ref_stats)
         counts = sorted({k for k in sample_counts if k < n} | {n})
@@ -171,21 +195,21 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
         for k, v in inf.points:
             row[f"fid_{k}"] = v
         row.update(fid_inf=inf.fid_inf, fid_inf_stderr=inf.stderr, fid_inf_slope=inf.slope)
-        if e.teacher:
-            row.update(delta_teacher=0.0, delta_teacher_low=0.0, delta_teacher_high=0.0, verdict_teacher="the teacher")
-        else:
-            d = paired_fid_delta(f, features[teacher.label], ref_stats, resamples=resamples, seed=seed, strata=strata)
-            row.update(delta_teacher=d["delta"], delta_teacher_low=d["low"], delta_teacher_high=d["high"],
-                       verdict_teacher=f"{d['verdict']} the teacher")
-        row.update({k: v for k, v in feature_metrics(f, teacher_ref).items() if k in ("precision", "recall")})
+        prc = prc_features_to_metric(f[:prc_samples].cpu(), teacher_ref[:prc_samples].cpu(), save_cpu_ram=True, verbose=False)
+        row["precision_teacher"], row["recall_teacher"] = prc["precision"], prc["recall"]
         row["fd_teacher"] = frechet_distance(*feature_statistics(f), *teacher_stats)
         row["fd_teacher_std"] = bootstrap_fid_std(f, teacher_stats, resamples=50, seed=seed, strata=strata)
-        row["precision_teacher"], row["recall_teacher"] = row.pop("precision"), row.pop("recall")
         rows[e.label] = row
+    for label, row in rows.items():
+        if row["teacher"]:
+            row.update(delta_teacher=0.0, delta_teacher_low=0.0, delta_teacher_high=0.0, verdict_teacher="the teacher")
+        else:
+            d = _interval(row["fid"] - rows[teacher.label]["fid"], boot[label] - boot[teacher.label])
+            row.update(delta_teacher=d["delta"], delta_teacher_low=d["low"], delta_teacher_high=d["high"],
+                       verdict_teacher=f"{d['verdict']} the teacher")
     ranked = sorted(rows.values(), key=lambda r: r["fid"])
     for above, row in zip(ranked, ranked[1:]):
-        d = paired_fid_delta(features[row["entry"]], features[above["entry"]], ref_stats, resamples=resamples, seed=seed,
-                             strata=strata)
+        d = _interval(row["fid"] - above["fid"], boot[row["entry"]] - boot[above["entry"]])
         row.update(next_entry=above["entry"], delta_next=d["delta"], delta_next_low=d["low"], delta_next_high=d["high"],
                    verdict_next=f"{d['verdict']} {above['entry']}")
     for i, row in enumerate(ranked, 1):
