@@ -182,3 +182,12 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def existing(tmp_path):
+    """A folder with a file in it that no refused command may touch."""
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("results of an earlier run\n")
+    return folder

@@ -41,15 +41,6 @@ def distill_argv(out: Path, *sets: str, config: Path = RING8) -> list[str]:
     return ["--config", str(config), "--output-dir", str(out), "--set", *TINY, *sets]
 
 
-@pytest.fixture
-def existing(tmp_path):
-    """A folder with a file in it that no refused command may touch."""
-    folder = tmp_path / "existing"
-    folder.mkdir()
-    (folder / "keep.txt").write_text("results of an earlier run\n")
-    return folder
-
-
 # -- damaged checkpoints -------------------------------------------------------------------------------
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])

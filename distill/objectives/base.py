@@ -215,3 +215,14 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
         p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
     for b_t, b_s in zip(target.buffers(), source.buffers()):
         b_t.copy_(b_s)
+
+
+def check_student_form(objective: str, student, sampler: str, parameterization: str, trains: str) -> None:
+    """Refuse, in one sentence, a student whose ``sampler`` or ``parameterization`` the objective cannot train
+    (``trains``: what it trains, e.g. 'an average-velocity student')."""
+    from distill.engine.config import ConfigError
+
+    if student.sampler != sampler or student.parameterization != parameterization:
+        raise ConfigError(f"objective {objective!r} trains {trains}: set student.sampler {sampler!r} and student.parameterization "
+                          f"{parameterization!r} (got {student.sampler!r}, {student.parameterization!r})")
+

@@ -29,8 +29,8 @@ import torch
 from distill.core.jvp import METHODS, jvp
 from distill.core.param import append_dims
 from distill.core.schedules import flow_time, time_of_flow
-from distill.engine.config import ConfigError, at_least, choice
-from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
+from distill.engine.config import at_least, choice
+from distill.objectives.base import Batch, Network, Objective, check_student_form, register_objective, unwrap
 
 VELOCITIES = ("teacher", "conditional")
 INTERVAL = "interval"  # the student's extra input t - r
@@ -75,9 +75,7 @@ class MeanFlow(Objective):
         super().__init__(options, ctx)
         self.teacher, self.student, self.schedule = ctx.teacher, ctx.student, ctx.teacher.schedule
         s = self.student
-        if s.sampler != "meanflow" or s.parameterization != "denoiser":
-            raise ConfigError(f"objective 'meanflow' trains an average-velocity student: set student.sampler 'meanflow' and "
-                              f"student.parameterization 'denoiser' (got {s.sampler!r}, {s.parameterization!r})")
+        check_student_form("meanflow", s, "meanflow", "denoiser", "an average-velocity student")
         if options.velocity == "conditional":
             self.needs = frozenset({"data"})
         self.jvp_method = options.jvp

@@ -48,7 +48,7 @@ from distill.core.jvp import METHODS, jvp
 from distill.core.param import append_dims
 from distill.core.schedules import time_of_trig, trig_scale, trig_time
 from distill.engine.config import ConfigError, at_least, choice
-from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
+from distill.objectives.base import Batch, Network, Objective, check_student_form, register_objective, unwrap
 
 VELOCITIES = ("teacher", "data")
 WEIGHTINGS = ("adaptive", "uniform")
@@ -111,9 +111,7 @@ class SCM(Objective):
         super().__init__(options, ctx)
         self.teacher, self.student, self.schedule = ctx.teacher, ctx.student, ctx.teacher.schedule
         s = self.student
-        if s.sampler != "consistency" or s.parameterization != "denoiser":
-            raise ConfigError(f"objective 'scm' trains f = D_theta in the TrigFlow chart: set student.sampler 'consistency' and "
-                              f"student.parameterization 'denoiser' (got {s.sampler!r}, {s.parameterization!r})")
+        check_student_form("scm", s, "consistency", "denoiser", "f = D_theta in the TrigFlow chart")
         if options.velocity == "data":
             self.needs = frozenset({"data"})
         self.jvp_method = options.jvp
