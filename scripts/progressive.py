@@ -16,11 +16,14 @@ interrupted one resumes from its newest valid checkpoint (bit-identical to an un
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 # scripts/distill.py is named like the ``distill`` package: keep this folder off the import path.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
@@ -29,8 +32,9 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 from distill.core.atomic import write_text  # noqa: E402
 from distill.engine.checkpoint import latest_valid_checkpoint  # noqa: E402
 from distill.engine.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
-from distill.engine.export import STUDENT_FILE  # noqa: E402
+from distill.engine.export import STUDENT_FILE, read_student_file  # noqa: E402
 from distill.engine.run_config import load_run_config  # noqa: E402
+from distill.engine.run_files import CONFIG_FILE, RESUME_FREE_KEYS, config_changes, flat  # noqa: E402
 from distill.engine.train import NonFiniteError, train, updates_and_seconds  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
@@ -65,12 +69,49 @@ def round_cost(folder: Path) -> dict:
     return {"updates": updates, "seconds_approx": round(seconds, 1)}
 
 
+# keys a finished round's config may differ in on a rerun: only how it was logged and checkpointed (its length may not)
+FINISHED_FREE_KEYS = tuple(k for k in RESUME_FREE_KEYS if k != "max_steps")
+
+
+def check_finished_round(config: str, overrides: dict, n: int, folder: Path, parent: Path | None) -> None:
+    """Refuse a finished round whose student file cannot be read, or whose saved config.yaml differs from the config
+    this command would train it with (another lr, max_steps, teacher, ...): its students would be reported as done."""
+    done = folder / STUDENT_FILE
+    try:
+        read_student_file(done)
+    except ValueError as e:
+        raise ValueError(f"the finished round {n}'s student file {str(done)!r} cannot be used ({e}); delete it to "
+                         f"redo that round, or choose another --output-dir") from None
+    saved_file = folder / CONFIG_FILE
+    if not saved_file.is_file():  # a round written before configs were kept next to it
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    moved_from = Path(saved.get("output_dir") or folder).parent  # a chain folder moved or copied: its own files
+    for key, prefix in (("teacher", "student:"), ("init_from", "")):
+        if isinstance(saved.get(key), str) and saved[key].startswith(f"{prefix}{moved_from}{os.sep}"):
+            saved[key] = f"{prefix}{folder.parent}{saved[key][len(f'{prefix}{moved_from}'):]}"
+    current = dataclasses.asdict(load_run_config(config, round_overrides(overrides, n, folder, parent)))
+    if current["mixed_precision"] is None:  # null: the launcher's, which the trainer resolved and saved
+        current["mixed_precision"] = saved.get("mixed_precision")
+    changed = config_changes(saved, current, FINISHED_FREE_KEYS)
+    if changed:
+        shown = ", ".join(f"{k} ({flat(saved).get(k)!r} -> {flat(current).get(k)!r})" for k in changed)
+        raise ConfigError(f"the config differs from the one the finished round in {str(folder)!r} was trained with in "
+                          f"{shown}; rerun the chain with the same config (only {', '.join(FINISHED_FREE_KEYS[:3])} "
+                          f"may change), or choose another --output-dir")
+
+
 def run_rounds(config: str, out: Path, overrides: dict, final: int = 1, log=print, stop_at: tuple[int, int] | None = None) -> list[Path]:
     """Run (or continue) every round; ``stop_at=(N, step)`` stops round N after checkpointing that step (tests)."""
     raw = merge(read_yaml(config), overrides)
     first = int((raw.get("objective") or {}).get("student_steps", 4))
+    steps = round_steps(first, final)
+    for k, n in enumerate(steps):  # every finished round checked before any work
+        if (out / f"steps-{n}" / STUDENT_FILE).exists():
+            parent = out / f"steps-{steps[k - 1]}" / STUDENT_FILE if k else None
+            check_finished_round(config, overrides, n, out / f"steps-{n}", parent)
     parent, files, rounds = None, [], []  # round 1: the config's teacher (and its init_from, if any)
-    for k, n in enumerate(round_steps(first, final)):
+    for k, n in enumerate(steps):
         folder = out / f"steps-{n}"
         done = folder / STUDENT_FILE
         if done.is_file():

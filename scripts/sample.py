@@ -56,6 +56,9 @@ OUTPUT_FILES = ("samples.safetensors", "samples.png", "sample_args.json")
 def guidance_problem(args, teacher) -> str | None:
     """Why --guidance-scale cannot act with this teacher and label (it would be a silent no-op or fail late)."""
     prompted = takes_prompts(teacher)
+    if prompted and args.class_label is not None:
+        return (f"--class-label is for class-conditional teachers; teacher {teacher.name!r} is text-conditioned: drop "
+                f"--class-label and give --prompt TEXT")
     if prompted != (args.prompt is not None):
         return ("--prompt is for text-to-image teachers; this teacher takes --class-label" if args.prompt is not None
                 else f"teacher {teacher.name!r} is text-conditioned: give --prompt TEXT")

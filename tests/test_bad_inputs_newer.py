@@ -28,15 +28,6 @@ def tree(root: Path) -> dict[str, bytes | None]:
     return {str(p): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-@pytest.fixture
-def existing(tmp_path):
-    """A folder with a file in it that no refused command may touch."""
-    folder = tmp_path / "existing"
-    folder.mkdir()
-    (folder / "keep.txt").write_text("results of an earlier run\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def aniso_student(tmp_path_factory):
     """An untrained mlp student of gmm:aniso2d, saved as a student file."""
@@ -309,3 +300,77 @@ def test_nan_override_names_the_key(tmp_path, capsys, override, key):
     message = refused(load_script("distill").main, argv, capsys)
     assert f"config key {key!r} is nan; allowed: a number >= 0" in message and "Invalid learning rate" not in message
     assert not (tmp_path / "run").exists()
+
+
+# -- progressive.py: a finished chain is only reported done for the config it was trained with ------------------
+PROGRESSIVE = RING8.parent / "progressive_ring8.yaml"
+CHAIN = ["student.model.hidden=32", "student.model.layers=1", "objective.student_steps=4", "batch_size=32",
+         "max_steps=4", "checkpoint_every=2", "log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_chain(tmp_path_factory):
+    """The 4 -> 2 -> 1 rounds of progressive_ring8, 4 updates each."""
+    out = tmp_path_factory.mktemp("chain") / "chain"
+    assert load_script("progressive").main(["--config", str(PROGRESSIVE), "--output-dir", str(out), "--set", *CHAIN]) == 0
+    return out
+
+
+def _chain_copy(finished_chain, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(finished_chain, tmp_path / "chain"))
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr=0.01", "optim.lr"), ("max_steps=8", "max_steps"),
+                                           ("teacher=gmm:aniso2d", "teacher")])
+def test_progressive_rerun_with_another_config_is_refused(finished_chain, tmp_path, capsys, override, key):
+    out = _chain_copy(finished_chain, tmp_path)
+    before = tree(out)
+    argv = ["--config", str(PROGRESSIVE), "--output-dir", str(out), "--set", *CHAIN, override]
+    message = refused(load_script("progressive").main, argv, capsys)
+    assert f"the config differs from the one the finished round in {str(out / 'steps-4')!r} was trained with in {key} (" in message
+    assert "choose another --output-dir" in message and "Traceback" not in message
+    assert tree(out) == before
+
+
+def test_progressive_rerun_with_the_same_config_is_done(finished_chain, tmp_path, capsys):
+    out = _chain_copy(finished_chain, tmp_path)
+    argv = ["--config", str(PROGRESSIVE), "--output-dir", str(out), "--set", *CHAIN, "log_every=1"]
+    assert load_script("progressive").main(argv) == 0
+    assert "round 3 (1 steps): done" in capsys.readouterr().out
+
+
+def test_progressive_truncated_round_student_is_refused(finished_chain, tmp_path, capsys):
+    out = _chain_copy(finished_chain, tmp_path)
+    student = out / "steps-2" / "student.safetensors"
+    student.write_bytes(student.read_bytes()[: student.stat().st_size // 2])
+    before = tree(out)
+    argv = ["--config", str(PROGRESSIVE), "--output-dir", str(out), "--set", *CHAIN]
+    message = refused(load_script("progressive").main, argv, capsys)
+    assert f"the finished round 2's student file {str(student)!r} cannot be used (" in message
+    assert "delete it to redo that round" in message and "Traceback" not in message
+    assert tree(out) == before
+
+
+# -- pso_online: the reward's class is one of the teacher's ------------------------------------------------------
+def test_reward_class_outside_the_teachers_classes_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--config", str(RING8.parent / "pso_online_mnist16.yaml"), "--output-dir", str(out), "--set",
+            "objective.reward=class_confidence", "objective.reward_class=12", "max_steps=2", "batch_size=4"]
+    message = refused(load_script("distill").main, argv, capsys)
+    assert "config key 'objective.reward_class' is 12; allowed: 0..9 (the 10 classes of teacher 'mnist16')" in message
+    assert "Traceback" not in message and not out.exists()
+
+
+# -- sample.py: a class label means nothing to a text-to-image teacher -------------------------------------------
+def test_class_label_with_a_text_to_image_teacher_is_refused(tmp_path, capsys):
+    from conftest import tiny_sd_pipeline
+
+    folder = tiny_sd_pipeline(tmp_path / "sd")[0]
+    out = tmp_path / "samples"
+    argv = ["--teacher", str(folder), "--prompt", "a", "--class-label", "3", "--solver", "euler", "--nfe", "2", "--n", "2",
+            "--out", str(out)]
+    message = refused(load_script("sample").main, argv, capsys)
+    assert "--class-label is for class-conditional teachers; teacher " in message and "is text-conditioned: drop --class-label" in message
+    assert "Traceback" not in message and not out.exists()

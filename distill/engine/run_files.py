@@ -33,17 +33,17 @@ RESUME_FREE_KEYS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoi
                     "debug_nan_step")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, the resume-free keys left out."""
-    a, b = _flat(saved), _flat(current)
-    free = lambda k: k.split(".")[0] in RESUME_FREE_KEYS or (k == "init_from_sha256" and b.get(k) is None)  # noqa: E731
+def config_changes(saved: dict, current: dict, free_keys: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, the ``free_keys`` (top-level) left out."""
+    a, b = flat(saved), flat(current)
+    free = lambda k: k.split(".")[0] in free_keys or (k == "init_from_sha256" and b.get(k) is None)  # noqa: E731
     return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
 
 
@@ -85,7 +85,7 @@ def check_resume_config(cfg: RunConfig, ckpt: Path | None) -> None:
         cfg.init_from_sha256 = saved.get("init_from_sha256")
     changed = config_changes(saved, dataclasses.asdict(cfg))
     if changed:
-        shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(dataclasses.asdict(cfg)).get(k)!r})" for k in changed)
+        shown = ", ".join(f"{k} ({flat(saved).get(k)!r} -> {flat(dataclasses.asdict(cfg)).get(k)!r})" for k in changed)
         raise ConfigError(f"the config differs from the one checkpoint {str(ckpt)!r} was trained with in {shown}; resume "
                           f"with the same config (only {', '.join(RESUME_FREE_KEYS[:4])} may change), or start a new run "
                           f"from its weights with init_from")
@@ -124,8 +124,8 @@ def open_run_files(run: Run, step: int, log=print) -> None:
 
     names = trackers(run.cfg)
     if names:
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flat(dataclasses.asdict(run.cfg)).items()}
-        run.accelerator.init_trackers("", config=flat, init_kwargs={"tensorboard": {"purge_step": step + 1}})
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat(dataclasses.asdict(run.cfg)).items()}
+        run.accelerator.init_trackers("", config=values, init_kwargs={"tensorboard": {"purge_step": step + 1}})
         run.trackers = True
 
 

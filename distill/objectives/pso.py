@@ -46,7 +46,7 @@ from distill.engine.roles import lora_disabled
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
 from distill.objectives.diffusion import sample_times
 from distill.objectives.losses import alpha_sigma, denoising_loss
-from distill.objectives.rewards import REWARDS, get_reward
+from distill.objectives.rewards import CLASSIFIER_CLASSES, REWARDS, get_reward
 
 LOSSES = ("logistic", "hinge")
 WEIGHTINGS = ("snr", "uniform")
@@ -278,6 +278,15 @@ class PSOOnlineOptions:
     inherit_times: bool = True
 
 
+def check_reward_class(reward_class: int | None, teacher) -> None:
+    """``reward_class`` must be one of the teacher's K classes (the classifier's 10 for an unconditional teacher)."""
+    k = teacher.num_classes or CLASSIFIER_CLASSES
+    if reward_class is not None and reward_class >= k:
+        whose = f"teacher {teacher.name!r}" if teacher.num_classes else "the mnist16 classifier"
+        raise ConfigError(f"config key 'objective.reward_class' is {reward_class}; allowed: 0..{k - 1} (the {k} classes "
+                          f"of {whose})")
+
+
 @register_objective
 class PSOOnline(Objective):
     name = "pso_online"
@@ -295,6 +304,7 @@ class PSOOnline(Objective):
             raise ConfigError(f"objective 'pso_online' needs a student with the consistency (re-noising) sampler; this one "
                               f"has {self.student.sampler!r}")
         self.num_classes = class_count(self.student)
+        check_reward_class(options.reward_class, ctx.teacher)
         self.reward = get_reward(options.reward, options.reward_sign, reward_class=options.reward_class)
         self.reference = None if has_lora(self.student.net) else ctx.student_copy(trainable=False)
 

@@ -19,6 +19,7 @@ from distill.core.nets import load_classifier
 from distill.data import mean_ink
 
 Reward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+CLASSIFIER_CLASSES = 10  # the committed mnist16 classifier's 10-way head: class_confidence's classes 0..9
 REWARDS: dict[str, Callable[..., Reward]] = {}
 
 
