@@ -126,6 +126,31 @@ def run_config(cfg: TeacherConfig):
                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, seed=cfg.seed, output_dir=cfg.output_dir)
 
 
+RUN_KEYS = {"optim.lr": "lr", "optim.warmup_steps": "warmup_steps", "objective.label_dropout": "label_dropout",
+            "student.prediction_type": "prediction_type", "student.class_conditional": "class_conditional",
+            "teacher": "dataset"}  # run-config keys of ``run_config`` -> the teacher config's own keys
+
+
+def check_resume(cfg: TeacherConfig, rcfg, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with other settings, naming the teacher config's own keys (the trainer's own refusal
+    would name the run config's, e.g. optim.lr, and its remedies, which train_teacher does not take)."""
+    from distill.engine.run_files import CONFIG_FILE, RESUME_FREE_KEYS, config_changes, flat
+
+    saved_file = Path(ckpt) / CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved, now = yaml.safe_load(saved_file.read_text()), dataclasses.asdict(rcfg)
+    saved.setdefault("init_from_sha256", now.get("init_from_sha256"))
+    changed = config_changes(saved, now)
+    if changed:
+        before, after = flat(saved), flat(now)
+        shown = ", ".join(f"{RUN_KEYS.get(k, k.split('.')[0] if k.startswith('dataset_options') else k)} "
+                          f"({before.get(k)!r} -> {after.get(k)!r})" for k in changed)
+        raise ValueError(f"the teacher config differs from the one checkpoint {str(ckpt)!r} was trained with in {shown}; "
+                         f"resume with the same settings (only {', '.join(RESUME_FREE_KEYS[1:4])} and --max-steps may change), "
+                         "or give another --output-dir (or --no-resume in a new folder)")
+
+
 def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | None = None) -> Path | None:
     """Train (or resume) and return the saved teacher folder ``<output_dir>/teacher``.
 
@@ -150,6 +175,8 @@ def train(cfg: TeacherConfig, resume: bool = True, log=print, stop_at: int | Non
     out = Path(cfg.output_dir)
     ckpt = "latest" if resume and latest_checkpoint(out / "checkpoints") is not None else None
     rcfg = run_config(cfg)
+    if ckpt is not None:
+        check_resume(cfg, rcfg, latest_checkpoint(out / "checkpoints"))
     if train_run(rcfg, load_teacher=lambda spec: teacher, build_student=build, resume=ckpt, log=log, stop_at=stop_at) is None:
         return None
     write_text(out / "teacher_config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
