@@ -291,11 +291,20 @@ def paired_fid_delta(gen_a: torch.Tensor, gen_b: torch.Tensor, ref, *, resamples
         return (frechet_distance(*feature_statistics(gen_a[idx]), mu_ref, cov_ref)
                 - frechet_distance(*feature_statistics(gen_b[idx]), mu_ref, cov_ref))
 
-    groups = [torch.arange(len(gen_a))] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
-    g = torch.Generator().manual_seed(seed)
     full = delta(torch.arange(len(gen_a)))
-    boot = torch.tensor([delta(torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in groups]))
-                         for _ in range(resamples)], dtype=torch.float64)
+    boot = torch.tensor([delta(idx) for idx in resample_indices(len(gen_a), strata, resamples, seed)], dtype=torch.float64)
+    return normal_interval(full, boot, level)
+
+
+def resample_indices(n: int, strata: torch.Tensor | None, resamples: int, seed: int) -> list[torch.Tensor]:
+    """The bootstrap's index sets of ``paired_fid_delta``: each stratum resampled within itself, with replacement."""
+    groups = [torch.arange(n)] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in groups]) for _ in range(resamples)]
+
+
+def normal_interval(full: float, boot: torch.Tensor, level: float = 0.95) -> dict:
+    """delta +- z sd* from a difference and its resampled differences (Efron & Tibshirani 1993, Eq. 13.5), and the verdict."""
     z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + level) / 2, dtype=torch.float64)))
     low, high = full - z * float(boot.std()), full + z * float(boot.std())
     return {"delta": full, "low": low, "high": high, "verdict": verdict(low, high)}

@@ -35,7 +35,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from distill.engine.paths import file_sha256
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
-from distill.eval.fid import bootstrap_fid_std, feature_statistics, fid_infinity, frechet_distance, verdict
+from distill.eval.fid import bootstrap_fid_std, feature_statistics, fid_infinity, frechet_distance, normal_interval, resample_indices
 from distill.eval.leaderboard import fid_inf_text, interval_text, leaderboard_rows
 from distill.eval.teacher_ref import reference_key
 
@@ -144,21 +144,6 @@ def _strata(labels: torch.Tensor | None) -> torch.Tensor | None:
     return None if labels is None or len(labels.unique()) < 2 else labels
 
 
-def _resamples(n: int, strata: torch.Tensor | None, resamples: int, seed: int) -> list[torch.Tensor]:
-    """The bootstrap's resampled index sets, drawn as ``paired_fid_delta`` draws them (so its intervals are reproduced
-    exactly): each stratum resampled within itself, with replacement."""
-    groups = [torch.arange(n)] if strata is None else [torch.nonzero(strata == s).flatten() for s in strata.unique()]
-    g = torch.Generator().manual_seed(seed)
-    return [torch.cat([i[torch.randint(len(i), (len(i),), generator=g)] for i in groups]) for _ in range(resamples)]
-
-
-def _interval(full: float, boot: torch.Tensor, level: float = 0.95) -> dict:
-    """The normal bootstrap interval of ``paired_fid_delta`` from a difference and its resampled differences."""
-    z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor((1 + level) / 2, dtype=torch.float64)))
-    low, high = full - z * float(boot.std()), full + z * float(boot.std())
-    return {"delta": full, "low": low, "high": high, "verdict": verdict(low, high)}
-
-
 def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_ref: torch.Tensor,
             teacher_ref: torch.Tensor, labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0,
             sample_counts=SAMPLE_COUNTS, bench_n: int | None = None, prc_samples: int = 5000) -> list[dict]:
@@ -177,7 +162,7 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
     n = len(features[teacher.label])
     strata = _strata(labels)
     ref_stats, teacher_stats = feature_statistics(data_ref), feature_statistics(teacher_ref)
-    idxs = _resamples(n, strata, resamples, seed)
+    idxs = resample_indices(n, strata, resamples, seed)
     rows, boot = {}, {}
     for e in entries:
         f = features[e.label]
@@ -204,12 +189,12 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
         if row["teacher"]:
             row.update(delta_teacher=0.0, delta_teacher_low=0.0, delta_teacher_high=0.0, verdict_teacher="the teacher")
         else:
-            d = _interval(row["fid"] - rows[teacher.label]["fid"], boot[label] - boot[teacher.label])
+            d = normal_interval(row["fid"] - rows[teacher.label]["fid"], boot[label] - boot[teacher.label])
             row.update(delta_teacher=d["delta"], delta_teacher_low=d["low"], delta_teacher_high=d["high"],
                        verdict_teacher=f"{d['verdict']} the teacher")
     ranked = sorted(rows.values(), key=lambda r: r["fid"])
     for above, row in zip(ranked, ranked[1:]):
-        d = _interval(row["fid"] - above["fid"], boot[row["entry"]] - boot[above["entry"]])
+        d = normal_interval(row["fid"] - above["fid"], boot[row["entry"]] - boot[above["entry"]])
         row.update(next_entry=above["entry"], delta_next=d["delta"], delta_next_low=d["low"], delta_next_high=d["high"],
                    verdict_next=f"{d['verdict']} {above['entry']}")
     for i, row in enumerate(ranked, 1):
