@@ -8,6 +8,7 @@ samples re-noised (source ``one_step``, what its multistep sampling feeds it), t
 f(x_t, t) against the teacher's ODE solution from x_t, and how far that solution lies from the x0 it was noised
 from. ``teacher`` as a student name measures the teacher's own denoiser D(x_t, t) (what a teacher-started student
 is at step 0 with ``consistency_edm``). Writes consistency_error.csv and .md under --out (rows replaced per student).
+Progress: a tqdm bar on stderr over the times of each student and source.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def main(argv=None) -> int:
     for name, student in models.items():
         f = teacher.denoise if student is None else student.eval()
         sources = {"data": x0}
-        if student is not None:  # the teacher has no one-step sample worth re-noising
+        if student is not None and 1 in student.sampling_steps:  # the teacher has no one-step sample worth re-noising
             with torch.no_grad():
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed + 1))
                 sources["one_step"] = student.sample(noise, 1, cond=cond)
         for source, start in sources.items():
             for r in consistency_error(f, teacher, start, times, cond=cond, reference_steps=args.reference_steps,
-                                       generator=torch.Generator().manual_seed(args.seed)):
+                                       generator=torch.Generator().manual_seed(args.seed), desc=f"{name} {source}"):
                 rows.append({"student": name, "source": source, **r, "num_samples": len(x0), "seed": args.seed})
                 print(f"{name} {source} t {r['t']:g}: err {r['err']:.4f} bias {r['bias']:+.4f} move {r['move']:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

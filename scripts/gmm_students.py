@@ -11,7 +11,8 @@ distribution-matching student need not reproduce the teacher's coupling), and th
 samples whose most responsible component (exact posterior at t = 0) is k, with their total-variation distance
 ``mode_tv`` to the true weights, the smallest and largest recovered weight (``mode_min``, ``mode_max``) and
 ``modes_lost``, the number of components holding less than a tenth of their true weight. Rows are appended (one per
-student; a CSV with other columns is refused), a Markdown table is printed.
+student; a CSV with other columns is refused), a Markdown table is printed. Progress: a tqdm bar on stderr over the
+students' evaluations.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from distill.core.atomic import append_text, csv_text, reports_write_errors, write_text  # noqa: E402
 from distill.eval.solver_error import exact_metrics, make_problem  # noqa: E402
@@ -83,14 +85,17 @@ def main(argv=None) -> int:
     problem = make_problem(teacher, args.num_samples, args.seed, reference_steps=200)
     fresh = teacher.sample_data(args.num_samples, generator=torch.Generator().manual_seed(20_000 + args.seed))
     rows = [row_for("exact data (another draw)", teacher, problem, fresh, 0)]
-    for item in args.students:
-        name, _, path = item.partition("=")
-        student = load_student(student_file(Path(path)))
-        for steps in args.steps:
-            with torch.no_grad():
-                renoise = torch.Generator().manual_seed(30_000 + args.seed)  # the same draws for every student
-                x = student.sample(problem.noise.float(), steps=steps, generator=renoise).double()
-            rows.append(row_for(name, teacher, problem, x, steps))
+    with tqdm(total=len(args.students) * len(args.steps), desc="students", unit="eval") as bar:
+        for item in args.students:
+            name, _, path = item.partition("=")
+            student = load_student(student_file(Path(path)))
+            for steps in args.steps:
+                bar.set_postfix_str(f"{name} {steps} steps", refresh=False)
+                with torch.no_grad():
+                    renoise = torch.Generator().manual_seed(30_000 + args.seed)  # the same draws for every student
+                    x = student.sample(problem.noise.float(), steps=steps, generator=renoise).double()
+                rows.append(row_for(name, teacher, problem, x, steps))
+                bar.update(1)
     keys = list(rows[0])
     assert keys == COLUMNS, keys
     table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] +

@@ -10,7 +10,8 @@ and per step count (students: DDIM on their own grid, ``student.sample``; the te
 ``ode_rmse`` against the teacher's exact ODE solution from the same noise, ``self_rmse`` against the model's own
 ODE endpoint (0 for straight paths), ``swd`` to exact data, ``nll`` under the exact density. With ``own`` among
 ``--steps`` the students take only their recorded step counts and the teacher the listed integers (``--steps own 1 2
-4 8 16``: progressive rounds against DDIM at the same NFE). Writes <out>.csv and <out>.md.
+4 8 16``: progressive rounds against DDIM at the same NFE). Writes <out>.csv and <out>.md. Progress: a tqdm bar on
+stderr over the evaluations.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from distill.core.atomic import csv_text, reports_write_errors, write_text  # noqa: E402
 from distill.core.grids import GRIDS  # noqa: E402
@@ -53,25 +55,33 @@ def model_parts(spec: str, teacher, teacher_grid: str = "uniform"):
 
 
 def evaluate(teacher, specs: list[str], steps: list[str], num_samples: int, seed: int = 0,
-             teacher_grid: str = "uniform") -> list[dict]:
+             teacher_grid: str = "uniform", progress: bool = False) -> list[dict]:
+    """The rows of every model (module doc); ``progress``: a tqdm bar over the evaluations (each model's ODE and
+    step counts)."""
+    models = [model_parts(spec, teacher, teacher_grid) for spec in specs]  # every student file read before any work
     problem = make_problem(teacher, num_samples, seed)
     s, rows = teacher.schedule, []
     x_T = problem.noise * float(s.init_noise_scale(s.t_max))
-    for spec in specs:
-        name, denoiser, sampler, recorded = model_parts(spec, teacher, teacher_grid)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            ts, states = ode_path(lambda x, t, c: denoiser(x.float(), t, c).double(), x_T, s)
-        row = {"model": name, "steps": "ode", "straightness": straightness(ts, states)}
-        end = states[:, -1]
-        rows.append({**row, **metrics(problem, end, end), "seconds": time.perf_counter() - t0})
-        counts = recorded if "own" in steps and recorded else [int(k) for k in steps if k != "own"]
-        for k in counts:
+    counts = [recorded if "own" in steps and recorded else [int(k) for k in steps if k != "own"] for *_, recorded in models]
+    bar = tqdm(total=sum(1 + len(c) for c in counts), desc="reflow_eval", unit="eval", disable=not progress)
+    with bar:
+        for (name, denoiser, sampler, recorded), model_counts in zip(models, counts):
+            bar.set_postfix_str(f"{name} ode", refresh=False)
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = sampler(problem.noise.float() if recorded is not None else problem.noise, k).double()
-            rows.append({"model": name, "steps": k, "straightness": "", **metrics(problem, x, end),
-                         "seconds": time.perf_counter() - t0})
+                ts, states = ode_path(lambda x, t, c: denoiser(x.float(), t, c).double(), x_T, s)
+            row = {"model": name, "steps": "ode", "straightness": straightness(ts, states)}
+            end = states[:, -1]
+            rows.append({**row, **metrics(problem, end, end), "seconds": time.perf_counter() - t0})
+            bar.update(1)
+            for k in model_counts:
+                bar.set_postfix_str(f"{name} {k} steps", refresh=False)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    x = sampler(problem.noise.float() if recorded is not None else problem.noise, k).double()
+                rows.append({"model": name, "steps": k, "straightness": "", **metrics(problem, x, end),
+                             "seconds": time.perf_counter() - t0})
+                bar.update(1)
     return rows
 
 
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         teacher = load_teacher(args.teacher)
-        rows = evaluate(teacher, args.models, args.steps, args.num_samples, args.seed, args.teacher_grid)
+        rows = evaluate(teacher, args.models, args.steps, args.num_samples, args.seed, args.teacher_grid, progress=True)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

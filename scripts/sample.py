@@ -3,6 +3,8 @@
     python scripts/sample.py --teacher gmm:ring8 --solver dpmpp_2m --nfe 10 --n 512 --seed 0 --out runs/ring8
     python scripts/sample.py --teacher /models/sd15 --prompt "a red fox" --guidance-scale 7.5 --solver dpmpp_2m --nfe 8 \
         --n 16 --out runs/fox      # text-to-image: latents in samples.safetensors, VAE-decoded images beside them
+
+Progress: a tqdm bar on stderr over the network evaluations of all batches.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from distill.core.atomic import reports_write_errors, write_text, write_with
 from distill.core.conditioning import takes_prompts
@@ -95,15 +98,16 @@ def main(argv=None) -> int:
     dtype = torch.float64 if args.teacher.startswith("gmm:") else torch.float32
     seeds = list(range(args.seed, args.seed + args.n))
     out = []
-    with torch.inference_mode():
-        for i in range(0, args.n, args.batch_size):
+    starts = range(0, args.n, args.batch_size)
+    with torch.inference_mode(), tqdm(total=len(starts) * args.nfe, desc=f"{args.solver} NFE {args.nfe}", unit="NFE") as bar:
+        for i in starts:
             noise = per_sample_noise(teacher.data_shape, seeds[i:i + args.batch_size], dtype)
             cond = None if args.class_label is None else torch.full((len(noise),), args.class_label, dtype=torch.long)
             if args.prompt is not None:
                 cond = teacher.encode_prompts([args.prompt] * len(noise), args.negative_prompt)
             try:
                 out.append(sample(teacher, noise, solver=args.solver, nfe=args.nfe, grid=args.grid, final=args.final, cond=cond,
-                                  guidance_scale=args.guidance_scale))
+                                  guidance_scale=args.guidance_scale, nfe_bar=bar))
             except ValueError as e:
                 sys.exit(f"error: {e}")
     x = torch.cat(out)

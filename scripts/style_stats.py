@@ -11,7 +11,8 @@ student after the first, <out>/before_after_<name>.png (first student on top, th
 ``--bench-csv`` (a ``scripts/bench.py`` CSV of the same students, named by file stem) also <out>/results.csv: per
 student and step count, mean ink, its 10th percentile ``ink_p10`` (the worst decile's edge when mean ink is the
 reward), ``ink_progress`` (the fraction of the way from the first student's mean ink to the
-target's) and FID, ``fid_change`` against the first student at the same step count.
+target's) and FID, ``fid_change`` against the first student at the same step count. Progress: a tqdm bar on stderr
+over the sample sets (and the bench's bar over each student's batches).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from distill.core.atomic import csv_text, reports_write_errors, write_text
+from distill.core.progress import above_bars
 from distill.data import load_dataset
 from distill.engine.paths import check_output_dir
 from distill.eval.bench import BenchConfig, Cell, generate, parse_int_list
@@ -96,17 +99,20 @@ def prepare(args) -> tuple:
 def run(args, students: dict, models: dict, steps: list[int], sets: dict, teacher, classifier) -> int:
     cfg = BenchConfig(num_samples=args.num_samples, seed=args.seed)
     labels = torch.arange(args.num_samples) % teacher.num_classes if teacher.num_classes else None
-    rows, firsts = [], {}
-    for name, student in models.items():
-        for k in steps:
-            x, _ = generate(teacher, Cell(name, "student", k, k), cfg, student)
-            rows.append({"kind": "student", "name": name, "steps": k, "num_samples": len(x), **statistics(x, labels, classifier)})
-            firsts.setdefault(k, {})[name] = x[:args.grid_samples]
-            print(rows[-1], flush=True)
-    for name, data in sets.items():
-        rows.append({"kind": name, "name": f"{args.dataset} {args.target_options if name == 'target' else 'train'}", "steps": "",
-                     "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
-        print(rows[-1], flush=True)
+    rows, firsts, say = [], {}, above_bars()  # lines printed above the bar, not over it
+    with tqdm(total=len(models) * len(steps) + len(sets), desc="style statistics", unit="set") as bar:
+        for name, student in models.items():
+            for k in steps:
+                x, _ = generate(teacher, Cell(name, "student", k, k), cfg, student)
+                rows.append({"kind": "student", "name": name, "steps": k, "num_samples": len(x), **statistics(x, labels, classifier)})
+                firsts.setdefault(k, {})[name] = x[:args.grid_samples]
+                say(str(rows[-1]))
+                bar.update(1)
+        for name, data in sets.items():
+            rows.append({"kind": name, "name": f"{args.dataset} {args.target_options if name == 'target' else 'train'}", "steps": "",
+                         "num_samples": len(data), **statistics(data.x, data.labels, classifier)})
+            say(str(rows[-1]))
+            bar.update(1)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "style.csv", ["kind", "name", "steps", "num_samples", "mean_ink", "ink_std", "ink_p10", "on_fraction",
                                                   "accuracy"])

@@ -23,15 +23,20 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.
 
 
 class CountingDenoiser:
-    """Counts network function evaluations (NFE): one per call, whatever the batch size."""
+    """Counts network function evaluations (NFE): one per call, whatever the batch size; ``bar`` (a tqdm bar, or
+    anything with ``update(n)``) is advanced by one after each."""
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: Denoiser, bar=None):
         self.denoiser = denoiser
         self.nfe = 0
+        self.bar = bar
 
     def __call__(self, x, t, cond=None, **kwargs):
         self.nfe += 1
-        return self.denoiser(x, t, cond, **kwargs)  # kwargs: optional parts of the contract (return_features)
+        out = self.denoiser(x, t, cond, **kwargs)  # kwargs: optional parts of the contract (return_features)
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
 
 
 def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float) -> Denoiser:

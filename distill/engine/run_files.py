@@ -106,6 +106,7 @@ def open_run_files(run: Run, step: int, log=print) -> None:
     if not run.accelerator.is_main_process:
         if trackers(run.cfg):
             run.accelerator.init_trackers("")  # a no-op off the main process, but every rank must call it
+            run.trackers = True  # so that every rank calls end_training (which also ends its process group)
         return
     run.out.mkdir(parents=True, exist_ok=True)
     write_text(run.out / CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))

@@ -121,26 +121,33 @@ def configure_deepspeed(cfg: RunConfig, accelerator) -> None:
 
 
 def trackers(cfg: RunConfig) -> list[str]:
-    """The accelerate trackers the config asks for, each checked to be installed (a clear error otherwise)."""
+    """The accelerate trackers the config asks for (``log_with`` plus ``tensorboard: true``), each checked to be known
+    to accelerate and installed: accelerate itself only warns about a missing package and runs on untracked."""
+    import importlib.util
+
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     names = list(dict.fromkeys([*cfg.log_with, *(["tensorboard"] if cfg.tensorboard else [])]))
+    installed = [n for n in sorted(LOGGER_TYPE_TO_CLASS) if importlib.util.find_spec(n) is not None]  # module = tracker name
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
             raise ConfigError(f"config key 'log_with' names {name!r}; allowed: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
-        if not LOGGER_TYPE_TO_CLASS[name].requires_logging_directory and name != "tensorboard":
+        if name in installed:
             continue
-        if name == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ConfigError("config key 'tensorboard' is true but the tensorboard package is not installed "
-                                  "(pip install -e '.[tensorboard]', or set tensorboard: false)") from None
+        if name == "tensorboard" and cfg.tensorboard and "tensorboard" not in cfg.log_with:
+            raise ConfigError("config key 'tensorboard' is true but the tensorboard package is not installed "
+                              "(pip install -e '.[tensorboard]', or set tensorboard: false)")
+        raise ConfigError(f"config key 'log_with' names {name!r} but the {name} package is not installed (pip install "
+                          f"{name.replace('_', '-')}); allowed trackers, installed here: {', '.join(installed) or 'none'}")
     return names
 
 
-def check_tensorboard(cfg: RunConfig) -> None:
+def check_trackers(cfg: RunConfig) -> None:
+    """Refuse unknown or uninstalled trackers before any work (``trackers`` raises the ``ConfigError``)."""
     trackers(cfg)
+
+
+check_tensorboard = check_trackers  # its former name, for callers from before log_with
 
 
 def build_objective(cfg: RunConfig, ctx: Context) -> Objective:

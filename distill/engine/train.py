@@ -41,6 +41,7 @@ import yaml
 from tqdm import tqdm
 
 from distill.core.atomic import write_with
+from distill.core.progress import above_bars
 from distill.engine.checkpoint import batch_indices, save_checkpoint, step_generator
 from distill.engine.export import STUDENT_FILE
 from distill.engine.lock import FolderLock, launched_rank
@@ -66,6 +67,7 @@ from distill.engine.run_setup import (
     build_objective,
     cast_teacher,
     check_tensorboard,
+    check_trackers,
     check_world_size,
     configure_deepspeed,
     load_init_also,
@@ -85,7 +87,7 @@ from distill.objectives.base import Batch, ema_update, unwrap
 __all__ = [
     "CONFIG_FILE", "HALF_SAFE_NETWORKS", "METRICS_FILE", "NETWORKS_FILE", "RESUME_FREE_KEYS", "NetSettings", "NonFiniteError",
     "Run", "backward_micro_batches", "build_objective", "cast_teacher", "check_finite", "check_resume_config",
-    "check_tensorboard", "check_world_size", "checkpoint", "config_changes", "configure_deepspeed", "data_batch",
+    "check_tensorboard", "check_trackers", "check_world_size", "checkpoint", "config_changes", "configure_deepspeed", "data_batch",
     "file_sha256", "finish", "load_init_also", "log_metrics", "lr_lambda", "make_accelerator", "make_batch",
     "make_context", "make_optimizer", "only_training", "open_run_files", "resolve_parent", "resolve_resume",
     "resolve_settings", "restore", "set_learning_rate", "setup", "split_loss", "start", "train", "trackers",
@@ -267,19 +269,21 @@ def checkpoint(run: Run, step: int) -> None:
 
 
 def finish(run: Run, log) -> Path:
+    """Write the final student, wait for every rank, then close the trackers. ``end_training`` also destroys the
+    process group (accelerate 1.16), so it comes last: no barrier or collective may follow it."""
     if run.accelerator.is_main_process:
         write_students(run, run.out, final=True)
         log(f"saved {run.out / STUDENT_FILE}")
+    run.accelerator.wait_for_everyone()
     if run.trackers:
         run.accelerator.end_training()
-    run.accelerator.wait_for_everyone()
     return run.out
 
 
 # -- the loop --------------------------------------------------------------------------------------------
 def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) -> tuple[Run, int]:
     """Everything before the first step: checks, accelerator, networks, restore, run files, ``on_start``."""
-    check_tensorboard(cfg)
+    check_trackers(cfg)
     check_output_dir(cfg.output_dir, "output_dir")
     lock = FolderLock(cfg.output_dir, enabled=launched_rank() == 0)  # one writer per run folder (distill.engine.lock)
     lock.acquire_existing()  # a folder written before: locked before its checkpoints are read
@@ -315,7 +319,7 @@ def train(cfg: RunConfig, *, load_teacher, build_student, resume: str | None = N
 
 def run_steps(run: Run, step: int, stop_at: int | None, log) -> Path | None:
     """The loop from ``step`` (see ``train``)."""
-    cfg = run.cfg
+    cfg, log = run.cfg, above_bars(log)  # log lines go above the progress bar, not over it
     log(f"rank {run.accelerator.process_index} of {run.accelerator.num_processes}: {cfg.objective['name']} from step "
         f"{step} to {cfg.max_steps}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.objective["name"], mininterval=5,

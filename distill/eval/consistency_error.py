@@ -14,6 +14,7 @@ one-step error at t_max; err above ``move`` means the model at t is worse than r
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from distill.core.grids import LAM_FLOOR, explicit_grid
 from distill.solvers import get_solver
@@ -37,11 +38,12 @@ def teacher_ode_end(teacher, x: torch.Tensor, t: float, cond=None, *, steps: int
 
 @torch.no_grad()
 def consistency_error(f, teacher, x0: torch.Tensor, times, *, cond=None, generator: torch.Generator | None = None,
-                      reference_steps: int = 40) -> list[dict]:
+                      reference_steps: int = 40, desc: str | None = None) -> list[dict]:
     """Rows {t, alpha, err, bias, move} (module doc) of the map ``f(x, t [B] float64, cond)`` at each of ``times``
-    for the states x0 (noised with draws from ``generator``)."""
+    for the states x0 (noised with draws from ``generator``). ``desc``: the label of a tqdm bar over the times (None:
+    no bar)."""
     schedule, rows = teacher.schedule, []
-    for t in times:
+    for t in tqdm(times, desc=desc, unit="time", leave=False, disable=desc is None):
         tt = torch.full((x0.shape[0],), float(t), dtype=torch.float64)
         alpha, sigma = float(schedule.alpha(tt[:1])), float(schedule.sigma(tt[:1]))
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)

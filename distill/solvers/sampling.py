@@ -80,6 +80,7 @@ def sample(
     teleport=None,
     handoff_sigma: float | None = None,
     sigma_max: float | None = None,
+    nfe_bar=None,
     **options,
 ):
     """Solve the probability-flow ODE from standard-normal ``noise`` and return x0.
@@ -99,6 +100,7 @@ def sample(
     ``sigma_max`` (an EDM noise level sigma / alpha) starts the grid where the schedule reaches it, from noise of that
     scale, as EDM does (Karras et al. 2022, Sec. 3: sigma_max = 80): a VP schedule whose t_max lies at sigma / alpha
     ~ 2e4 otherwise makes the first step of a second-order method (Heun) span four orders of magnitude.
+    ``nfe_bar`` (a tqdm bar, e.g. one a script opens over all its batches) is advanced by one per network evaluation.
     """
     spec = get_solver(solver)
     check_options(solver, options)
@@ -141,7 +143,7 @@ def sample(
     else:
         ts = make_grid(schedule, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), grid, final=final, t_max=t_start)
     options = _load_prepared(options, teacher)
-    counted = CountingDenoiser(denoiser)
+    counted = CountingDenoiser(denoiser, nfe_bar)
     if teleport is not None:
         x_T = noise * float(schedule.init_noise_scale(schedule.t_max))
         x_T = gaussian_flow(fit, x_T, schedule, schedule.t_max, float(ts[0]), cond)  # 0 NFE
