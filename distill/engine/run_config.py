@@ -91,7 +91,7 @@ class RunConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     lora: LoraSettings | None = None  # train a LoRA adapter on the student instead of all its weights
     dataset: str | None = None  # distill.data name, for objectives that need real data
-    dataset_options: dict = field(default_factory=dict)  # hf: datasets: image_column, label_column, resolution, channels
+    dataset_options: dict = field(default_factory=dict)  # split; hf: datasets: name, image_column, label_column, resolution, channels
     trajectories: str | None = None  # a trajectory cache folder, for objectives that need one
     optim: OptimConfig = field(default_factory=OptimConfig)  # defaults of every network's optimizer group
     networks: dict = field(default_factory=dict)  # <network name>: NetworkOptim, per-network overrides
