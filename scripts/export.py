@@ -5,8 +5,10 @@
 
 A run folder gives its final student (or, mid-run, its latest complete checkpoint's); --ema takes the
 EMA weights. Load the result with ``students.load_student(path)`` and sample with ``.sample(noise, steps)``.
-``--diffusers DIR`` writes a pipeline folder stock diffusers loads (``ConsistencyModelPipeline`` with the
-project's ``FewStepScheduler``, see ``students.diffusers_scheduler``; a prompt-conditioned student: a
+``--diffusers DIR`` writes a pipeline folder diffusers loads without this project (``ConsistencyModelPipeline`` with
+diffusers' ``DDIMScheduler`` where it is exact, else the project's ``FewStepScheduler`` with its source in the folder,
+loaded with ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)``: ``students.diffusers_export``; a
+prompt-conditioned student: a
 ``LatentConsistencyModelPipeline`` or ``StableDiffusionPipeline`` folder with the vae, text encoder and tokenizer
 copied from its teacher's folder, the one the student file names or ``--teacher DIR``). A LoRA student from a checkpoint (where
 the adapter is not merged) can keep it separate (``--keep-lora``) and be written as a PEFT adapter (``--peft DIR``,

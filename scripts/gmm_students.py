@@ -26,6 +26,7 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
+import distill  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (distill/core/cores.py)
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -82,13 +83,20 @@ def main(argv=None) -> int:
             print(f"error: {args.out} has the columns {header}, not {COLUMNS}; write to a new file", file=sys.stderr)
             return 1
     teacher = load_teacher(args.teacher)
+    students = {}
+    for item in args.students:  # every file loaded and its step counts checked before any work
+        name, _, path = item.partition("=")
+        students[name] = load_student(student_file(Path(path)))
+        missing = [k for k in args.steps if k not in students[name].sampling_steps]
+        if missing:
+            print(f"error: student {name!r} samples with {', '.join(map(str, students[name].sampling_steps))} steps (the counts "
+                  f"its file records), not {', '.join(map(str, missing))}; pass --steps with those", file=sys.stderr)
+            return 1
     problem = make_problem(teacher, args.num_samples, args.seed, reference_steps=200)
     fresh = teacher.sample_data(args.num_samples, generator=torch.Generator().manual_seed(20_000 + args.seed))
     rows = [row_for("exact data (another draw)", teacher, problem, fresh, 0)]
     with tqdm(total=len(args.students) * len(args.steps), desc="students", unit="eval") as bar:
-        for item in args.students:
-            name, _, path = item.partition("=")
-            student = load_student(student_file(Path(path)))
+        for name, student in students.items():
             for steps in args.steps:
                 bar.set_postfix_str(f"{name} {steps} steps", refresh=False)
                 with torch.no_grad():

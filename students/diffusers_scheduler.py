@@ -1,25 +1,32 @@
-"""``FewStepScheduler``: a diffusers scheduler that samples an exported student exactly as ``Student.sample`` does,
-so a student folder written by ``scripts/export.py --diffusers`` runs in stock diffusers:
+"""``FewStepScheduler``: a diffusers scheduler that samples an exported student exactly as ``Student.sample`` does.
 
-    from diffusers import ConsistencyModelPipeline
-    pipe = ConsistencyModelPipeline.from_pretrained("student_dir")   # unet + this scheduler (needs fewstep-distill)
+This file imports only torch and diffusers: ``students.diffusers_export.save_diffusers`` copies it into the exported
+folder as ``scheduler/fewstep_scheduler.py`` and names it in ``model_index.json`` as ``["fewstep_scheduler",
+"FewStepScheduler"]``, diffusers' custom-component layout, so the folder loads in a Python where this project is not
+installed, with one argument:
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("student_dir", trust_remote_code=True)   # runs scheduler/fewstep_scheduler.py
     images = pipe(num_inference_steps=2, class_labels=[3, 7], generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
 
-A prompt-conditioned (UNet2DConditionModel) student's folder also holds its teacher's vae, text_encoder and tokenizer
-and loads as a ``LatentConsistencyModelPipeline`` when the student takes the guidance scale w (LCM-style, through the
-UNet's ``timestep_cond``), else as a ``StableDiffusionPipeline`` (call it with ``guidance_scale=1``: no CFG on top):
+(``ConsistencyModelPipeline.from_pretrained(..., trust_remote_code=True)`` loads the same folder.) An ode student whose
+every recorded grid is DDIM's own gets diffusers' ``DDIMScheduler`` instead and needs no argument
+(``students.diffusers_export.stock_scheduler``).
 
-    pipe = LatentConsistencyModelPipeline.from_pretrained("student_dir")
-    latents = pipe(["a red fox"], num_inference_steps=2, guidance_scale=7.5, output_type="latent").images
+Its config holds no schedule and no parameterization, only numbers: for each recorded step count, one row per step
+(``STEP_ROW``) with the time the network sees and the coefficients of that step, computed at export time by the
+project's own functions (``students.diffusers_export.scheduler_steps``). With x the state and u the network output,
 
-Its config holds what the student file holds: the noise schedule, the network's prediction type and time scale,
-the parameterization (consistency boundary condition or plain denoiser), sigma_data, the sampler (``consistency``:
-re-noise between steps; ``ode``: DDIM steps) and the sampling times of every recorded step count. ``step`` turns
-the UNet output into the student's sample with the project's own functions (``distill.core.param``,
-``students.student.parameterize``, ``distill.solvers.common.ddim_step``): the same arithmetic, so the same
-numbers. LCM's scheduler cannot stand in: its boundary coefficients use t * timestep_scaling where ours use the
-EDM-chart sigma~(t) - sigma~(t_min), and it has no deterministic sampler.
+    d = c_x x + c_p u                    the data prediction (``distill.core.param.x0_coefficients``)
+    f = a x + r d                        the student's output (``students.student.f_coefficients``; ode: f = d)
+    next = f                             after the last step of either sampler (the clean point)
+    next = p x + q f                     ode: one DDIM step (``distill.solvers.common.ddim_coefficients``)
+    next = q f + s z,  z ~ N(0, I)       consistency: re-noise to the next time (Song et al. 2023, Algorithm 1)
+
+the same float32 operations in the same order as ``Student.sample``, so the same numbers (the re-noising draws come
+from the pipeline's generator, after the initial noise, as in ``Student.sample(noise, k, generator=...)``).
+Why LCM's and CM's schedulers cannot stand in: ``docs/ecosystem.md`` ("diffusers").
 """
 
 from __future__ import annotations
@@ -31,9 +38,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from distill.core.param import combine_x0, x0_coefficients
-from distill.core.schedules import schedule_from_config
-from distill.solvers.common import ddim_step, grid_points
+STEP_ROW = ("timestep", "c_x", "c_p", "a", "r", "p", "q", "s")  # one step's numbers, in this order (module doc)
 
 
 @dataclass
@@ -46,63 +51,47 @@ class FewStepScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, schedule: dict | None = None, prediction_type: str = "epsilon", time_scale: float = 1.0,
-                 parameterization: str = "consistency", sigma_data: float = 0.5, sampler: str = "consistency",
-                 sampling_timesteps: dict | None = None):
-        self.schedule = schedule_from_config(schedule or {"kind": "vp_linear"})
+    def __init__(self, steps: dict | None = None, init_noise_sigmas: dict | None = None, sampler: str = "consistency"):
+        # steps: {"k": [row, ...]} (STEP_ROW per row); init_noise_sigmas: {"k": scale of the initial noise}
         self.init_noise_sigma = 1.0
         self.timesteps = torch.empty(0)
-        self._ts: list[float] = []
+        self._rows: list[dict] = []
         self._step = 0
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None,
                       original_inference_steps: int | None = None):
-        """The student's recorded times for ``num_inference_steps``, or explicit native ``timesteps`` (network units).
-        ``original_inference_steps`` (LCMScheduler's, which LatentConsistencyModelPipeline always passes) is ignored."""
+        """The recorded steps of ``num_inference_steps``. ``original_inference_steps`` (LCMScheduler's, which
+        LatentConsistencyModelPipeline always passes) is ignored; explicit ``timesteps`` are refused."""
+        recorded = sorted(self.config.steps or {}, key=int)
         if timesteps is not None:
-            ts = [float(t) / self.config.time_scale for t in timesteps]
-        else:
-            stored = self.config.sampling_timesteps or {}
-            if str(num_inference_steps) not in stored:
-                raise ValueError(f"this student records sampling times for {', '.join(sorted(stored, key=int))} steps, not "
-                                 f"{num_inference_steps}; pass timesteps= to choose others")
-            ts = list(stored[str(num_inference_steps)])
-        self._ts, self._step = ts, 0
-        self.init_noise_sigma = float(self.schedule.init_noise_scale(torch.tensor(ts[0], dtype=torch.float64)))
-        # what the network sees: t * time_scale in float32, as Student.raw passes it
-        self.timesteps = (torch.tensor(ts, dtype=torch.float64) * self.config.time_scale).float().to(device or "cpu")
+            raise ValueError(f"this exported scheduler samples the recorded step counts ({', '.join(recorded)}), not "
+                             f"explicit timesteps; students.load_student(...).sample(noise, timesteps=...) samples any times")
+        if str(num_inference_steps) not in recorded:
+            raise ValueError(f"this student records sampling times for {', '.join(recorded)} steps, not "
+                             f"{num_inference_steps}")
+        self._rows = [dict(zip(STEP_ROW, row)) for row in self.config.steps[str(num_inference_steps)]]
+        self._step = 0
+        self.init_noise_sigma = float(self.config.init_noise_sigmas[str(num_inference_steps)])
+        self.timesteps = torch.tensor([row["timestep"] for row in self._rows], dtype=torch.float32, device=device or "cpu")
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
-    def _denoised(self, model_output, sample, t: float) -> torch.Tensor:
-        from students.student import parameterize
-
-        t64 = torch.tensor([t], dtype=torch.float64)
-        log_a, log_s = self.schedule.log_alpha_sigma(t64)
-        out = model_output.to(sample.dtype)
-        d = out if self.config.prediction_type == "sample" else combine_x0(
-            out, sample, *x0_coefficients(self.config.prediction_type, log_a.exp(), log_s.exp(), sample.ndim))
-        return parameterize(self.config.parameterization, self.schedule, self.config.sigma_data, sample,
-                            t64.expand(sample.shape[0]), d)
-
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator: torch.Generator | None = None,
              return_dict: bool = True):
-        t = self._ts[self._step]
-        last = self._step == len(self._ts) - 1
-        x0 = self._denoised(model_output, sample, t)
-        if self.config.sampler == "ode":  # one DDIM step to the next time (the clean point after the last)
-            nxt = self._ts[self._step + 1] if not last else self.schedule.t_clean
-            cur_p, nxt_p = grid_points(self.schedule, torch.tensor([t, nxt], dtype=torch.float64))
-            prev = ddim_step(sample, x0, cur_p, nxt_p)
-        elif last:
-            prev = x0
-        else:  # re-noise to the next time (multistep consistency sampling, Song et al. 2023, Algorithm 1)
-            nxt = torch.tensor(self._ts[self._step + 1], dtype=torch.float64)
+        row, last = self._rows[self._step], self._step == len(self._rows) - 1
+        d = torch.addcmul(sample * row["c_x"], model_output.to(sample.dtype), torch.tensor(row["c_p"], dtype=sample.dtype,
+                                                                                             device=sample.device))
+        f = sample * row["a"] + d * row["r"]
+        if last:
+            prev = f
+        elif self.config.sampler == "ode":
+            prev = torch.add(sample * row["p"], f, alpha=row["q"])
+        else:
             z = torch.randn(sample.shape, generator=generator, dtype=sample.dtype).to(sample.device)
-            prev = float(self.schedule.alpha(nxt)) * x0 + float(self.schedule.sigma(nxt)) * z
+            prev = row["q"] * f + row["s"] * z
         self._step += 1
-        return FewStepSchedulerOutput(prev, x0) if return_dict else (prev, x0)
+        return FewStepSchedulerOutput(prev, f) if return_dict else (prev, f)
 
     def __len__(self) -> int:
-        return len(self._ts)
+        return len(self._rows)

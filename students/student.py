@@ -31,7 +31,8 @@ How a student samples is part of the file (``sampler``):
   * ``meanflow``: one average-velocity jump per interval, z_r = z_t - (t - r) u(z_t, r, t) in the rectified-flow chart
     (Geng et al. 2025, Alg. 2 and its "Sampling" paragraph), taken as one DDIM step from t to r with the data prediction at the
     extra input ``interval`` = flow_time(t) - flow_time(r) (``distill.objectives.meanflow``).
-``sampling_timesteps`` maps a step count to its times; counts not stored come from ``sampling_grid``.
+``sampling_timesteps`` maps a step count to its times; counts not stored come from ``sampling_grid``. ``sample`` takes
+only the counts in ``sampling_steps`` (what the file records; a 4-step progressive student refuses 2 steps).
 """
 
 from __future__ import annotations
@@ -61,14 +62,22 @@ def boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tuple[to
 
 def parameterize(parameterization: str, schedule: Schedule, sigma_data: float, x: torch.Tensor, t: torch.Tensor,
                  d: torch.Tensor) -> torch.Tensor:
-    """f(x, t) from the data prediction d = D_theta(x, t): d itself, or c_skip x + c_out d (module doc)."""
+    """f(x, t) from the data prediction d = D_theta(x, t): d itself, or a x + r d (``f_coefficients``)."""
     if parameterization == "denoiser":
         return d
+    coef_x, coef_d = f_coefficients(parameterization, schedule, sigma_data, t)
+    return append_dims(coef_x, x.ndim).to(x) * x + append_dims(coef_d, x.ndim).to(x) * d
+
+
+def f_coefficients(parameterization: str, schedule: Schedule, sigma_data: float, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, r) with f(x, t) = a x + r D_theta at times ``t``, float64: (0, 1) for ``denoiser``, ``edm_boundary`` for
+    ``consistency_edm``, (c_skip, c_out) of ``boundary`` for ``consistency`` (module doc)."""
+    if parameterization == "denoiser":
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.zeros_like(t), torch.ones_like(t)
     if parameterization == "consistency_edm":
-        coef_x, coef_d = edm_boundary(schedule, t, sigma_data)
-        return append_dims(coef_x, x.ndim).to(x) * x + append_dims(coef_d, x.ndim).to(x) * d
-    c_skip, c_out = boundary(schedule, t, sigma_data)
-    return append_dims(c_skip, x.ndim).to(x) * x + append_dims(c_out, x.ndim).to(x) * d
+        return edm_boundary(schedule, t, sigma_data)
+    return boundary(schedule, t, sigma_data)
 
 
 def edm_boundary(schedule: Schedule, t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +138,12 @@ class Student(NetDenoiser):
     def sample(self, noise: torch.Tensor, steps: int = 1, cond: torch.Tensor | None = None,
                generator: torch.Generator | None = None, timesteps=None, callback=None, **extra) -> torch.Tensor:
         """A ``steps``-step sample from standard-normal ``noise`` with this student's sampler (module doc);
-        ``callback(info)`` sees every intermediate state; ``extra`` conditions go to the network."""
+        ``callback(info)`` sees every intermediate state; ``extra`` conditions go to the network. ``steps`` must be one
+        of ``sampling_steps`` (the counts the file records, as an exported pipeline's scheduler); ``timesteps`` samples
+        any other times."""
+        if timesteps is None and steps not in self.sampling_steps:
+            raise ValueError(f"this student samples with {', '.join(map(str, self.sampling_steps))} steps (the step counts "
+                             f"its file records), not {steps}; pass timesteps= to sample at other times")
         ts = self.sampling_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
         x = noise * float(self.schedule.init_noise_scale(ts[0]))
         if self.sampler == "meanflow":

@@ -293,6 +293,13 @@ def test_garbage_student_metadata_field_is_named(aniso_student, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+
+def test_bench_refuses_student_steps_the_file_does_not_record(aniso_student, tmp_path, capsys):
+    argv = bench_argv(tmp_path / "o", "--students", str(aniso_student), "--student-steps", "1,8", teacher="gmm:aniso2d")
+    message = refused(load_script("bench").main, argv, capsys)
+    assert "samples with 1, 2, 3, 4 steps (the counts its file records), not 8; pass --student-steps with those" in message
+    assert not (tmp_path / "o").exists()
+
 # -- distill.py --set ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, key", [("optim.lr=.nan", "optim.lr"), ("grad_clip=.nan", "grad_clip")])
 def test_nan_override_names_the_key(tmp_path, capsys, override, key):

@@ -140,9 +140,11 @@ def test_unet_student_as_a_diffusers_folder(tmp_path, unet_teacher):
 
 @pytest.mark.parametrize("sampler, parameterization", [("consistency", "consistency"), ("consistency", "consistency_edm"),
                                                        ("ode", "denoiser")])
-def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tmp_path, sampler, parameterization):
-    """ConsistencyModelPipeline.from_pretrained(folder) with the exported FewStepScheduler reproduces
-    Student.sample at 1 and at several steps, from the same generator (initial noise, then re-noising draws)."""
+def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tmp_path, sampler, parameterization,
+                                                                              remote_code_cache):
+    """ConsistencyModelPipeline.from_pretrained(folder, trust_remote_code=True) with the exported FewStepScheduler (its
+    source in the folder) reproduces Student.sample at 1 and at several steps, from the same generator (initial noise,
+    then re-noising draws). Without this project on the import path: tests/test_diffusers_clean_load.py."""
     from diffusers import ConsistencyModelPipeline, DDPMScheduler
 
     teacher = save_teacher_folder(tmp_path / "teacher", tiny_unet(num_class_embeds=4), DDPMScheduler(prediction_type="v_prediction"),
@@ -156,7 +158,7 @@ def test_exported_pipeline_folder_samples_in_stock_diffusers_like_the_student(tm
         for p in student.net.parameters():  # a non-trivial network, not the random init only
             p.add_(0.01 * torch.randn_like(p))
     save_diffusers(student, tmp_path / "pipe")
-    pipe = ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    pipe = ConsistencyModelPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.tensor([0, 2, 1])
     for steps in (1, 3):

@@ -170,7 +170,7 @@ def test_mnist16_thick_stroke_quarter():
     assert torch.equal(thick.x, load_dataset("mnist16", stroke="thick", fraction=0.25).x)  # deterministic
     with pytest.raises(ValueError, match="dataset option 'stroke' is 'bold'; allowed: thick, thin"):
         load_dataset("mnist16", stroke="bold")
-    with pytest.raises(ValueError, match="allowed: stroke, fraction"):
+    with pytest.raises(ValueError, match="allowed: split, stroke, fraction"):
         load_dataset("mnist16", ink=1)
 
 

@@ -32,7 +32,8 @@ def _perturbed_student(teacher, **student_options):
 
 
 @pytest.mark.parametrize("takes_w, sampler", [(True, "consistency"), (False, "ode")])
-def test_prompt_student_pipeline_folder_samples_in_stock_diffusers_like_the_student(sd_folder, tmp_path, takes_w, sampler):
+def test_prompt_student_pipeline_folder_samples_in_stock_diffusers_like_the_student(sd_folder, tmp_path, takes_w, sampler,
+                                                                                    remote_code_cache):
     """export --diffusers of a prompt student: LatentConsistencyModelPipeline (w through timestep_cond) or
     StableDiffusionPipeline (no w), loaded with DiffusionPipeline.from_pretrained, from the same latents, prompts and
     generator at 1, 2 and 3 steps. Max abs difference seen: 0 (the same float32 calls and arithmetic)."""
@@ -48,7 +49,7 @@ def test_prompt_student_pipeline_folder_samples_in_stock_diffusers_like_the_stud
     assert _export_cli()([str(tmp_path / "trained.safetensors"), "--out", str(tmp_path / "s.safetensors"),
                           "--diffusers", str(tmp_path / "pipe")]) == 0
     student = load_student(tmp_path / "s.safetensors").eval()
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     expected = "LatentConsistencyModelPipeline" if takes_w else "StableDiffusionPipeline"
     assert type(pipe).__name__ == expected and type(pipe.scheduler).__name__ == "FewStepScheduler"
@@ -135,7 +136,7 @@ OBJECTIVES = {
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_objective_families_on_the_tiny_pipeline_resume_bit_identically_and_export(sd_folder, sd_v_folder, tmp_path_factory,
-                                                                                    objective):
+                                                                                    objective, remote_code_cache):
     """One objective of each family on prompt conditioning: progressive (a v-prediction teacher, DDIM student), reflow
     (a trajectory cache with prompts by reference, label dropout to the empty prompt), SLAM (w and gamma inputs),
     DMD2 with its GAN head on the fake score's UNet2DConditionModel bottleneck, data-free SiD from a prompt file. Each
@@ -187,7 +188,7 @@ def _check_pipeline_samples_like_the_student(folder, student, teacher_folder):
     """The stock pipeline in ``folder`` against ``Student.sample`` at the student's first recorded step count."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     takes_w, steps = "w" in student.conditions, student.sampling_steps[0]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -60,7 +60,13 @@ def ddim_step(x: torch.Tensor, x0: torch.Tensor, cur: Point, nxt: Point) -> torc
     h = nxt.lam - cur.lam
     if isinstance(h, torch.Tensor):  # per-sample points
         return x * (nxt.sigma / cur.sigma) - x0 * (nxt.alpha * torch.expm1(-h))
-    return torch.add(x * (nxt.sigma / cur.sigma), x0, alpha=-(nxt.alpha * math.expm1(-h)))
+    p, q = ddim_coefficients(cur, nxt)
+    return torch.add(x * p, x0, alpha=q)
+
+
+def ddim_coefficients(cur: Point, nxt: Point) -> tuple[float, float]:
+    """(p, q) with ``ddim_step(x, x0, cur, nxt) = p x + q x0`` between two single-time points that are not clean."""
+    return nxt.sigma / cur.sigma, -(nxt.alpha * math.expm1(-(nxt.lam - cur.lam)))
 
 
 def chart_scale(schedule: Schedule, p: Point) -> float:
