@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from distill.core.atomic import reports_write_errors
-from distill.core.cores import cap_torch_threads
+from distill.core.cores import configure_threads
 from distill.core.grids import GRIDS
 from distill.data import MNIST16_SPLITS
 from distill.engine.lock import FolderInUse, FolderLock
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="cpu", help="torch device of the teacher (e.g. cuda)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: OMP_NUM_THREADS, else the usable cores; distill/core/cores.py)")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. results/<name>/")
     p.add_argument("--save-images", action="store_true", help="also write one PNG per sample under images/<cell>/")
     p.add_argument("--reference-dataset", default="mnist16", help="mnist16, or hf:<hub name or local folder>")
@@ -106,7 +108,11 @@ student_cost = lib.student_cost  # a student's training cost (tests/test_run_cos
 @reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cap_torch_threads()  # no more intra-op threads than the cores this process may use
+    try:
+        configure_threads(args.threads)  # the cores this process may use, or --threads (distill.core.cores)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     with FolderLock(args.out) as lock:  # one writer per --out (distill.engine.lock), released on return or death
         try:
             return _bench(args, argv, lock)
@@ -146,6 +152,11 @@ def _bench(args, argv, lock: FolderLock) -> int:
         metric.check(cfg.num_samples)
         students, columns = lib.load_students(student_paths, teacher, _load_student, [p for p in args.cost.split(",") if p],
                                               args.allow_other_teacher)
+        for name, student in students.items():  # refused now, not after the solver cells ran
+            missing = [k for k in student_steps if k not in getattr(student, "sampling_steps", student_steps)]
+            if missing:
+                raise ValueError(f"student {name!r} samples with {', '.join(map(str, student.sampling_steps))} steps (the "
+                                 f"counts its file records), not {', '.join(map(str, missing))}; pass --student-steps with those")
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     lock.acquire()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers importable as p
 # torch's default 2 threads made a 10k-sample GMM sampling run 25x slower (13.5 s against 0.5 s) while other
 # jobs held the cores, every parallel op waiting for a thread that was not scheduled.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the commands the tests run, in-process or not (distill.core.cores)
 
 
 def tiny_unet(num_class_embeds: int | None = None, seed: int = 0, sample_size: int = 8, channels: int = 1):
@@ -48,6 +50,15 @@ def save_teacher_folder(root: Path, unet, scheduler, *, layout: str = "pipeline"
     if teacher_json is not None:
         (root / "teacher.json").write_text(json.dumps(teacher_json))
     return root
+
+
+@pytest.fixture
+def remote_code_cache(tmp_path, monkeypatch):
+    """``trust_remote_code=True`` loads copy a folder's component code (an exported student's
+    scheduler/fewstep_scheduler.py) into diffusers' modules cache: a temporary one, not the user's."""
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
 
 @pytest.fixture

@@ -10,6 +10,16 @@ runs the network, and a single usable core gets no worker at all (loading in the
 variable ``DISTILL_NUM_WORKERS`` overrides it (a non-negative integer). torch's intra-op threads are capped at the
 usable cores (``cap_torch_threads``; torch may count the machine's), never raised: ``OMP_NUM_THREADS`` or a caller's
 ``torch.set_num_threads`` below that stays.
+
+Commands (``scripts/distill.py``, ``scripts/bench.py``) size torch's pools with ``configure_threads``: the intra-op and
+inter-op threads of each process are ``usable_cores() // local_processes()`` (accelerate / torchrun say how many
+processes share this machine in ``LOCAL_WORLD_SIZE``), unless the config or the command line names a count, or the
+environment's ``OMP_NUM_THREADS`` does (in that order). OpenMP's threads wait passively (``OMP_WAIT_POLICY=PASSIVE``,
+set by ``distill/__init__.py`` before torch loads its OpenMP runtime, unless the environment sets a policy): a spinning
+wait lets one busy process on a shared 2-core machine slow a 2-thread training step 20-40x (0.5 s idle -> 23 s under a
+2-thread competing load), a passive one 4-6x (results/engine/threads.md measures both). ``DISTILL_CPU_DEFAULTS=off``
+keeps torch's own defaults for both (the benchmark's "old" column). Library calls (``distill.engine.train.train``)
+leave a caller's torch settings alone.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import os
 
 WORKERS_ENV = "DISTILL_NUM_WORKERS"
+DEFAULTS_ENV = "DISTILL_CPU_DEFAULTS"  # "off": torch's own thread counts and OpenMP's own wait policy
 
 
 def usable_cores() -> int:
@@ -35,7 +46,65 @@ def loader_workers(cap: int = 4) -> int:
         if not text.isdigit():
             raise ValueError(f"{WORKERS_ENV}={text!r} is not a worker count; allowed: a non-negative integer such as 0 or 2")
         return int(text)
-    return max(0, min(cap, usable_cores() - 1))
+    return max(0, min(cap, cores_per_process() - 1))
+
+
+def local_processes() -> int:
+    """Processes of this job on this machine: ``LOCAL_WORLD_SIZE`` (set by accelerate launch and torchrun), else 1."""
+    text = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return max(1, int(text)) if text.isdigit() else 1
+
+
+def cores_per_process() -> int:
+    """This process's share of the usable cores (at least 1)."""
+    return max(1, usable_cores() // local_processes())
+
+
+def defaults_on() -> bool:
+    """False when ``DISTILL_CPU_DEFAULTS=off``: torch's own thread counts and wait policy."""
+    return os.environ.get(DEFAULTS_ENV, "").lower() not in ("off", "0", "false", "no")
+
+
+def thread_plan(threads: int | None = None, interop_threads: int | None = None) -> dict:
+    """The intra-op and inter-op thread counts a command should use and where each comes from: an explicit count
+    (config or command line), else ``OMP_NUM_THREADS``, else this process's share of the usable cores."""
+    for name, value in (("threads", threads), ("interop_threads", interop_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is not a thread count; allowed: a positive integer, or null for this "
+                             f"process's share of the usable cores ({cores_per_process()})")
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if threads is not None:
+        intra, source = threads, "config or --threads"
+    elif env.isdigit() and int(env) > 0:
+        intra, source = int(env), "OMP_NUM_THREADS"
+    else:
+        intra, source = cores_per_process(), f"{usable_cores()} usable cores / {local_processes()} process(es)"
+    return {"threads": intra, "interop_threads": interop_threads if interop_threads is not None else intra,
+            "source": source, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
+
+
+def configure_threads(threads: int | None = None, interop_threads: int | None = None) -> dict:
+    """Apply ``thread_plan`` to torch (a command's first act; ``DISTILL_CPU_DEFAULTS=off`` applies only explicit
+    counts) and return it. The inter-op pool cannot be resized once used: then it keeps its size, and the plan says so."""
+    import torch
+
+    if not defaults_on() and threads is None and interop_threads is None:
+        return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+                "source": f"torch's defaults ({DEFAULTS_ENV}=off)", "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
+    plan = thread_plan(threads, interop_threads)
+    torch.set_num_threads(plan["threads"])
+    if torch.get_num_interop_threads() != plan["interop_threads"]:
+        try:
+            torch.set_num_interop_threads(plan["interop_threads"])
+        except RuntimeError:  # "cannot set number of interop threads after parallel work has started"
+            plan["interop_threads"] = torch.get_num_interop_threads()
+    return plan
+
+
+def describe(plan: dict) -> str:
+    """One log line: the thread counts, where they came from, and the wait policy."""
+    return (f"cpu threads: {plan['threads']} intra-op, {plan['interop_threads']} inter-op ({plan['source']}); "
+            f"OMP_WAIT_POLICY {plan['wait_policy']}")
 
 
 def cap_torch_threads() -> int:
