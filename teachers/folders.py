@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from distill.core.file_cache import cached_text
 from distill.core.schedules import DiscreteVP, RectifiedFlow
 
 VP_PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -77,13 +78,19 @@ def schedule_from_scheduler_config(config: dict):
 
 
 def file_hash(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 over each file's name and bytes, in order: a teacher folder's content hash. Read once per version of the
+    files (kept in ``distill.core.file_cache`` by path, size and mtime), not at every start."""
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for p in paths:
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    return cached_text([Path(p) for p in paths], "teacher-file-hash", compute)
 
 
 def names_cond_unet(root: Path) -> bool:

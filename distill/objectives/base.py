@@ -210,9 +210,17 @@ def get_objective(name: str) -> type[Objective]:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * source, parameter by parameter (buffers copied)."""
-    for p_t, p_s in zip(target.parameters(), source.parameters()):
-        p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
+    """target <- decay * target + (1 - decay) * source (buffers copied), in one multi-tensor lerp where the dtypes agree
+    (the kernel of ``torch.optim.swa_utils.get_ema_multi_avg_fn``; bit-identical to a per-parameter ``lerp_``). Not
+    ``AveragedModel`` or diffusers' ``EMAModel``: the first copies the weights on its first update and the second warms
+    its decay up by default (min(decay, (1 + n) / (10 + n))), where this EMA starts from the initial student at a fixed
+    decay, as every committed student was trained."""
+    targets, sources = list(target.parameters()), [p.detach() for p in source.parameters()]
+    if all(t.dtype == s.dtype and t.device == s.device for t, s in zip(targets, sources)):
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
+    else:
+        for p_t, p_s in zip(targets, sources):
+            p_t.lerp_(p_s.to(p_t.dtype), 1.0 - decay)
     for b_t, b_s in zip(target.buffers(), source.buffers()):
         b_t.copy_(b_s)
 
