@@ -15,13 +15,15 @@ trainer encodes them with the teacher's (cached) text encoder per batch.
 
 ``generate`` resumes: a shard that opens with the expected count is kept, anything else is redone; a folder
 whose manifest disagrees with the settings asked for is refused. ``open_cache`` refuses a cache made by
-another teacher or with other settings. Objectives read rows with ``TrajectoryCache.rows(indices)``.
+another teacher or with other settings. Objectives read rows with ``TrajectoryCache.rows(indices)``: one ``pread``
+per row and key, nothing memory-mapped, so that a run's memory does not grow with the cache.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -145,11 +147,26 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
 
 
 KEYS = ("noise", "states", "sample", "label")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def shard_layout(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """Each tensor of a safetensors file as (dtype, shape, byte offset of its data in the file), from its header: 8
+    bytes (little-endian header size), the JSON header, then the data (``data_offsets`` count from the header's end)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: (_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + size + v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 class TrajectoryCache:
-    """A complete cache, read lazily: shards are opened memory-mapped on first use and ``rows`` reads only the
-    rows and keys asked for, so a 100k-sample cache is never loaded whole into each process."""
+    """A complete cache, read lazily: ``rows`` reads only the rows and keys asked for, each row with one ``pread``
+    into the tensor returned. Nothing of a shard is memory-mapped or kept, so a run's memory does not grow with the cache:
+    a mapping keeps resident every page it touched and the kernel maps the cached pages around each one too (64 rows of
+    an 80 MB cache left 61 MB resident: scripts/engine_memory.py, results/engine/memory.md). The shards' pages stay in
+    the kernel's page cache, shared by the ranks and reclaimable."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -162,7 +179,7 @@ class TrajectoryCache:
                                  f"rerun scripts/make_trajectories.py with the same arguments to finish it")
         self.ts = torch.tensor(m["ts"], dtype=torch.float64)
         self.num_samples, self.shard_size = m["num_samples"], m["shard_size"]
-        self._open: dict[int, object] = {}
+        self._layouts: dict[int, dict] = {}  # shard -> shard_layout, read on first use
         self._prompts: list[str] | None = None
 
     def prompt_texts(self, labels: torch.Tensor) -> list[str]:
@@ -179,12 +196,10 @@ class TrajectoryCache:
             self._prompts = ds.prompts
         return [self._prompts[int(j)] for j in labels.tolist()]
 
-    def _shard(self, k: int):
-        if k not in self._open:
-            from safetensors import safe_open
-
-            self._open[k] = safe_open(str(_shard_path(self.folder, k)), "pt")
-        return self._open[k]
+    def _layout(self, k: int) -> dict:
+        if k not in self._layouts:
+            self._layouts[k] = shard_layout(_shard_path(self.folder, k))
+        return self._layouts[k]
 
     def rows(self, indices, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """The cache rows ``indices`` (global sample numbers, in that order), only ``keys`` (default: all)."""
@@ -192,16 +207,32 @@ class TrajectoryCache:
         unknown = sorted(set(keys) - set(KEYS))
         if unknown:
             raise ValueError(f"unknown trajectory keys {unknown}; allowed: {', '.join(KEYS)}")
-        picked: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-        for i in torch.as_tensor(indices).tolist():
-            shard, local = divmod(int(i), self.shard_size)
-            f = self._shard(shard)
-            for key in keys:
-                picked[key].append(f.get_slice(key)[local:local + 1])
-        return {key: torch.cat(parts) for key, parts in picked.items()}
+        where = [divmod(int(i), self.shard_size) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        bad = [s * self.shard_size + j for s, j in where if not 0 <= s * self.shard_size + j < self.num_samples]
+        if bad:
+            raise IndexError(f"trajectory cache {str(self.folder)!r} has rows 0 to {self.num_samples - 1}, not {bad[0]}")
+        dtype, shape, _ = zip(*(self._layout(0)[key] for key in keys))
+        out = {key: torch.empty((len(where), *shape[n][1:]), dtype=dtype[n]) for n, key in enumerate(keys)}
+        files: dict[int, int] = {}
+        try:
+            for r, (s, j) in enumerate(where):
+                if s not in files:
+                    files[s] = os.open(_shard_path(self.folder, s), os.O_RDONLY)
+                for key in keys:
+                    if not _read_row(files[s], self._layout(s)[key], j, out[key][r]):
+                        raise ValueError(f"{str(_shard_path(self.folder, s))!r} ends inside row {j} of {key!r}: the trajectory "
+                                         f"cache was damaged after it was made; rerun scripts/make_trajectories.py to redo it")
+        finally:
+            for fd in files.values():
+                os.close(fd)
+        return out
 
-    def __getstate__(self):  # open shard handles are not picklable; reopen after a copy
-        return {**self.__dict__, "_open": {}}
+
+def _read_row(fd: int, layout: tuple, j: int, into: torch.Tensor) -> bool:
+    """Read row ``j`` of the tensor at ``layout`` (``shard_layout``) of the open file ``fd`` into ``into``; False if the
+    file ends first."""
+    buf = into.view(-1).view(torch.uint8).numpy()
+    return os.preadv(fd, [buf], layout[2] + j * buf.nbytes) == buf.nbytes
 
 
 def open_cache(folder: str | Path, **expect) -> TrajectoryCache:
