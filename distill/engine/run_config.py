@@ -107,6 +107,9 @@ class RunConfig:
     mixed_precision: str | None = choice(None, (None, "no", "fp16", "bf16"))  # null: the launcher's (accelerate launch --mixed_precision)
     teacher_dtype: str = choice("auto", ("auto", "float32"))  # auto: frozen UNet teacher (+ encoders) in fp16/bf16 under mixed_precision
     teacher_offload: bool = False  # text-to-image teacher: its text encoder and VAE stay on the CPU in float32
+    # torch.compile (inductor) the student's, teacher's and the objective's other networks in place; same state_dict keys
+    # and files; losses within 1e-4 relative of eager (float sums reordered); a resume may change it (docs/engine.md)
+    compile: bool = False
     checkpoint_every: int = at_least(500, 1)
     keep_checkpoints: int = at_least(2, 1)
     log_every: int = at_least(50, 1)

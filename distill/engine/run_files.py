@@ -28,9 +28,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
 
-# keys a resume may change: the run length, how it is logged and checkpointed, and how many threads compute it
+# keys a resume may change: the run length, how it is logged and checkpointed, and how it computes (threads, compile)
 RESUME_FREE_KEYS = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "log_with", "output_dir",
-                    "debug_nan_step", "threads", "interop_threads")
+                    "debug_nan_step", "threads", "interop_threads", "compile")
 
 
 def flat(d: dict, prefix: str = "") -> dict:

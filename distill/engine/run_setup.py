@@ -98,6 +98,9 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     if warning and accelerator.is_main_process:
         print(warning, flush=True)
     cfg.mixed_precision = str(accelerator.mixed_precision)  # the launcher's when the config left it null
+    warning = bf16_warning(cfg.mixed_precision, accelerator.device)
+    if warning and accelerator.is_main_process:
+        print(warning, flush=True)
     if deepspeed and accelerator.state.deepspeed_plugin is None:
         raise ConfigError("the launch asked for DeepSpeed but accelerate did not set it up (is deepspeed installed? "
                           "pip install -e '.[deepspeed]'); refusing to run without it")
@@ -108,6 +111,16 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     if accelerator.state.deepspeed_plugin is not None:
         configure_deepspeed(cfg, accelerator)
     return accelerator
+
+
+def bf16_warning(mixed_precision: str, device: torch.device) -> str | None:
+    """A sentence when bf16 autocast runs on a CPU without bf16 instructions (avx512_bf16 / AMX): there oneDNN emulates
+    bf16 matrix products and convolutions, 50-80x slower than float32 on an AVX2 EPYC (a cd_mnist16 step 5-20x slower,
+    results/engine/compile.md). The run goes on: it is correct, only slow."""
+    if mixed_precision != "bf16" or device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return ("mixed_precision bf16 on a CPU without bf16 instructions (avx512_bf16 / AMX): bf16 matrix products and "
+            "convolutions are emulated and run many times slower than float32; mixed_precision: no is faster here")
 
 
 def configure_deepspeed(cfg: RunConfig, accelerator) -> None:
@@ -320,6 +333,10 @@ def setup(cfg: RunConfig, accelerator, load_teacher, build_student, resuming: bo
               settings, trainable, ema, Path(cfg.output_dir), ctx=ctx, cache=cache)
     if cfg.init_also and not resuming:
         load_init_also(run, cfg.init_also)
+    if cfg.compile:  # in place: the same modules and state_dict keys (distill.engine.compile)
+        from distill.engine.compile import compile_networks
+
+        compile_networks(run)
     if "data" in objective.needs:
         from distill.data import IndexedData, dataset_for
 

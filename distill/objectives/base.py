@@ -132,10 +132,14 @@ class Context:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The bare module inside a DDP / accelerate wrapper."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
+    """The bare module inside DDP / accelerate / ``torch.compile`` (``OptimizedModule``) wrappers."""
+    while True:
+        if isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile(module), e.g. accelerate's dynamo_backend
+            module = module._orig_mod
+        elif hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        else:
+            return module
 
 
 class Objective:
