@@ -7,13 +7,12 @@
     python scripts/bench.py --teacher mnist16 --solvers "" --variant v3=dpm_solver_v3:ems=runs/prepared/<hash>/ems.safetensors \
         --nfe 2,3,4,5 --num-samples 2000 --out results/mnist16_fast
 
-Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor and the training data at the same sample
-count and reference), fid_vs_nfe.png, fid_headline.png (the best solver per NFE, the best student of each family, the
-teacher and the floor), fid_vs_nfe.md (the table), fid_vs_cost.png (when students record their training cost) and
-samples/<method>.png.
-Resumable: cells already in the CSV with the same settings are skipped. Sample i uses noise seed (seed + i) in
-every cell; class labels cycle 0..K-1 (--unconditional: -1). Solvers that cannot spend an NFE exactly are skipped.
-One bench writes an --out at a time: a second one is refused with exit status 2, changing nothing.
+Writes fid_vs_nfe.csv (a row per method and NFE, plus the data floor and the training data at the same sample count and
+reference), fid_vs_nfe.png, fid_headline.png (the best solver per NFE, the best student of each family, the teacher and
+the floor), fid_vs_nfe.md (the table), fid_vs_cost.png (when students record their training cost) and samples/<method>.png.
+Resumable: cells already in the CSV with the same settings are skipped. Sample i uses noise seed (seed + i) in every cell;
+class labels cycle 0..K-1 (--unconditional: -1). Solvers that cannot spend an NFE exactly are skipped. One bench writes
+an --out at a time: a second one is refused with exit status 2, changing nothing.
 """
 
 from __future__ import annotations
@@ -66,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed (seed + i)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default="cpu", help="torch device of the teacher (e.g. cuda)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads (default: OMP_NUM_THREADS, else the usable cores; distill/core/cores.py)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: distill/core/cores.py)")
     p.add_argument("--out", type=Path, required=True, help="output folder, e.g. results/<name>/")
     p.add_argument("--save-images", action="store_true", help="also write one PNG per sample under images/<cell>/")
     p.add_argument("--reference-dataset", default="mnist16", help="mnist16, or hf:<hub name or local folder>")
@@ -84,8 +82,7 @@ def parse_args(argv=None):
                    f"order, for files without a training_cost metadata key (keys: {', '.join(lib.COST_KEYS)}); "
                    "default: <student>.cost.json beside each file when present")
     p.add_argument("--image-column", default="image", help="image column of an hf: reference dataset")
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights (.pth) for RGB teachers; "
-                   "'download' lets torch-fidelity fetch them")
+    p.add_argument("--inception-weights", default=None, help="Inception weights (.pth) for RGB teachers; 'download' fetches them")
     p.add_argument("--fid-cache", default="runs/fid_cache", help="folder for cached reference features (named by content)")
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--reference-steps", type=int, default=500, help="RK4 steps of the exact solution (gmm teachers)")
@@ -108,11 +105,6 @@ student_cost = lib.student_cost  # a student's training cost (tests/test_run_cos
 @reports_write_errors  # a full disk or a read-only folder: one sentence, the files before kept
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        configure_threads(args.threads)  # the cores this process may use, or --threads (distill.core.cores)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     with FolderLock(args.out) as lock:  # one writer per --out (distill.engine.lock), released on return or death
         try:
             return _bench(args, argv, lock)
@@ -123,6 +115,7 @@ def main(argv=None) -> int:
 
 def _bench(args, argv, lock: FolderLock) -> int:
     try:
+        configure_threads(args.threads)  # the cores this process may use, or --threads (distill.core.cores)
         lock.acquire_existing()  # an --out written before: locked before its CSV is read; a new one just before writing
         if args.plot_only:
             if (args.out / lib.CSV).is_file():
@@ -152,11 +145,7 @@ def _bench(args, argv, lock: FolderLock) -> int:
         metric.check(cfg.num_samples)
         students, columns = lib.load_students(student_paths, teacher, _load_student, [p for p in args.cost.split(",") if p],
                                               args.allow_other_teacher)
-        for name, student in students.items():  # refused now, not after the solver cells ran
-            missing = [k for k in student_steps if k not in getattr(student, "sampling_steps", student_steps)]
-            if missing:
-                raise ValueError(f"student {name!r} samples with {', '.join(map(str, student.sampling_steps))} steps (the "
-                                 f"counts its file records), not {', '.join(map(str, missing))}; pass --student-steps with those")
+        lib.check_student_steps(students, student_steps)  # refused now, not after the solver cells ran
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     lock.acquire()

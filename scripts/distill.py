@@ -7,8 +7,8 @@
 Nested keys are set with dots: --set objective.solver=euler student.sigma_data=1.0. Without --resume a
 run folder that already has checkpoints is refused; --resume latest ignores incomplete checkpoints. A run folder
 another process is writing is refused with exit status 2, changing nothing (distill.engine.lock).
-torch's threads per process: --threads / config key threads, else OMP_NUM_THREADS, else the usable cores divided by the
-processes launched on this machine; OpenMP waits passively (distill/core/cores.py). The first line printed says which.
+torch's threads per process: --threads / config key threads, else OMP_NUM_THREADS, else the usable cores but one, divided
+by the processes launched on this machine (distill/core/cores.py). The first line printed says which.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--resume", default=None, metavar="latest|PATH")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch intra-op threads per process (config key threads; default: usable cores / local processes)")
+                   help="torch intra-op threads per process (config key threads; default: (usable cores - 1) / local processes)")
     p.add_argument("--interop-threads", type=int, default=None, metavar="N",
                    help="torch inter-op threads per process (config key interop_threads; default: as --threads)")
     return p.parse_args(argv)

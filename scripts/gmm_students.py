@@ -26,7 +26,6 @@ from pathlib import Path
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-import distill  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (distill/core/cores.py)
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

@@ -29,7 +29,6 @@ import yaml
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-import distill  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (distill/core/cores.py)
 from distill.core.atomic import write_text  # noqa: E402
 from distill.engine.checkpoint import latest_valid_checkpoint  # noqa: E402
 from distill.engine.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402

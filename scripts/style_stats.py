@@ -24,7 +24,6 @@ import sys as _sys
 if _sys.path and _os.path.abspath(_sys.path[0]) == _os.path.dirname(_os.path.abspath(__file__)):
     _sys.path.pop(0)
 
-import distill  # noqa: F401, I001  first: it sets OpenMP's wait policy before torch loads (distill/core/cores.py)
 import argparse
 import sys
 from pathlib import Path

@@ -17,7 +17,7 @@ LONG_MODULES: dict[str, str] = {}
 # what each layer may import of the project (docs/architecture.md)
 LAYERS = {
     "distill.core": ("distill.core",),
-    "distill.data": ("distill.data",),
+    "distill.data": ("distill.data", "distill.core.file_cache"),
     "distill.solvers": ("distill.core", "distill.data", "distill.solvers"),
     "distill.engine": ("distill.core", "distill.data", "distill.solvers", "distill.engine", "distill.objectives"),
     "distill.objectives": ("distill.core", "distill.data", "distill.solvers", "distill.engine", "distill.objectives"),

@@ -2,11 +2,12 @@
 
 The compiled runs use inductor: the default tests take about 50 s on a cold inductor cache (C++ kernels for the tiny
 MLP's two graphs, with and without gradients) and 20 s on a warm one (/tmp/torchinductor_<user>); the slow ones (a tiny
-UNet, LoRA, two processes) several minutes cold."""
+UNet, LoRA, two processes) several minutes cold; the tiny-UNet SiD one runs only with DISTILL_LONG_TESTS=1."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -106,6 +107,8 @@ def test_a_network_that_fails_to_compile_is_named_in_one_sentence():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DISTILL_LONG_TESTS"), reason="about 5 minutes of cold inductor compilation of three "
+                    "UNets: DISTILL_LONG_TESTS=1 runs it")
 def test_compiled_two_network_run_on_a_tiny_unet_matches_eager(tmp_path):
     """SiD (sid_mnist16.yaml) on a tiny class-conditional UNet teacher: the student, the fake score and the teacher's
     UNet compiled; 6 steps of both networks' losses agree with eager's to rtol 1e-4, atol 1e-6 (measured: at most

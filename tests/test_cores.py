@@ -74,51 +74,52 @@ def test_fidelity_cli_gives_its_loaders_the_usable_cores(two_cores, monkeypatch,
 
 
 def test_thread_plan_follows_cores_processes_and_overrides(two_cores, monkeypatch):
-    """Each process's share of the usable cores, unless OMP_NUM_THREADS or an explicit count (config, --threads) says."""
+    """The usable cores but one, shared by this machine's processes, unless OMP_NUM_THREADS or an explicit count
+    (config, --threads) says."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert cores.thread_plan() | {"source": ""} == {"threads": 2, "interop_threads": 2, "source": "",
-                                                    "wait_policy": cores.thread_plan()["wait_policy"]}
+    assert cores.thread_plan()["threads"] == cores.thread_plan()["interop_threads"] == 1  # 2 cores: one stays free
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # accelerate launch --num_processes 2 on this machine
     assert cores.thread_plan()["threads"] == 1 and cores.loader_workers() == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert cores.thread_plan()["threads"] == 8 and cores.loader_workers() == 4
+    assert cores.thread_plan()["threads"] == 7 and cores.loader_workers() == 4  # (16 - 1) // 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert cores.thread_plan()["threads"] == 15 and "one kept free" in cores.thread_plan()["source"]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cores.thread_plan()["threads"] == 3 and cores.thread_plan()["source"] == "OMP_NUM_THREADS"
-    assert cores.thread_plan(threads=5, interop_threads=1) | {"source": ""} == {
-        "threads": 5, "interop_threads": 1, "source": "", "wait_policy": cores.thread_plan()["wait_policy"]}
+    assert cores.thread_plan(threads=5, interop_threads=1) == {"threads": 5, "interop_threads": 1, "source": "config or --threads"}
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=r"threads=.* is not a thread count; allowed: a positive integer"):
             cores.thread_plan(threads=bad)
 
 
 def _child_threads(env: dict, affinity: set[int] | None = None) -> dict:
-    """What a fresh process that imports distill first reports: its plan, torch's counts and the wait policy."""
+    """What a fresh process reports after configure_threads: its plan and torch's counts."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import distill, os, json, torch; from distill.core.cores import configure_threads; p = configure_threads(); "
-            "print(json.dumps({**p, 'torch': torch.get_num_threads(), 'interop': torch.get_num_interop_threads(), "
-            "'policy': os.environ.get('OMP_WAIT_POLICY')}))")
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LOCAL_WORLD_SIZE",
-                                                             cores.DEFAULTS_ENV)}
+    code = ("import json, torch; from distill.core.cores import configure_threads; p = configure_threads(); "
+            "print(json.dumps({**p, 'torch': torch.get_num_threads(), 'interop': torch.get_num_interop_threads()}))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", cores.DEFAULTS_ENV)}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1], preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
-def test_a_fresh_process_sizes_torch_to_its_allowed_cores_and_waits_passively():
-    one = _child_threads({}, affinity={0})  # taskset -c 0
-    assert (one["torch"], one["interop"], one["policy"]) == (1, 1, "PASSIVE")
-    every = len(os.sched_getaffinity(0))
-    shared = _child_threads({"LOCAL_WORLD_SIZE": str(every)})  # as many launched processes as cores: one thread each
+def test_a_fresh_process_sizes_torch_to_its_allowed_cores():
+    every = sorted(os.sched_getaffinity(0))
+    one = _child_threads({}, affinity={every[0]})  # taskset -c 0
+    assert (one["torch"], one["interop"]) == (1, 1)
+    alone = _child_threads({})
+    assert alone["torch"] == max(1, len(every) - 1)
+    shared = _child_threads({"LOCAL_WORLD_SIZE": str(len(every))})  # as many launched processes as cores: one thread each
     assert shared["torch"] == 1
-    chosen = _child_threads({"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})
-    assert chosen["policy"] == "ACTIVE" and chosen["source"] == "OMP_NUM_THREADS"  # the environment's choices stay
+    chosen = _child_threads({"OMP_NUM_THREADS": "2"})
+    assert chosen["torch"] == 2 and chosen["source"] == "OMP_NUM_THREADS"  # the environment's choice stays
     off = _child_threads({cores.DEFAULTS_ENV: "off"})
-    assert off["policy"] is None and off["source"].startswith("torch's defaults")
+    assert off["source"].startswith("torch's defaults")
 
 
 def test_distill_and_bench_refuse_a_thread_count_that_is_not_one(tmp_path, capsys):
@@ -136,7 +137,8 @@ def test_distill_and_bench_refuse_a_thread_count_that_is_not_one(tmp_path, capsy
     assert script("distill").main(["--config", str(root / "configs/distill/cd_ring8.yaml"), "--threads", "0",
                                    "--output-dir", str(tmp_path / "run")]) == 1
     assert "config key 'threads' must be at least 1, got 0" in capsys.readouterr().err
-    assert script("bench").main(["--teacher", "gmm:ring8", "--solvers", "ddim", "--nfe", "2", "--threads", "-1",
-                                 "--out", str(tmp_path / "bench")]) == 1
-    assert "threads=-1 is not a thread count; allowed: a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        script("bench").main(["--teacher", "gmm:ring8", "--solvers", "ddim", "--nfe", "2", "--threads", "-1",
+                              "--out", str(tmp_path / "bench")])
+    assert "threads=-1 is not a thread count; allowed: a positive integer" in str(refused.value.code)
     assert not (tmp_path / "run").exists() and not (tmp_path / "bench").exists()

@@ -12,14 +12,16 @@ usable cores (``cap_torch_threads``; torch may count the machine's), never raise
 ``torch.set_num_threads`` below that stays.
 
 Commands (``scripts/distill.py``, ``scripts/bench.py``) size torch's pools with ``configure_threads``: the intra-op and
-inter-op threads of each process are ``usable_cores() // local_processes()`` (accelerate / torchrun say how many
-processes share this machine in ``LOCAL_WORLD_SIZE``), unless the config or the command line names a count, or the
-environment's ``OMP_NUM_THREADS`` does (in that order). OpenMP's threads wait passively (``OMP_WAIT_POLICY=PASSIVE``,
-set by ``distill/__init__.py`` before torch loads its OpenMP runtime, unless the environment sets a policy): a spinning
-wait lets one busy process on a shared 2-core machine slow a 2-thread training step 20-40x (0.5 s idle -> 23 s under a
-2-thread competing load), a passive one 4-6x (results/engine/threads.md measures both). ``DISTILL_CPU_DEFAULTS=off``
-keeps torch's own defaults for both (the benchmark's "old" column). Library calls (``distill.engine.train.train``)
-leave a caller's torch settings alone.
+inter-op threads of each process are ``threads_per_process() = max(1, (usable_cores() - 1) // local_processes())`` -- one
+core stays with the rest of the machine (the OS, data loading, another job), and accelerate / torchrun say in
+``LOCAL_WORLD_SIZE`` how many processes share the others -- unless the config or the command line names a count, or the
+environment's ``OMP_NUM_THREADS`` does (in that order). Why one core stays free (results/engine/threads.md, a 2-core
+machine, consistency distillation of mnist16 at batch 32): torch's default of 2 threads took 0.60 s a step idle but 2.29 s
+beside one busy thread and 2.3-23 s beside a busy 2-thread process, its OpenMP threads spinning at barriers for a core
+the other process held; 1 thread took 0.71 s idle, 0.88 s and 1.06 s loaded. Passive OpenMP waits
+(``OMP_WAIT_POLICY=PASSIVE``) removed the collapse too but made the idle 2-thread step 1.06 s, so they are not set.
+``DISTILL_CPU_DEFAULTS=off`` keeps torch's own defaults (the benchmark's "old" column). Library calls
+(``distill.engine.train.train``) leave a caller's torch settings alone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 
 WORKERS_ENV = "DISTILL_NUM_WORKERS"
-DEFAULTS_ENV = "DISTILL_CPU_DEFAULTS"  # "off": torch's own thread counts and OpenMP's own wait policy
+DEFAULTS_ENV = "DISTILL_CPU_DEFAULTS"  # "off": torch's own thread counts
 
 
 def usable_cores() -> int:
@@ -60,27 +62,32 @@ def cores_per_process() -> int:
     return max(1, usable_cores() // local_processes())
 
 
+def threads_per_process() -> int:
+    """The default torch threads of a process: its share of the usable cores but one (at least 1; module doc)."""
+    return max(1, (usable_cores() - 1) // local_processes())
+
+
 def defaults_on() -> bool:
-    """False when ``DISTILL_CPU_DEFAULTS=off``: torch's own thread counts and wait policy."""
+    """False when ``DISTILL_CPU_DEFAULTS=off``: torch's own thread counts."""
     return os.environ.get(DEFAULTS_ENV, "").lower() not in ("off", "0", "false", "no")
 
 
 def thread_plan(threads: int | None = None, interop_threads: int | None = None) -> dict:
     """The intra-op and inter-op thread counts a command should use and where each comes from: an explicit count
-    (config or command line), else ``OMP_NUM_THREADS``, else this process's share of the usable cores."""
+    (config or command line), else ``OMP_NUM_THREADS``, else ``threads_per_process()``."""
     for name, value in (("threads", threads), ("interop_threads", interop_threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} is not a thread count; allowed: a positive integer, or null for this "
-                             f"process's share of the usable cores ({cores_per_process()})")
+            raise ValueError(f"{name}={value!r} is not a thread count; allowed: a positive integer, or null for the "
+                             f"default ({threads_per_process()}: the usable cores but one, shared by this machine's processes)")
     env = os.environ.get("OMP_NUM_THREADS", "")
     if threads is not None:
         intra, source = threads, "config or --threads"
     elif env.isdigit() and int(env) > 0:
         intra, source = int(env), "OMP_NUM_THREADS"
     else:
-        intra, source = cores_per_process(), f"{usable_cores()} usable cores / {local_processes()} process(es)"
-    return {"threads": intra, "interop_threads": interop_threads if interop_threads is not None else intra,
-            "source": source, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
+        intra = threads_per_process()
+        source = f"{usable_cores()} usable cores, one kept free, {local_processes()} process(es) on this machine"
+    return {"threads": intra, "interop_threads": interop_threads if interop_threads is not None else intra, "source": source}
 
 
 def configure_threads(threads: int | None = None, interop_threads: int | None = None) -> dict:
@@ -90,7 +97,7 @@ def configure_threads(threads: int | None = None, interop_threads: int | None = 
 
     if not defaults_on() and threads is None and interop_threads is None:
         return {"threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                "source": f"torch's defaults ({DEFAULTS_ENV}=off)", "wait_policy": os.environ.get("OMP_WAIT_POLICY", "library default")}
+                "source": f"torch's defaults ({DEFAULTS_ENV}=off)"}
     plan = thread_plan(threads, interop_threads)
     torch.set_num_threads(plan["threads"])
     if torch.get_num_interop_threads() != plan["interop_threads"]:
@@ -102,9 +109,8 @@ def configure_threads(threads: int | None = None, interop_threads: int | None = 
 
 
 def describe(plan: dict) -> str:
-    """One log line: the thread counts, where they came from, and the wait policy."""
-    return (f"cpu threads: {plan['threads']} intra-op, {plan['interop_threads']} inter-op ({plan['source']}); "
-            f"OMP_WAIT_POLICY {plan['wait_policy']}")
+    """One log line: the thread counts and where they came from."""
+    return f"cpu threads: {plan['threads']} intra-op, {plan['interop_threads']} inter-op ({plan['source']})"
 
 
 def cap_torch_threads() -> int:

@@ -117,7 +117,7 @@ class RunConfig:
     log_with: list = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ... (main process only)
     tensorboard: bool = False  # shorthand for log_with: [tensorboard] (scalars in <output_dir>/tensorboard)
     output_dir: str = "runs/distill"
-    threads: int | None = at_least(None, 1)  # torch intra-op threads per process; null: usable cores / local processes (distill.core.cores)
+    threads: int | None = at_least(None, 1)  # torch intra-op threads per process; null: (usable cores - 1) / processes (distill.core.cores)
     interop_threads: int | None = at_least(None, 1)  # torch inter-op threads per process; null: as threads
     debug_nan_step: int | None = None  # debug: make the loss non-finite at this step (tests the guard)
 

@@ -71,6 +71,7 @@ from distill.eval.bench.run import benchmark, check_device, place_teacher, read_
 from distill.eval.bench.student import (
     check_cost,
     check_student,
+    check_student_steps,
     load_students,
     read_cost_file,
     student_cost,
@@ -88,7 +89,8 @@ __all__ = [
     # cells
     "Cell", "generate", "method_stem", "plan_cells", "save_cell_samples", "save_png_folder",
     # student
-    "check_cost", "check_student", "load_students", "read_cost_file", "student_cost", "student_root_hash", "student_sample",
+    "check_cost", "check_student", "check_student_steps", "load_students", "read_cost_file", "student_cost", "student_root_hash",
+    "student_sample",
     "student_teacher_hash",
     # metrics
     "ExactMetric", "FidMetric", "data_splits", "make_metric", "reference_set",

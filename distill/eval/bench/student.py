@@ -93,6 +93,15 @@ def read_cost_file(path: str | Path) -> dict:
     return check_cost(read_json(path, "cost file"), f"cost file {str(path)!r}")
 
 
+def check_student_steps(students: dict, steps: list[int]) -> None:
+    """Raise ValueError (one sentence) when a student's file does not record one of the step counts asked for."""
+    for name, student in students.items():
+        missing = [k for k in steps if k not in getattr(student, "sampling_steps", steps)]
+        if missing:
+            raise ValueError(f"student {name!r} samples with {', '.join(map(str, student.sampling_steps))} steps (the "
+                             f"counts its file records), not {', '.join(map(str, missing))}; pass --student-steps with those")
+
+
 def load_students(paths: list[str], teacher, load: Callable[[str], object], cost_files: list[str] = (),
                   allow_other_teacher: bool = False) -> tuple[dict, dict]:
     """{name: ``load(path)``} (``load``: ``students.load_student``, passed in by the caller; name: the file's stem, or

@@ -1,5 +1,7 @@
-"""What the engine benchmarks (``scripts/engine_*.py``, results/engine/) share: the machine's description, a competing
-CPU load of known size, and a training run's per-step times read from its ``metrics.jsonl``.
+"""The engine benchmarks (``scripts/engine_*.py`` are their front ends; results/engine/): ``threads``, ``overhead``,
+``startup``, ``compile`` and ``memory``, and what they share here: the machine's description, a competing CPU load of
+known size, a training run's per-step times read from its ``metrics.jsonl``, and the teacher loader and student builder
+the front end passes in (``set_loaders``: distill imports neither package).
 
 Timings mean something only on a machine nothing else uses; ``machine()`` records the load average at the start so a
 reader can see whether it was.
@@ -18,12 +20,28 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DISTILL = ROOT / "scripts" / "distill.py"
 
 # a busy process: `threads` torch threads multiplying 512 x 512 matrices without pause
 LOAD_CODE = ("import sys, torch\ntorch.set_num_threads(int(sys.argv[1]))\na = torch.randn(512, 512)\n"
              "while True:\n    a = torch.tanh(a @ a * 1e-3)\n")
+
+
+_LOADERS: dict = {}
+
+
+def set_loaders(load_teacher, build_student) -> None:
+    """``teachers.load_teacher`` and ``students.build_student``, given by the script (distill imports neither)."""
+    _LOADERS.update(load_teacher=load_teacher, build_student=build_student)
+
+
+def load_teacher(spec):
+    return _LOADERS["load_teacher"](spec)
+
+
+def build_student(*args, **kwargs):
+    return _LOADERS["build_student"](*args, **kwargs)
 
 
 def cpu_model() -> str:
