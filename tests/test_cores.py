@@ -33,17 +33,6 @@ def test_workers_leave_the_main_process_a_core(two_cores, monkeypatch):
         cores.loader_workers()
 
 
-def test_torch_threads_are_capped_not_raised(two_cores, monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        assert cores.cap_torch_threads() == 2
-        torch.set_num_threads(1)
-        assert cores.cap_torch_threads() == 1  # a caller's lower count stays
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_fidelity_cli_gives_its_loaders_the_usable_cores(two_cores, monkeypatch, tmp_path, capsys):
     """torch-fidelity asks for min(4, 2 x cpu_count()) = 4 workers on this 8-core machine; 2 usable cores allow 1."""
     import multiprocessing

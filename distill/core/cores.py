@@ -5,11 +5,9 @@ fewer (``os.sched_getaffinity``). Libraries size themselves by the first: torch-
 min(4, 2 x cpu_count()) worker processes, which on a 2-core allowance is 4 processes fighting the main one for 2
 cores (and PyTorch's warning "This DataLoader will create 4 worker processes in total").
 
-Rule: ``loader_workers(cap) = max(0, min(cap, usable_cores() - 1))``: one core stays with the main process, which
-runs the network, and a single usable core gets no worker at all (loading in the main process). The environment
-variable ``DISTILL_NUM_WORKERS`` overrides it (a non-negative integer). torch's intra-op threads are capped at the
-usable cores (``cap_torch_threads``; torch may count the machine's), never raised: ``OMP_NUM_THREADS`` or a caller's
-``torch.set_num_threads`` below that stays.
+Rule: ``loader_workers(cap) = max(0, min(cap, cores_per_process() - 1))``: one core of the process's share stays with
+the main process, which runs the network, and a single core gets no worker at all (loading in the main process). The
+environment variable ``DISTILL_NUM_WORKERS`` overrides it (a non-negative integer).
 
 Commands (``scripts/distill.py``, ``scripts/bench.py``) size torch's pools with ``configure_threads``: the intra-op and
 inter-op threads of each process are ``threads_per_process() = max(1, (usable_cores() - 1) // local_processes())`` -- one
@@ -111,12 +109,3 @@ def configure_threads(threads: int | None = None, interop_threads: int | None = 
 def describe(plan: dict) -> str:
     """One log line: the thread counts and where they came from."""
     return f"cpu threads: {plan['threads']} intra-op, {plan['interop_threads']} inter-op ({plan['source']})"
-
-
-def cap_torch_threads() -> int:
-    """Lower torch's intra-op threads to the usable cores when it has more, and return the count."""
-    import torch
-
-    if torch.get_num_threads() > usable_cores():
-        torch.set_num_threads(usable_cores())
-    return torch.get_num_threads()

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distill.eval.engine_bench import ROOT  # noqa: E402
+from distill.eval.engine_bench import ROOT, cpu_model  # noqa: E402
 
 MB = 2**20
 CACHE_RUNS = {  # name -> (config, overrides, cache keys read)
@@ -246,9 +246,7 @@ def measure_sid(steps: int, tmp: Path, log) -> list[dict]:
 
 # -- the report ------------------------------------------------------------------------------------------
 def hardware() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{platform.system()} {platform.release()} {platform.machine()}, {model}, {os.cpu_count()} CPUs"
+    return f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def mib(b: int) -> str:
