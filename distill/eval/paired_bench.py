@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from distill.engine.paths import file_sha256
@@ -37,7 +36,7 @@ from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
 from distill.eval.fid import bootstrap_fid_std, feature_statistics, fid_infinity, frechet_distance, normal_interval, resample_indices
 from distill.eval.leaderboard import fid_inf_text, interval_text, leaderboard_rows
-from distill.eval.teacher_ref import reference_key
+from distill.eval.teacher_ref import cached_features, reference_key
 
 SAMPLE_COUNTS = (500, 1000, 2000, 5000, 10000)  # the N at which FID is shown (capped at the run's N)
 
@@ -106,27 +105,18 @@ def entry_features(teacher, cfg: BenchConfig, metric, entry: BoardEntry, seed: i
     (written to a temporary name and renamed, so an interrupted run leaves no partial file)."""
     prefix = "teacher" if entry.kind == "solver" else "entry"
     key = entry_key(teacher, cfg, metric, entry, seed, num_samples)
-    path = None if cache_dir is None else Path(cache_dir) / f"{prefix}-{key}.safetensors"
-    if path is not None and path.is_file():
-        try:
-            return load_file(str(path))["features"]
-        except Exception as e:  # noqa: BLE001  (any damage: sample again)
-            log(f"note: feature cache {path} is unreadable ({type(e).__name__}); sampling {entry.label} again")
-    student = None
-    if entry.kind == "student":
-        from distill.eval.bench import check_student
 
-        student = load_student(entry.path)
-        check_student(teacher, entry.method, student, near=Path(entry.path).parent)
-    x = generate(teacher, entry.cell(), replace(cfg, seed=seed, num_samples=num_samples), student)[0]
-    features = metric.features(x).contiguous()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"features": features}, str(tmp), metadata={"key": key, "entry": entry.label, "seed": str(seed),
-                                                                  "num_samples": str(num_samples)})
-        tmp.replace(path)
-    return features
+    def make():
+        student = None
+        if entry.kind == "student":
+            from distill.eval.bench import check_student
+
+            student = load_student(entry.path)
+            check_student(teacher, entry.method, student, near=Path(entry.path).parent)
+        return metric.features(generate(teacher, entry.cell(), replace(cfg, seed=seed, num_samples=num_samples), student)[0])
+
+    meta = {"entry": entry.label, "seed": seed, "num_samples": num_samples}
+    return cached_features(cache_dir, prefix, key, meta, entry.label, make, log)
 
 
 def shard_entries(entries: list[BoardEntry], k: int, m: int) -> list[BoardEntry]:

@@ -35,24 +35,34 @@ def reference_key(teacher, cfg: BenchConfig, metric, solver: str, nfe: int, seed
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def cached_features(cache_dir: Path | None, prefix: str, key: str, meta: dict, what: str, make, log=print) -> torch.Tensor:
+    """Features cached as ``cache_dir/<prefix>-<key>.safetensors``: read when there and readable, else ``make()``-d and
+    written atomically (an interrupted run leaves no partial file); ``cache_dir`` None: always made, never written."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{prefix}-{key}.safetensors"
+    if path is not None and path.is_file():
+        try:
+            return load_file(str(path))["features"]
+        except Exception as e:  # noqa: BLE001  (any damage: make them again)
+            log(f"note: feature cache {path} is unreadable ({type(e).__name__}); sampling {what} again")
+    features = make().contiguous()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"key": key, **{k: str(v) for k, v in meta.items()}}
+        write_with(path, lambda tmp: save_file({"features": features}, str(tmp), metadata=meta))
+    return features
+
+
 def teacher_features(teacher, cfg: BenchConfig, metric, solver: str, nfe: int, seed: int, num_samples: int,
                      cache_dir: Path | None, log=print) -> torch.Tensor:
     """Features of ``num_samples`` teacher samples (``solver`` at ``nfe``, seeds seed..seed+N-1), from the cache when
     there (``cache_dir/teacher-<key>.safetensors``), else generated and cached."""
     key = reference_key(teacher, cfg, metric, solver, nfe, seed, num_samples)
-    path = None if cache_dir is None else Path(cache_dir) / f"teacher-{key}.safetensors"
-    if path is not None and path.is_file():
-        try:
-            return load_file(str(path))["features"]
-        except Exception as e:  # noqa: BLE001  (any damage: regenerate)
-            log(f"note: teacher reference cache {path} is unreadable ({type(e).__name__}); generating it again")
-    x = generate(teacher, Cell(solver, "solver", nfe, nfe), replace(cfg, seed=seed, num_samples=num_samples))[0]
-    features = metric.features(x).contiguous()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"key": key, "solver": solver, "nfe": str(nfe), "seed": str(seed), "num_samples": str(num_samples)}
-        write_with(path, lambda tmp: save_file({"features": features}, str(tmp), metadata=meta))  # atomic
-    return features
+
+    def make():
+        return metric.features(generate(teacher, Cell(solver, "solver", nfe, nfe), replace(cfg, seed=seed, num_samples=num_samples))[0])
+
+    meta = {"solver": solver, "nfe": nfe, "seed": seed, "num_samples": num_samples}
+    return cached_features(cache_dir, "teacher", key, meta, f"the teacher's {solver} reference", make, log)
 
 
 def teacher_referenced(features: torch.Tensor, reference: torch.Tensor, bootstrap: int = 50) -> dict:
