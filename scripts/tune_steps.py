@@ -74,8 +74,10 @@ def main(argv=None) -> int:
     labels = torch.arange(args.num_samples) % k if k else None
     score = fid_score(student, reference, num_samples=args.num_samples, seed=args.seed, labels=labels,
                       batch_size=args.batch_size)
+    first = student.sampling_timesteps(1).tolist()  # the time the 1-step sample was trained at (not always t_max)
     times, rows = greedy_timesteps(student.schedule, args.max_steps, score, candidate_times(student.schedule, args.candidates),
-                                   log=lambda line: print(line, flush=True), progress=True)
+                                   log=lambda line: print(line, flush=True), progress=True, first=first[0])
+    student.sampling_steps = tuple(sorted({*student.sampling_steps, *times}))  # the tuned counts are recorded in the file
     stored = {str(s): student.sampling_timesteps(s).tolist() for s in range(1, MAX_SAMPLING_STEPS + 1)}
     stored.update({str(s): t for s, t in times.items()})
     student.info["sampling_timesteps"] = stored

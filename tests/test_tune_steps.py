@@ -63,3 +63,27 @@ def test_tune_steps_script_writes_the_times_into_the_student(tmp_path, mnist16_s
     labels = torch.tensor([3, 7])
     assert torch.equal(after.sample(noise, 1, labels), before.sample(noise, 1, labels))  # the weights are unchanged
     assert main([str(mnist16_student), "--out", str(out), "--max-steps", "9"]) == 1
+
+
+def test_tune_steps_keeps_a_one_step_generators_own_time_and_records_the_new_counts(tmp_path, mnist16_student):
+    """A one-step generator trained at another input time (SiD's start_sigma) and recording only 1 step: the search
+    starts from its own time (it once restarted at t_max, changing the 1-step sample) and the file records 2 steps."""
+    from distill.engine.export import save_student
+    from students import load_student
+
+    one = load_student(mnist16_student)
+    one.sampling_steps = (1,)
+    one.info["sampling_timesteps"] = {"1": [754.8]}
+    src = save_student(one, tmp_path / "one.safetensors")
+    before = load_student(src)
+    assert before.sampling_steps == (1,)
+    out = tmp_path / "tuned.safetensors"
+    main = load_script("tune_steps").main
+    assert main([str(src), "--out", str(out), "--max-steps", "2", "--num-samples", "40", "--candidates", "3"]) == 0
+    after = load_student(out)
+    assert after.sampling_steps == (1, 2)
+    assert after.sampling_timesteps(1).tolist() == [754.8]
+    t2 = after.sampling_timesteps(2).tolist()
+    assert t2[0] == 754.8 and 0 < t2[1] < 754.8
+    noise, labels = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
+    assert torch.equal(after.sample(noise, 1, labels), before.sample(noise, 1, labels))

@@ -40,15 +40,17 @@ def _midpoint(schedule, a: float, b: float) -> float:
 
 def greedy_timesteps(schedule, max_steps: int, score: Score, candidates: list[float] | None = None,
                      refine: bool = True, log: Callable[[str], None] | None = None,
-                     progress: bool = False) -> tuple[dict[int, list[float]], list[dict]]:
+                     progress: bool = False, first: float | None = None) -> tuple[dict[int, list[float]], list[dict]]:
     """``({k: times of the k-step sample for k = 1..max_steps}, rows of every evaluation)``; ``progress`` shows a
-    tqdm bar of the evaluations (each step k scores every candidate below the last chosen time, then up to 2 more)."""
+    tqdm bar of the evaluations (each step k scores every candidate below the last chosen time, then up to 2 more).
+    ``first`` is the 1-step time every schedule starts from (default ``t_max``; a generator trained at another input
+    time, e.g. SiD's ``start_sigma``, keeps its own)."""
     from tqdm import tqdm
 
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     candidates = sorted(candidate_times(schedule) if candidates is None else candidates, reverse=True)
-    chosen, rows = [float(schedule.t_max)], []
+    chosen, rows = [float(schedule.t_max if first is None else first)], []
     result = {1: list(chosen)}
     bar = tqdm(desc="sampling-time search", unit="FID", disable=not progress)
 
