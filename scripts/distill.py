@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 # This file is named like the ``distill`` package: drop its own folder from the import path.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
 from distill.core.cores import configure_threads, describe  # noqa: E402
-from distill.engine.config import ConfigError, parse_overrides  # noqa: E402
+from distill.engine.config import ConfigError, LaunchError, parse_overrides  # noqa: E402
 from distill.engine.lock import FolderInUse, launched_rank  # noqa: E402
 from distill.engine.run_config import load_run_config  # noqa: E402
 from distill.engine.train import NonFiniteError, train  # noqa: E402
@@ -65,7 +66,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except (ConfigError, FileNotFoundError, NonFiniteError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if launched_rank() == 0 or not isinstance(e, LaunchError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank's error: rank 0 says it, and the launcher stops this rank when rank 0 exits
+            time.sleep(60)
         return 1
     return 0
 

@@ -34,7 +34,7 @@ from distill.engine.checkpoint import latest_valid_checkpoint  # noqa: E402
 from distill.engine.config import ConfigError, merge, parse_overrides, read_yaml  # noqa: E402
 from distill.engine.export import STUDENT_FILE, read_student_file  # noqa: E402
 from distill.engine.run_config import load_run_config  # noqa: E402
-from distill.engine.run_files import CONFIG_FILE, RESUME_FREE_KEYS, config_changes, flat  # noqa: E402
+from distill.engine.run_files import CONFIG_FILE, RESUME_FREE_KEYS, config_changes, flat, follow_move  # noqa: E402
 from distill.engine.train import NonFiniteError, train, updates_and_seconds  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
@@ -85,12 +85,8 @@ def check_finished_round(config: str, overrides: dict, n: int, folder: Path, par
     saved_file = folder / CONFIG_FILE
     if not saved_file.is_file():  # a round written before configs were kept next to it
         return
-    saved = yaml.safe_load(saved_file.read_text())
-    moved_from = Path(saved.get("output_dir") or folder).parent  # a chain folder moved or copied: its own files
-    for key, prefix in (("teacher", "student:"), ("init_from", "")):
-        if isinstance(saved.get(key), str) and saved[key].startswith(f"{prefix}{moved_from}{os.sep}"):
-            saved[key] = f"{prefix}{folder.parent}{saved[key][len(f'{prefix}{moved_from}'):]}"
     current = dataclasses.asdict(load_run_config(config, round_overrides(overrides, n, folder, parent)))
+    saved = follow_move(yaml.safe_load(saved_file.read_text()), current)  # a chain folder moved or copied: its own files
     if current["mixed_precision"] is None:  # null: the launcher's, which the trainer resolved and saved
         current["mixed_precision"] = saved.get("mixed_precision")
     changed = config_changes(saved, current, FINISHED_FREE_KEYS)

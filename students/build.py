@@ -9,7 +9,7 @@ from pathlib import Path
 from distill.engine.export import CONDITION_PREFIX, read_student_file
 from distill.engine.lora import inject_lora
 from distill.engine.run_config import LoraSettings, StudentConfig
-from students.networks import NETWORKS, network_from_config
+from students.networks import FROM_CONFIG, NETWORKS, network_from_config
 from students.student import Student, student_from_metadata
 
 
@@ -77,16 +77,42 @@ def _load_parent(student: Student, path: Path) -> None:
 
 
 def load_student(path: str | Path) -> Student:
-    """A student from a file written by ``distill.engine.export.save_student`` (LoRA re-injected if not merged)."""
+    """A student from a file written by ``distill.engine.export.save_student`` (LoRA re-injected if not merged). A
+    metadata field that does not fit the file (a network config its weights do not fit, a data shape its network does
+    not take, a schedule or sampling times that are not valid) is refused in one sentence naming the field."""
     state, meta = read_student_file(path)
-    net = network_from_config(meta["network_class"], json.loads(meta["network_config"]))
+    field = lambda key: f"the {key!r} metadata field of student file {str(path)!r}"  # noqa: E731
+    try:
+        net = network_from_config(meta["network_class"], json.loads(meta["network_config"]))
+    except (TypeError, ValueError) as e:  # an unknown network_class says so itself
+        known = meta["network_class"] in FROM_CONFIG
+        raise ValueError(f"{field('network_config')} does not build a {meta['network_class']} ({e})" if known else str(e)) from None
     lora = json.loads(meta.get("lora", "null"))
     if lora:
         inject_lora(net, lora["rank"], lora["alpha"], lora["target_modules"])
     extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
-    net.load_state_dict(state, strict=True)
-    student = student_from_metadata(net.eval(), meta)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).splitlines()[0]).rstrip(".")
+        raise ValueError(f"{field('network_config')} does not match the weights the file holds ({first})") from None
+    student = student_from_metadata(net.eval(), meta, field)
+    _check_data_shape(net, meta, field)
     student.conditions.load_state_dict(extra, strict=True)
     if lora:
         student.info["lora"] = lora
     return student
+
+
+def _check_data_shape(net, meta: dict, field) -> None:
+    """A recorded data shape is a list of positive sizes that the network takes: [dim] for an MLP, [C, H, W] with C its
+    input channels for a UNet."""
+    if "data_shape" not in meta:
+        return
+    shape, config = json.loads(meta["data_shape"]), dict(getattr(net, "config", {}))
+    expect = ((config["dim"],) if "dim" in config else (config["in_channels"], "H", "W") if "in_channels" in config
+              else None)
+    sizes = isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+    if not sizes or (expect is not None and (len(shape) != len(expect) or shape[0] != expect[0])):
+        takes = "" if expect is None else f"; its {type(net).__name__} network takes [{', '.join(map(str, expect))}]"
+        raise ValueError(f"{field('data_shape')} is {meta['data_shape']}; allowed: a list of positive sizes{takes}")

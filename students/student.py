@@ -38,6 +38,7 @@ only the counts in ``sampling_steps`` (what the file records; a 4-step progressi
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from torch import nn
@@ -194,13 +195,21 @@ class Student(NetDenoiser):
 INFO_JSON_KEYS = ("data_shape", "num_classes", "sampling_search", "lineage", "training_cost", "selection")
 
 
-def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
-    """Rebuild the Student wrapper around ``net`` from a student file's metadata."""
+def student_from_metadata(net: nn.Module, meta: dict[str, str], field=lambda key: f"the {key!r} metadata field") -> Student:
+    """Rebuild the Student wrapper around ``net`` from a student file's metadata; ``field(key)`` names a field in the
+    sentence that refuses a schedule or sampling times that are not valid."""
     info = {k: v for k, v in meta.items() if k in ("teacher_hash", "teacher", "conditioning", "root_teacher_hash", "root_teacher")}
     info.update({k: json.loads(meta[k]) for k in INFO_JSON_KEYS if k in meta})
+    try:
+        schedule = schedule_from_config(json.loads(meta["schedule"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{field('schedule')} is not a valid noise schedule ({e})") from None
     timesteps = json.loads(meta["sampling_timesteps"])
+    problem = sampling_times_problem(timesteps, schedule)
+    if problem:
+        raise ValueError(f"{field('sampling_timesteps')} {problem}")
     info["sampling_timesteps"] = timesteps
-    student = Student(net, schedule=schedule_from_config(json.loads(meta["schedule"])), prediction_type=meta["prediction_type"],
+    student = Student(net, schedule=schedule, prediction_type=meta["prediction_type"],
                       parameterization=meta["parameterization"], sigma_data=float(meta["sigma_data"]),
                       time_scale=float(meta["time_scale"]), null_class_label=json.loads(meta["null_class_label"]),
                       sampling_grid=meta["sampling_grid"], sampler=meta.get("sampler", "consistency"),
@@ -208,3 +217,21 @@ def student_from_metadata(net: nn.Module, meta: dict[str, str]) -> Student:
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
         student.add_condition(name, config["features"], config["scale"], config.get("default"), config.get("kind"))
     return student
+
+
+def sampling_times_problem(timesteps, schedule: Schedule) -> str | None:
+    """Why ``timesteps`` ({"k": the k times of a k-step sample}) cannot be sampled on ``schedule`` (None if it can): each
+    list must hold k finite, decreasing times within [t_min, t_max]."""
+    if not isinstance(timesteps, dict) or not timesteps:
+        return f"is {json.dumps(timesteps)}; allowed: an object mapping step counts to their times"
+    slack = 1e-6 * max(1.0, abs(schedule.t_max))
+    for key, times in timesteps.items():
+        numbers = isinstance(times, list) and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times)
+        if not (key.isdigit() and int(key) >= 1 and numbers and len(times) == int(key) and all(math.isfinite(t) for t in times)):
+            return f"gives {key!r} steps the times {json.dumps(times)}; allowed: k >= 1 steps with a list of k finite times"
+        if any(t > schedule.t_max + slack or t < schedule.t_min - slack for t in times):
+            return (f"gives {key} step(s) the times {times}, outside the schedule's [t_min, t_max] = [{schedule.t_min:g}, "
+                    f"{schedule.t_max:g}]; allowed: times within it")
+        if any(a <= b for a, b in zip(times, times[1:])):
+            return f"gives {key} steps the times {times}; allowed: decreasing times"
+    return None

@@ -17,6 +17,7 @@ batched with the conditional branch as one network call per NFE, as StableDiffus
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -170,6 +171,8 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
         _check_present(index, name, root)
     entries = {name: _component_entry(index, name, root) for name in COMPONENTS}  # all checked before any import
     classes = {name: _component_class(*entries[name], name, root) for name in COMPONENTS}
+    for name in PARTS:  # each part's config and weights present before any is read
+        _refuse_part(root, name, _part_problem(root / name, name))
     unet_cfg = read_json(root / "unet" / "config.json")
     if unet_cfg.get("_class_name") != COND_UNET or classes["unet"].__name__ != COND_UNET:
         raise ValueError(f"{root}/unet is a {unet_cfg.get('_class_name')!r}, not a {COND_UNET}; a text-to-image teacher "
@@ -178,11 +181,57 @@ def load_sd_pipeline_teacher(path: str | Path) -> StableDiffusionTeacher:
     if not sched_path.is_file():
         raise FileNotFoundError(f"pipeline folder {str(root)!r} lacks scheduler/scheduler_config.json")
     schedule, prediction, time_scale = schedule_from_scheduler_config(read_json(sched_path))
-    loaded = {name: classes[name].from_pretrained(root / name, local_files_only=True)
-              for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    loaded = {name: _load_part(classes[name], root, name) for name in PARTS}
     return StableDiffusionTeacher(loaded["unet"], schedule, prediction, time_scale=time_scale,
                                   text_encoder=loaded["text_encoder"], tokenizer=loaded["tokenizer"], vae=loaded["vae"],
                                   name=str(path), content_hash=pipeline_hash(root))
+
+
+WEIGHTS = ("*.safetensors", "*.bin")  # what from_pretrained reads a part's weights from
+PARTS = ("unet", "vae", "text_encoder", "tokenizer")  # the components loaded with from_pretrained
+
+
+def _refuse_part(root: Path, name: str, problem: str | None) -> None:
+    if problem:
+        raise ValueError(f"the {name} of pipeline folder {str(root)!r} cannot be loaded: {problem}; restore {name}/ from "
+                         f"the pipeline it came from")
+
+
+def _load_part(cls, root: Path, name: str):
+    """``cls.from_pretrained`` of the part ``root/name``; a part that does not load is named in one sentence with what is
+    wrong with it (a damaged weights file), not diffusers' or transformers' traceback."""
+    try:
+        return cls.from_pretrained(root / name, local_files_only=True)
+    except Exception as e:  # diffusers, transformers and safetensors raise OSError, ValueError and their own errors
+        _refuse_part(root, name, _weights_problem(root / name) or f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]}")
+
+
+def _part_problem(folder: Path, name: str) -> str | None:
+    """What is missing from the part ``folder`` before it is loaded: its config (valid JSON) or its weights file."""
+    config = folder / ("tokenizer_config.json" if name == "tokenizer" else "config.json")
+    if not config.is_file():
+        return None if name == "tokenizer" else f"it has no {config.name}"  # a tokenizer may do without its config
+    try:
+        json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"its {config.name} is not valid JSON ({e})"
+    if name != "tokenizer" and not any(p for pattern in WEIGHTS for p in folder.glob(pattern)):
+        return "it has no weights file (diffusion_pytorch_model.safetensors, model.safetensors or a .bin)"
+    return None
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """A safetensors weights file of ``folder`` that is truncated or damaged, named (None if all read)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # safetensors' own error types
+            return f"its weights file {path.name} is truncated or damaged ({e})"
+    return None
 
 
 def pipeline_hash(root: Path) -> str:

@@ -396,3 +396,236 @@ def test_train_teacher_resume_refusal_names_its_own_keys(tmp_path, capsys):
     assert "the teacher config differs from the one checkpoint" in message and "in lr (" in message
     assert "optim.lr" not in message and "init_from" not in message and "--resume latest" not in message
     assert tree(out) == before
+
+
+# -- truncated resume states of the prepared-file commands ------------------------------------------------------
+@pytest.mark.parametrize("script, what", [("compute_ems", "EMS"), ("gits_search", "GITS"), ("train_amed", "AMED")])
+def test_truncated_resume_state_is_named(tmp_path, capsys, script, what):
+    argv, option, _ = OUTPUTS[script]
+    main, out = load_script(script).main, tmp_path / "prepared.out"
+    assert main([*argv, option, str(out)]) == 0
+    capsys.readouterr()
+    state = Path(f"{out}.state.pt")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    before = tree(tmp_path)
+    message = refused(main, [*argv, option, str(out)], capsys)
+    assert f"{what} state {str(state)!r} is truncated or damaged (not a complete torch file: " in message
+    assert "Traceback" not in message and tree(tmp_path) == before
+
+
+# -- a student file whose metadata was edited: bench and sample name the field -------------------------------------
+def edited(student: Path, folder: Path, field: str, change) -> Path:
+    """A copy of ``student`` whose JSON metadata ``field`` is ``change(old value)`` (or ``change`` itself)."""
+    with safe_open(str(student), "pt") as f:
+        old = json.loads(f.metadata()[field])
+    return with_metadata(student, folder / "edited.safetensors", **{field: json.dumps(change(old) if callable(change) else change)})
+
+
+EDITS = {
+    "wider network": ("network_config", lambda c: {**c, "hidden": 32},
+                      "does not match the weights the file holds (size mismatch for inp.weight"),
+    "unknown argument": ("network_config", lambda c: {**c, "depth": 3}, "does not build a TimeMLP (TimeMLP.__init__() got an"),
+    "data shape": ("data_shape", [3], "is [3]; allowed: a list of positive sizes; its TimeMLP network takes [2]"),
+    "data rank": ("data_shape", [1, 2], "is [1, 2]; allowed: a list of positive sizes; its TimeMLP network takes [2]"),
+    "time beyond t_max": ("sampling_timesteps", {"1": [5.0]},
+                          "gives 1 step(s) the times [5.0], outside the schedule's [t_min, t_max] = [0.001, 1]"),
+    "increasing times": ("sampling_timesteps", {"2": [0.5, 1.0]}, "gives 2 steps the times [0.5, 1.0]; allowed: decreasing"),
+    "negative beta": ("schedule", lambda s: {**s, "beta_0": -0.1},
+                      "is not a valid noise schedule (vp_linear schedule with beta_0 -0.1, beta_1 20.0"),
+}
+
+
+@pytest.mark.parametrize("cli", ["bench", "sample"])
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_edited_student_metadata_is_named(aniso_student, tmp_path, capsys, cli, edit):
+    field, change, sentence = EDITS[edit]
+    student, out = edited(aniso_student, tmp_path, field, change), tmp_path / "o"
+    argv = (bench_argv(out, "--students", str(student), "--student-steps", "1", teacher="gmm:aniso2d") if cli == "bench" else
+            ["--teacher", f"student:{student}", "--solver", "euler", "--nfe", "2", "--n", "4", "--out", str(out)])
+    before = tree(tmp_path)
+    message = refused(load_script(cli).main, argv, capsys)
+    assert f"the {field!r} metadata field of student file {str(student)!r} {sentence}" in message
+    assert "Traceback" not in message and tree(tmp_path) == before
+
+
+# -- EMS files of dpm_solver_v3 (bench --variant ...:ems=PATH), checked before any cell -----------------------------
+@pytest.fixture(scope="module")
+def ems_files(tmp_path_factory):
+    """EMS files of gmm:aniso2d and of gmm:ring8, tiny."""
+    root = tmp_path_factory.mktemp("ems")
+    for teacher in ("aniso2d", "ring8"):
+        argv = ["--teacher", f"gmm:{teacher}", "--n-lams", "4", "--num-samples", "8", "--out", str(root / f"{teacher}.safetensors")]
+        assert load_script("compute_ems").main(argv) == 0
+    return root
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("missing", "does not exist"),
+    ("another teacher", "was made from teacher"),
+    ("truncated", "is truncated or not a safetensors file ("),
+])
+def test_bad_ems_file_is_named_before_any_cell(ems_files, tmp_path, capsys, case, problem):
+    path = {"missing": tmp_path / "none.safetensors", "another teacher": ems_files / "ring8.safetensors",
+            "truncated": tmp_path / "cut.safetensors"}[case]
+    if case == "truncated":
+        whole = (ems_files / "aniso2d.safetensors").read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "o"
+    argv = bench_argv(out, "--variant", f"v=dpm_solver_v3:ems={path}", teacher="gmm:aniso2d")
+    before = tree(tmp_path)
+    message = refused(load_script("bench").main, argv, capsys)
+    assert f"--variant v: the ems file {str(path)!r} {problem}" in message and "Traceback" not in message
+    assert tree(tmp_path) == before and not out.exists()
+
+
+# -- a trajectory manifest that does not describe its shards: refused before training ----------------------------------
+@pytest.fixture(scope="module")
+def pairs_cache(tmp_path_factory):
+    """12 trajectories of gmm:ring8 in 3 shards of 4, and a second cache of another seed (its shards: foreign ones)."""
+    root = tmp_path_factory.mktemp("traj")
+    for name, seed in (("pairs", "0"), ("other", "1")):
+        argv = ["--teacher", "gmm:ring8", "--solver", "heun", "--nfe", "3", "--final", "clean", "--num-samples", "12",
+                "--shard-size", "4", "--seed", seed, "--out", str(root / name)]
+        assert load_script("make_trajectories").main(argv) == 0
+    return root
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**m, **changes}))
+
+
+LIES = {
+    "fewer samples": (lambda c: _edit_manifest(c, num_samples=10),
+                      "says shard 2 holds 2 trajectories (num_samples=10, shard_size=4), but shard-00002.safetensors holds 4"),
+    "fewer shards": (lambda c: _edit_manifest(c, num_samples=8, num_shards=2),
+                     "counts 2 shards, but the folder also holds shard-00002.safetensors"),
+    "shard size": (lambda c: _edit_manifest(c, shard_size=3),
+                   "says num_samples=12, shard_size=3 and num_shards=3, which do not add up"),
+    "copied shard": (lambda c: (c / "shard-00001.safetensors").write_bytes((c / "shard-00000.safetensors").read_bytes()),
+                     "lists shard-00001.safetensors as shard 1, but that file is shard 0 (a copy of another shard)"),
+    "foreign shard": (lambda c: (c / "shard-00001.safetensors").write_bytes((c.parent / "other" / "shard-00001.safetensors").read_bytes()),
+                      "records another sha256 for shard-00001.safetensors than the file has"),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+def test_trajectory_manifest_that_lies_is_refused_before_training(pairs_cache, tmp_path, capsys, lie):
+    import shutil
+
+    damage, sentence = LIES[lie]
+    cache = Path(shutil.copytree(pairs_cache / "pairs", tmp_path / "cache"))
+    (tmp_path / "other").symlink_to(pairs_cache / "other")
+    damage(cache)
+    before, run = tree(cache), tmp_path / "run"
+    argv = ["--config", str(RING8.parent / "kd_ring8.yaml"), "--output-dir", str(run), "--set", f"trajectories={cache}",
+            "student.model.hidden=16", "student.model.layers=1", "batch_size=4", "max_steps=2"]
+    message = refused(load_script("distill").main, argv, capsys)
+    assert f"trajectory cache manifest {str(cache / 'manifest.json')!r} {sentence}" in message
+    assert "make it again with scripts/make_trajectories.py" in message and "Traceback" not in message
+    assert tree(cache) == before and not run.exists()
+
+
+def test_trajectory_shard_hashes_are_kept_checked_and_optional(pairs_cache, tmp_path):
+    """make_trajectories records every shard's sha256 and redoes a shard that differs; a manifest written before
+    hashes were kept opens without the check."""
+    import shutil
+
+    from distill.engine.paths import file_sha256
+    from distill.engine.trajectories import TrajectoryCache
+
+    cache = Path(shutil.copytree(pairs_cache / "pairs", tmp_path / "cache"))
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["shard_sha256"] == {str(k): file_sha256(cache / f"shard-0000{k}.safetensors") for k in range(3)}
+    shard = cache / "shard-00001.safetensors"
+    shard.write_bytes((pairs_cache / "other" / shard.name).read_bytes())
+    argv = ["--teacher", "gmm:ring8", "--solver", "heun", "--nfe", "3", "--final", "clean", "--num-samples", "12",
+            "--shard-size", "4", "--out", str(cache)]
+    assert load_script("make_trajectories").main(argv) == 0
+    redone, made = load_file(str(shard)), load_file(str(pairs_cache / "pairs" / shard.name))
+    assert all(torch.equal(redone[k], made[k]) for k in made)  # redone, as it was made
+    assert json.loads((cache / "manifest.json").read_text())["shard_sha256"]["1"] == file_sha256(shard)
+    shard.write_bytes((pairs_cache / "other" / shard.name).read_bytes())
+    _edit_manifest(cache, shard_sha256=None)  # an old manifest: no hashes, no check
+    assert TrajectoryCache(cache).num_samples == 12
+
+
+# -- progressive.py: a moved chain folder resumes, as distill resumes a moved run folder -----------------------------
+def test_progressive_chain_moved_mid_round_resumes_bit_identical(finished_chain, tmp_path, capsys):
+    import shutil
+
+    from distill_helpers import same_tensors
+
+    from distill.engine.config import parse_overrides
+
+    script = load_script("progressive")
+    script.run_rounds(str(PROGRESSIVE), tmp_path / "chain", parse_overrides(CHAIN), stop_at=(2, 2), log=lambda m: None)
+    moved = Path(shutil.move(tmp_path / "chain", tmp_path / "moved"))
+    argv = ["--config", str(PROGRESSIVE), "--output-dir", str(moved), "--set", *CHAIN]
+    assert script.main(argv) == 0
+    assert all(same_tensors(finished_chain / f"steps-{n}" / "student.safetensors", moved / f"steps-{n}" / "student.safetensors")
+               for n in (4, 2, 1))
+    again = Path(shutil.move(moved, tmp_path / "again"))  # and a finished chain, moved, is done
+    capsys.readouterr()
+    assert script.main(["--config", str(PROGRESSIVE), "--output-dir", str(again), "--set", *CHAIN]) == 0
+    assert "round 3 (1 steps): done" in capsys.readouterr().out
+
+
+# -- damaged Stable-Diffusion-style teacher folders --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    from conftest import tiny_sd_pipeline
+
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "sd")[0]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+SD_DAMAGE = {
+    "unet": (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"),
+             "its weights file diffusion_pytorch_model.safetensors is truncated or damaged ("),
+    "text_encoder": (lambda f: (f / "text_encoder" / "config.json").write_text("{oops"), "its config.json is not valid JSON ("),
+    "vae": (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "it has no weights file ("),
+}
+
+
+@pytest.mark.parametrize("part", list(SD_DAMAGE))
+def test_damaged_sd_pipeline_part_is_named(sd_folder, tmp_path, capsys, part):
+    import shutil
+
+    damage, problem = SD_DAMAGE[part]
+    folder = Path(shutil.copytree(sd_folder, tmp_path / "sd"))
+    damage(folder)
+    before, out = tree(tmp_path), tmp_path / "samples"
+    argv = ["--teacher", str(folder), "--prompt", "a", "--solver", "euler", "--nfe", "2", "--n", "2", "--out", str(out)]
+    message = refused(load_script("sample").main, argv, capsys)
+    assert f"the {part} of pipeline folder {str(folder)!r} cannot be loaded: {problem}" in message
+    assert f"restore {part}/ from the pipeline it came from" in message and "Traceback" not in message
+    assert tree(tmp_path) == before
+
+
+# -- DeepSpeed on a machine without a GPU runs one process ---------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_deepspeed_launch_of_several_cpu_processes_is_refused_once(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    import yaml
+    from distill_helpers import ROOT, subprocess_env
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("the deepspeed extra is not installed")
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump({**config, "num_processes": 2}))  # the shipped 8, made cheaper
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "accelerate.yaml"),
+           "--main_process_port", "29581", str(ROOT / "scripts" / "distill.py"), "--config", str(RING8), "--output-dir",
+           str(run), "--set", *TINY]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    sentence = "error: DeepSpeed on a machine without a GPU runs one process, but the launch started 2 (WORLD_SIZE)"
+    assert done.returncode != 0 and done.stderr.count(sentence) == 1, done.stderr[-3000:]
+    assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no rank's traceback
+    assert not run.exists()

@@ -4,8 +4,9 @@ teacher folder's content hash (reading gigabytes of weights once, not at every s
 
 The cache lives in ``$DISTILL_CACHE``, else ``$XDG_CACHE_HOME/distill``, else ``~/.cache/distill``. A file changed in place
 changes its size or mtime and so misses the cache; an edit that keeps both (a deliberate ``touch -d``) would be missed,
-so integrity checks (checkpoint manifests, trajectory shards) never read it. A cache that cannot be written or read is
-skipped: the value is computed as without one.
+so checkpoint manifests never read it. Trajectory shards' sha256 does (``distill.engine.trajectories``): it guards against
+a shard copied over another or changed by accident, and hashing a large cache at every start would cost seconds. A
+cache that cannot be written or read is skipped: the value is computed as without one.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ def _refusal(path, what: str, error: Exception) -> UnsafeFileError:
     if isinstance(error, pickle.UnpicklingError):
         why = (f"holds something other than tensors, numbers and strings, so it was not loaded (unpickling it could "
                f"run code; torch's weights-only unpickler said: {str(error).splitlines()[0][:200]})")
+    elif isinstance(error, EOFError) or "zip archive" in str(error):  # cut short: torch's reader ends in its zip index
+        why = f"is truncated or damaged (not a complete torch file: {str(error).split('. ')[0][:200]})"
     else:
         why = f"cannot be read as a torch file ({type(error).__name__}: {str(error)[:200]})"
     return UnsafeFileError(f"{what} {str(path)!r} {why}; delete it or replace it with a file this project wrote")

@@ -140,6 +140,9 @@ class DiscreteVP(Schedule):
         self.beta_start, self.beta_end = beta_start, beta_end
         self.trained_betas = None if trained_betas is None else [float(b) for b in trained_betas]
         betas = beta_table(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        if not bool(((betas >= 0) & (betas < 1)).all()):
+            raise ValueError(f"the discrete_vp beta table runs from {float(betas.min()):g} to {float(betas.max()):g} "
+                             f"(beta_start {beta_start}, beta_end {beta_end}); allowed: betas in [0, 1)")
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers
         acp = self.alphas_cumprod.double()
         if not bool((acp > 0).all()):
@@ -188,6 +191,9 @@ class VPLinear(Schedule):
     kind = "vp_linear"
 
     def __init__(self, beta_0: float = 0.1, beta_1: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
+        if not (beta_0 >= 0 and beta_1 >= 0 and beta_0 + beta_1 > 0 and 0 <= t_min < t_max):
+            raise ValueError(f"vp_linear schedule with beta_0 {beta_0}, beta_1 {beta_1}, t_min {t_min}, t_max {t_max}; "
+                             f"allowed: beta_0 >= 0 and beta_1 >= 0 (not both 0), 0 <= t_min < t_max")
         self.beta_0, self.beta_1 = beta_0, beta_1
         self.t_min, self.t_max, self.t_clean = t_min, t_max, 0.0
 

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is not allowed."""
 
 
+class LaunchError(ConfigError):
+    """A launch that cannot run, met alike by every rank before they connect: rank 0 says it, once."""
+
+
 def parse_overrides(items: list[str]) -> dict:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML."""
     out: dict = {}

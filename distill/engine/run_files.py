@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -47,6 +48,20 @@ def config_changes(saved: dict, current: dict, free_keys: tuple[str, ...] = RESU
     return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
 
 
+def follow_move(saved: dict, current: dict) -> dict:
+    """``saved`` (a config.yaml) with its ``teacher`` (``student:<file>``) and ``init_from`` paths that lay beside its run
+    folder moved to where ``current`` has them, when ``current`` names the same files beside its own run folder: a chain
+    folder of progressive rounds, moved or copied, refers to its own files."""
+    old_root, new_root = Path(saved.get("output_dir") or ".").parent, Path(current.get("output_dir") or ".").parent
+    out = dict(saved)
+    for key, prefix in (("teacher", "student:"), ("init_from", "")):
+        value = saved.get(key)
+        if isinstance(value, str) and value.startswith(f"{prefix}{old_root}{os.sep}"):
+            moved = f"{prefix}{new_root}{value[len(f'{prefix}{old_root}'):]}"
+            out[key] = moved if moved == current.get(key) else value
+    return out
+
+
 def resolve_resume(out: Path, resume: str | None, log=print) -> Path | None:
     """The checkpoint to resume from: None (fresh run), ``latest`` (the newest valid one; damaged newer ones are
     skipped with a note each) or a checkpoint folder (refused, with the reason, when damaged)."""
@@ -83,6 +98,7 @@ def check_resume_config(cfg: RunConfig, ckpt: Path | None) -> None:
     saved = yaml.safe_load(saved_file.read_text())
     if cfg.init_from_sha256 is None:
         cfg.init_from_sha256 = saved.get("init_from_sha256")
+    saved = follow_move(saved, dataclasses.asdict(cfg))  # a moved chain folder (progressive rounds) resumes
     changed = config_changes(saved, dataclasses.asdict(cfg))
     if changed:
         shown = ", ".join(f"{k} ({flat(saved).get(k)!r} -> {flat(dataclasses.asdict(cfg)).get(k)!r})" for k in changed)

@@ -25,7 +25,7 @@ from torch import nn
 
 from distill.core.conditioning import takes_prompts
 from distill.engine.checkpoint import complete_checkpoints
-from distill.engine.config import ConfigError
+from distill.engine.config import ConfigError, LaunchError
 from distill.engine.launch import launch_warning
 from distill.engine.paths import file_sha256
 from distill.engine.run_config import NetworkOptim, RunConfig, objective_options
@@ -40,6 +40,16 @@ def check_world_size(num_processes: int, environ=os.environ) -> None:
     launched = int(environ.get("WORLD_SIZE", 1))
     if num_processes != launched:
         raise RuntimeError(f"accelerate sees {num_processes} process(es) but {launched} were launched (WORLD_SIZE)")
+
+
+def check_deepspeed_processes(deepspeed: bool, environ=os.environ) -> None:
+    """DeepSpeed on a machine without a GPU runs one process (its CPU accelerator; accelerate's DeepSpeed path starts
+    no CPU process group): a launch of more, such as the shipped deepspeed_zero2.yaml's 8, is refused in one sentence."""
+    launched = int(environ.get("WORLD_SIZE", 1))
+    if deepspeed and launched > 1 and not torch.cuda.is_available():
+        raise LaunchError(f"DeepSpeed on a machine without a GPU runs one process, but the launch started {launched} "
+                          f"(WORLD_SIZE); add --num_processes 1 to accelerate launch, or for several CPU processes without "
+                          f"DeepSpeed use configs/accelerate/cpu_2proc.yaml")
 
 
 @dataclass
@@ -90,6 +100,7 @@ def make_accelerator(cfg: RunConfig, find_unused_parameters: bool = False):
     find_unused = find_unused_parameters if cfg.ddp.find_unused_parameters is None else cfg.ddp.find_unused_parameters
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused, static_graph=cfg.ddp.static_graph)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    check_deepspeed_processes(deepspeed)  # before the accelerator: every rank stops at once, none waits for the others
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "tensorboard"))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available() and not deepspeed,
                               kwargs_handlers=[ddp], log_with=trackers(cfg) or None, project_config=project)

@@ -13,8 +13,11 @@ dataset (``prompts``: ``prompts:<file>`` or ``prompts:hf:<...>``) and the sha256
 its ``label`` is that prompt's index in the list; ``TrajectoryCache.prompt_texts(labels)`` reads them back, and the
 trainer encodes them with the teacher's (cached) text encoder per batch.
 
-``generate`` resumes: a shard that opens with the expected count is kept, anything else is redone; a folder
-whose manifest disagrees with the settings asked for is refused. ``open_cache`` refuses a cache made by
+The manifest also records each shard's sha256 (``shard_sha256``, written as each shard is written). ``generate``
+resumes: a shard that opens with the expected count, number and sha256 is kept, anything else is redone; a folder
+whose manifest disagrees with the settings asked for is refused. Opening a cache refuses a manifest that does not
+describe its shards (counts that do not add up, extra shard files, a shard copied over another); a manifest written
+before hashes were kept is read without the hash check. ``open_cache`` refuses a cache made by
 another teacher or with other settings. Objectives read rows with ``TrajectoryCache.rows(indices)``: one ``pread``
 per row and key, nothing memory-mapped, so that a run's memory does not grow with the cache.
 """
@@ -31,8 +34,10 @@ from tqdm import tqdm
 
 from distill.core.atomic import write_text, write_with
 from distill.core.conditioning import takes_prompts
+from distill.core.file_cache import cached_text
 from distill.core.grids import CLEAN_FINALS, make_grid
 from distill.core.safe_files import read_json
+from distill.engine.paths import file_sha256
 from distill.solvers import get_solver, sample
 
 FORMAT = "fewstep-distill/trajectories"
@@ -93,14 +98,36 @@ def _shard_count(m: dict, k: int) -> int:
     return min(m["shard_size"], m["num_samples"] - k * m["shard_size"])
 
 
-def shard_complete(path: Path, count: int) -> bool:
+def shard_metadata(path: Path) -> dict | None:
+    """A shard's metadata (``shard``: its number, ``count``: its rows), or None when it is missing, truncated or foreign."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return f.metadata().get("count") == str(count) and set(f.keys()) == {"noise", "states", "sample", "label"}
+            return f.metadata() if set(f.keys()) == set(KEYS) else None
     except Exception:  # missing, truncated or foreign: redo it
+        return None
+
+
+def shard_complete(path: Path, count: int) -> bool:
+    meta = shard_metadata(path)
+    return meta is not None and meta.get("count") == str(count)
+
+
+def _shard_kept(folder: Path, m: dict, k: int) -> bool:
+    """Whether ``generate`` keeps shard ``k``: complete, with its own number, and the sha256 recorded for it (if any)."""
+    path, meta = _shard_path(folder, k), shard_metadata(_shard_path(folder, k))
+    if meta is None or meta.get("count") != str(_shard_count(m, k)) or meta.get("shard", str(k)) != str(k):
         return False
+    recorded = m.get("shard_sha256", {}).get(str(k))
+    return recorded is None or recorded == shard_sha256(path)
+
+
+def shard_sha256(path: Path) -> str:
+    """The sha256 of a shard's bytes, kept in the file cache by path, size and mtime (``distill.core.file_cache``): a
+    cache is hashed once, not at every start. It catches a shard copied over another or changed in place; an edit that
+    keeps a shard's size and mtime goes unseen."""
+    return cached_text([path], "trajectory-shard-sha256", lambda: file_sha256(path))
 
 
 def make_shard(teacher, m: dict, k: int) -> dict[str, torch.Tensor]:
@@ -128,10 +155,14 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
     out, m = Path(out), cache_settings(teacher, **settings)
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
-        check_match(out, read_manifest(out), m)
+        have = read_manifest(out)
+        check_match(out, have, m)
+        m["shard_sha256"] = dict(have.get("shard_sha256") or {})
     else:
+        m["shard_sha256"] = {}
         write_text(out / MANIFEST, json.dumps(m, indent=1))
-    todo = [k for k in range(m["num_shards"]) if not shard_complete(_shard_path(out, k), _shard_count(m, k))]
+    hashes = m["shard_sha256"]  # shard -> sha256 of its file, recorded as each is written; a shard that differs is redone
+    todo = [k for k in range(m["num_shards"]) if not _shard_kept(out, m, k)]
     done = m["num_samples"] - sum(_shard_count(m, k) for k in todo)
     bar = tqdm(total=m["num_samples"], initial=done, desc="trajectories", unit="traj", mininterval=5, disable=not progress)
     with bar:  # closed however the loop ends, so that an error message starts on a line of its own
@@ -141,9 +172,43 @@ def generate(teacher, out: str | Path, *, log=print, progress: bool = True, **se
                 tensors = make_shard(teacher, m, k)
             meta = {"format": FORMAT, "shard": str(k), "count": str(count)}
             write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # atomic: a full disk keeps the shards before
+            hashes[str(k)] = shard_sha256(path)
+            write_text(out / MANIFEST, json.dumps(m, indent=1))
             bar.update(count)
             log(f"shard {k + 1}/{m['num_shards']}: {count} trajectories")
+    missing = [k for k in range(m["num_shards"]) if str(k) not in hashes]  # shards of a cache made before hashes were kept
+    if missing:
+        hashes.update({str(k): shard_sha256(_shard_path(out, k)) for k in missing})
+        write_text(out / MANIFEST, json.dumps(m, indent=1))
     return out
+
+
+def manifest_problem(folder: Path, m: dict) -> str | None:
+    """Why a cache's manifest does not describe the shard files beside it (None if it does): sample and shard counts
+    that do not add up, shard files it does not count, a shard with another row count, number or sha256 than it says.
+    A manifest without ``shard_sha256`` (a cache made before hashes were kept) is not hash-checked."""
+    n, size, shards = m.get("num_samples"), m.get("shard_size"), m.get("num_shards")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n, size, shards)) or shards != math.ceil(n / size):
+        return (f"says num_samples={n!r}, shard_size={size!r} and num_shards={shards!r}, which do not add up (num_shards "
+                f"must be num_samples / shard_size rounded up)")
+    extra = sorted(p.name for p in folder.glob("shard-*.safetensors") if p.name not in {_shard_path(folder, k).name for k in range(shards)})
+    if extra:
+        return f"counts {shards} shards, but the folder also holds {', '.join(extra)}"
+    hashes = m.get("shard_sha256") or {}
+    for k in range(shards):
+        path, count = _shard_path(folder, k), _shard_count(m, k)
+        meta = shard_metadata(path)
+        if meta is None:
+            continue  # missing or truncated: TrajectoryCache says so
+        if meta.get("count") != str(count):
+            return (f"says shard {k} holds {count} trajectories (num_samples={n}, shard_size={size}), but {path.name} "
+                    f"holds {meta.get('count')}")
+        if meta.get("shard", str(k)) != str(k):
+            return f"lists {path.name} as shard {k}, but that file is shard {meta['shard']} (a copy of another shard)"
+        if str(k) in hashes and hashes[str(k)] != shard_sha256(path):
+            return (f"records another sha256 for {path.name} than the file has (a copy of another shard, or changed "
+                    f"since it was made)")
+    return None
 
 
 KEYS = ("noise", "states", "sample", "label")
@@ -173,6 +238,10 @@ class TrajectoryCache:
         if not (self.folder / MANIFEST).is_file():
             raise FileNotFoundError(f"{str(self.folder)!r} is not a trajectory cache (no {MANIFEST})")
         self.manifest = m = read_manifest(self.folder)
+        problem = manifest_problem(self.folder, m)
+        if problem:
+            raise ValueError(f"trajectory cache manifest {str(self.folder / MANIFEST)!r} {problem}; the cache cannot be "
+                             f"trusted: make it again with scripts/make_trajectories.py into a new folder")
         for k in range(m["num_shards"]):
             if not shard_complete(_shard_path(self.folder, k), _shard_count(m, k)):
                 raise ValueError(f"trajectory cache {str(self.folder)!r} is incomplete (shard {k} missing or truncated); "

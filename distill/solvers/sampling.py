@@ -49,7 +49,7 @@ def check_options(solver: str, options, where: str = "", taken: tuple[str, ...] 
                          f"{solver!r}; allowed: {', '.join(allowed)}")
 
 
-def _load_prepared(options: dict, teacher) -> dict:
+def load_prepared(options: dict, teacher) -> dict:
     """Solver options given as file paths (``ems``, ``amed``), loaded and checked against the teacher."""
     out = dict(options)
     if isinstance(out.get("ems"), (str, Path)):
@@ -61,6 +61,21 @@ def _load_prepared(options: dict, teacher) -> dict:
 
         out["amed"] = AmedPredictor.load(out["amed"], teacher)
     return out
+
+
+def check_prepared_files(options: dict, teacher) -> None:
+    """Read every file that solver ``options`` name (``ems``, ``amed``, ``teleport``, a GITS ``grid`` file), so that a
+    missing or damaged file, or one made from another teacher, is refused in one sentence before any sampling."""
+    load_prepared(options, teacher)
+    if isinstance(options.get("teleport"), (str, Path)):
+        from distill.solvers.prepared.teleport.gaussian import GaussianFit
+
+        GaussianFit.load(options["teleport"], teacher)
+    grid = options.get("grid")
+    if isinstance(grid, str) and grid not in GRIDS and grid.endswith(".json"):
+        from distill.solvers.prepared import files as prepared
+
+        prepared.load_json(grid, "gits", teacher)
 
 
 def sample(
@@ -142,7 +157,7 @@ def sample(
         ts = load_grid(grid, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), final, teacher)
     else:
         ts = make_grid(schedule, spec.steps_for_nfe(nfe, final in CLEAN_FINALS), grid, final=final, t_max=t_start)
-    options = _load_prepared(options, teacher)
+    options = load_prepared(options, teacher)
     counted = CountingDenoiser(denoiser, nfe_bar)
     if teleport is not None:
         x_T = noise * float(schedule.init_noise_scale(schedule.t_max))

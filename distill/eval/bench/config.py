@@ -11,7 +11,7 @@ import torch
 from distill.core.conditioning import takes_prompts
 from distill.core.grids import FINALS, GRIDS
 from distill.solvers import get_solver
-from distill.solvers.sampling import check_options
+from distill.solvers.sampling import check_options, check_prepared_files
 
 DEFAULT_NFE = "1,2,3,4,5,6,8,10,15,20,50"
 CSV = "fid_vs_nfe.csv"
@@ -135,6 +135,11 @@ class BenchConfig:
                              "sampled with class labels (no --unconditional)")
         if self.save_images and not is_image(teacher):
             raise ValueError(f"--save-images needs an image teacher; {teacher.name!r} makes data of shape {teacher.data_shape}")
+        for label, (_, options) in self.variants.items():  # a variant's files (ems=, amed=, ...) read before any cell
+            try:
+                check_prepared_files(options, teacher)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"--variant {label}: {e}") from None
 
 
 def is_image(teacher) -> bool:

@@ -28,9 +28,9 @@ def default_path(kind: str, teacher, root: str | Path = ROOT) -> Path:
 def check_teacher(meta: dict, teacher, path, kind: str) -> None:
     """One clear sentence when ``path`` is not a ``kind`` file made from ``teacher``."""
     if meta.get("kind") != kind:
-        raise ValueError(f"{path} is a {meta.get('kind')!r} file, not a {kind!r} file")
+        raise ValueError(f"{str(path)!r} is a {meta.get('kind')!r} file, not a {kind!r} file")
     if teacher is not None and meta.get("teacher_hash") != teacher.hash:
-        raise ValueError(f"{path} was made from teacher {str(meta.get('teacher_hash'))[:12]}, not from "
+        raise ValueError(f"the {kind} file {str(path)!r} was made from teacher {str(meta.get('teacher_hash'))[:12]}, not from "
                          f"{teacher.name!r} ({teacher.hash[:12]}); remake it for this teacher")
 
 
@@ -49,12 +49,12 @@ def load_tensors(path: str | Path, kind: str, teacher=None) -> tuple[dict[str, t
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {kind} file at {path}")
+        raise FileNotFoundError(f"the {kind} file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # truncated or not safetensors
-        raise ValueError(f"cannot read {path} as a {kind} safetensors file ({e})") from None
+        raise ValueError(f"the {kind} file {str(path)!r} is truncated or not a safetensors file ({e})") from None
     check_teacher(meta, teacher, path, kind)
     return tensors, meta
 
@@ -68,11 +68,11 @@ def save_json(path: str | Path, data: dict) -> None:
 def load_json(path: str | Path, kind: str, teacher=None) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {kind} file at {path}")
+        raise FileNotFoundError(f"the {kind} file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path} as a {kind} JSON file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the {kind} file {str(path)!r} is not valid JSON ({e})") from None
     check_teacher(data, teacher, path, kind)
     return data
 
