@@ -5,6 +5,7 @@ ends bit-identical to one that never stopped. Faults are injected where the byte
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -134,7 +135,12 @@ def test_make_trajectories_disk_full_keeps_the_shards_written_and_finishes_later
 
     monkeypatch.undo()
     assert make(argv) == 0
-    assert snapshot(out, skip="shard-00001") == written and (out / "shard-00001.safetensors").is_file()
+    after = snapshot(out)  # the shard written before is untouched; the manifest now also records shard 1 (and its hash)
+    assert after["shard-00000.safetensors"] == written["shard-00000.safetensors"] and "shard-00001.safetensors" in after
+    manifest = json.loads((out / "manifest.json").read_text())
+    hashes = manifest["shard_sha256"]
+    assert sorted(hashes) == ["0", "1"], manifest
+    assert hashes["0"] == hashlib.sha256((out / "shard-00000.safetensors").read_bytes()).hexdigest()
 
 
 def test_run_cost_disk_full_keeps_the_cost_file_already_there(tmp_path, monkeypatch, capsys):
