@@ -2,7 +2,7 @@
 """Create (or reuse) the project's virtual environment in .venv, then run a job.
 
     python3 scripts/dev.py demo      # the main job on the embedded default (no GPU, no download)
-    python3 scripts/dev.py test      # the test suite (extra arguments go to pytest)
+    python3 scripts/dev.py test      # the test suite, one pytest-xdist worker per core (extra arguments go to pytest)
 
 Needs only python3. The environment is reinstalled when pyproject.toml changes.
 """
@@ -39,10 +39,20 @@ def ensure_env() -> Path:
     return PY
 
 
+def xdist_workers(args: list[str]) -> list[str]:
+    """pytest-xdist workers, one per usable core (at most 4; the tests run one torch thread each), unless the
+    arguments choose (-n / -p no:xdist); one core: no workers. A test file stays on one worker (its module fixtures are
+    built once)."""
+    if any(a.startswith(("-n", "--numprocesses")) or a == "no:xdist" for a in args):
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ["-n", str(min(cores, 4)), "--dist", "loadfile"] if cores > 1 else []
+
+
 def main(argv: list[str]) -> int:
     jobs = {
         "demo": [ROOT / "scripts" / "demo.py"],
-        "test": ["-m", "pytest", "-q"],
+        "test": ["-m", "pytest", "-q", *xdist_workers(argv[1:])],
     }
     if not argv or argv[0] not in jobs:
         print(f"usage: python3 scripts/dev.py {{{'|'.join(jobs)}}} [args...]", file=sys.stderr)
