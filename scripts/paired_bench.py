@@ -6,7 +6,9 @@ Every entry of the folder's leaderboard (the teacher converged, the best solver 
 step count) is sampled as its bench cell on seeds --seed..--seed+N-1, the same for all, and measured against the bench's
 data reference (FID at N and at 500..10,000, FID-infinity, the paired delta to the teacher with its 95% interval and
 verdict, the delta to the entry ranked above) and against the teacher's own samples on seeds --ref-seed.. (the
-teacher-referenced distance; the teacher's row is its floor). Writes OUT/paired.csv, OUT/paired.md and OUT/fid_vs_n.png.
+teacher-referenced distance; the teacher's row is its floor). Writes OUT/paired.csv, OUT/paired.md (ending with the
+few-step goal: each student against the best solver at every NFE up to 4 and its own next smaller step count, with
+paired intervals) and OUT/fid_vs_n.png.
 
 Features are cached in --cache under a hash of what made them: ``--shard K/M`` samples only the K-th (0-based) of M
 shares of the entries (dealt by NFE, so the shards take about equally long) and writes nothing else, so M processes can
@@ -117,8 +119,13 @@ def main(argv=None) -> int:
               f"{args.num_samples:,}; intervals: paired bootstrap over the same seeds ({args.resamples} resamples, "
               "within classes), 95%."
               + (f" Left out (over {args.max_nfe} NFE): {', '.join(left_out)}." if left_out else "") + "\n\n")
+    pairs = pb.goal_pairs(entries)
+    goal = pb.goal_verdicts(features, pairs, metric.ref_features, labels, resamples=args.resamples, seed=args.seed) if pairs else []
+    goal_text = (f"\n## The few-step goal\n\nEach student against the best solver at every NFE up to {pb.GOAL_NFE} and against "
+                 "its own next smaller step count: FID difference with its 95% paired interval ('below': lower FID).\n\n"
+                 + pb.goal_markdown(goal)) if goal else ""
     tmp = args.out / "paired.md.tmp"
-    tmp.write_text(header + pb.markdown(out, settings))
+    tmp.write_text(header + pb.markdown(out, settings) + goal_text)
     tmp.replace(args.out / "paired.md")
     from distill.eval.plots import fid_vs_n_plot
 

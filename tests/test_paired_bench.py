@@ -134,3 +134,27 @@ def test_shared_bootstrap_reproduces_the_pairwise_intervals():
     d = paired_fid_delta(other, teacher, data, resamples=40, seed=7, strata=labels)
     assert rows["s"]["delta_teacher"] == pytest.approx(d["delta"]) and rows["s"]["delta_teacher_low"] == pytest.approx(d["low"])
     assert rows["s"]["delta_teacher_high"] == pytest.approx(d["high"]) and rows["s"]["verdict_teacher"].startswith(d["verdict"])
+
+
+def test_goal_pairs_and_verdicts_judge_a_student_against_the_solvers_and_its_fewer_steps():
+    """A 2-step student is compared with the best solver at each NFE up to 4 (not at 8, not the teacher) and with its
+    own 1-step entry; on known features a set shifted away from the data is 'above' and one nearer is 'below'."""
+    from distill.eval.paired_bench import goal_markdown, goal_pairs, goal_verdicts
+
+    entries = [BoardEntry("teacher", "solver", "unipc", 20, teacher=True), BoardEntry("u1", "solver", "ddpm", 1),
+               BoardEntry("u4", "solver", "unipc", 4), BoardEntry("u8", "solver", "unipc", 8),
+               BoardEntry("s1", "student", "s", 1, "s.st"), BoardEntry("s2", "student", "s", 2, "s.st"),
+               BoardEntry("o1", "student", "o", 1, "o.st")]
+    pairs = {(a.label, b.label) for a, b in goal_pairs(entries)}
+    assert pairs == {("s1", "u1"), ("s1", "u4"), ("s2", "u1"), ("s2", "u4"), ("s2", "s1"), ("o1", "u1"), ("o1", "u4")}
+    n = 1200
+    data = _gauss(3000, seed=1)
+    base = _gauss(n, seed=3)
+    features = {"s2": base, "s1": base + 0.3, "u4": base + 0.3 + 0.02 * _gauss(n, seed=4)}
+    by = {(v["entry"], v["against"]): v for v in goal_verdicts(
+        features, [(entries[5], entries[4]), (entries[4], entries[2]), (entries[4], entries[5])], data,
+        torch.arange(n) % 10, resamples=100)}
+    assert by[("s2", "s1")]["verdict"] == "below" and by[("s2", "s1")]["high"] < 0
+    assert by[("s1", "s2")]["verdict"] == "above"
+    assert by[("s1", "u4")]["verdict"] == "tied with"
+    assert "| s2 | s1 |" in goal_markdown(list(by.values()))

@@ -34,7 +34,15 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from distill.engine.paths import file_sha256
 from distill.eval.bench.cells import Cell, generate
 from distill.eval.bench.config import BenchConfig, labels_for
-from distill.eval.fid import bootstrap_fid_std, feature_statistics, fid_infinity, frechet_distance, normal_interval, resample_indices
+from distill.eval.fid import (
+    bootstrap_fid_std,
+    feature_statistics,
+    fid_infinity,
+    frechet_distance,
+    normal_interval,
+    paired_fid_delta,
+    resample_indices,
+)
 from distill.eval.leaderboard import fid_inf_text, interval_text, leaderboard_rows
 from distill.eval.teacher_ref import cached_features, reference_key
 
@@ -190,6 +198,47 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
     for i, row in enumerate(ranked, 1):
         row["rank"] = i
     return ranked
+
+
+GOAL_NFE = 4  # the few-step goal: a student's k steps against every solver spending up to this many NFE
+
+
+def goal_pairs(entries: list[BoardEntry], max_nfe: int = GOAL_NFE) -> list[tuple[BoardEntry, BoardEntry]]:
+    """The comparisons a few-step student is judged by: each student entry against the best solver at every NFE up to
+    ``max_nfe`` (the leaderboard's best per NFE, so the others are worse there), and against the same student file at
+    its next smaller step count."""
+    solvers = sorted((e for e in entries if e.kind == "solver" and not e.teacher and e.n <= max_nfe), key=lambda e: e.n)
+    pairs = []
+    for e in entries:
+        if e.kind != "student":
+            continue
+        pairs += [(e, s) for s in solvers]
+        fewer = [o for o in entries if o.kind == "student" and o.path == e.path and o.n < e.n]
+        if fewer:
+            pairs.append((e, max(fewer, key=lambda o: o.n)))
+    return pairs
+
+
+def goal_verdicts(features: dict[str, torch.Tensor], pairs: list[tuple[BoardEntry, BoardEntry]], data_ref: torch.Tensor,
+                  labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0) -> list[dict]:
+    """FID(a) - FID(b) with its 95% paired interval (``paired_fid_delta``, the same seeds and strata as ``measure``)
+    for each pair: 'below' is a lower FID than b at 95%."""
+    ref = feature_statistics(data_ref)
+    out = []
+    for a, b in pairs:
+        d = paired_fid_delta(features[a.label], features[b.label], ref, resamples=resamples, seed=seed, strata=_strata(labels))
+        out.append({"entry": a.label, "against": b.label, "delta": d["delta"], "low": d["low"], "high": d["high"],
+                    "verdict": d["verdict"]})
+    return out
+
+
+def goal_markdown(verdicts: list[dict]) -> str:
+    """The goal comparisons as a table (``goal_verdicts``)."""
+    lines = ["| entry | against | FID difference [95%] | verdict |", "|---|---|---|---|"]
+    for v in verdicts:
+        lines.append(f"| {v['entry']} | {v['against']} | {v['delta']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}] | "
+                     f"{v['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], settings: dict) -> str:
