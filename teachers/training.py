@@ -46,15 +46,16 @@ class TeacherConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     seed: int = 0
-    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    mixed_precision: str | None = None  # no | fp16 | bf16; null: the launcher's (accelerate launch --mixed_precision)
+    log_with: list = field(default_factory=list)  # accelerate trackers (tensorboard, wandb, ...), as a run config's
     output_dir: str = "runs/teacher"
 
     def validate(self) -> None:
         choices = {"arch": ARCHS, "prediction_type": PREDICTION_TYPES[:3], "beta_schedule": BETA_SCHEDULES,
-                   "mixed_precision": ("no", "fp16", "bf16")}
+                   "mixed_precision": (None, "no", "fp16", "bf16")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"config key {key!r} is {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+                raise ValueError(f"config key {key!r} is {getattr(self, key)!r}; allowed: {', '.join(map(str, allowed))}")
         for key in ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_train_timesteps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key {key!r} must be at least 1, got {getattr(self, key)}")
@@ -122,7 +123,7 @@ def run_config(cfg: TeacherConfig):
                      dataset=cfg.dataset, dataset_options=dict(cfg.dataset_options),
                      optim=OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_schedule="cosine"),
                      batch_size=cfg.batch_size, max_steps=cfg.max_steps, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                     mixed_precision=cfg.mixed_precision, checkpoint_every=cfg.checkpoint_every,
+                     mixed_precision=cfg.mixed_precision, log_with=list(cfg.log_with), checkpoint_every=cfg.checkpoint_every,
                      keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every, seed=cfg.seed, output_dir=cfg.output_dir)
 
 
@@ -141,6 +142,8 @@ def check_resume(cfg: TeacherConfig, rcfg, ckpt: Path) -> None:
         return
     saved, now = yaml.safe_load(saved_file.read_text()), dataclasses.asdict(rcfg)
     saved.setdefault("init_from_sha256", now.get("init_from_sha256"))
+    if now.get("mixed_precision") is None:  # the launcher's, resolved by the trainer, whose own check compares it
+        now["mixed_precision"] = saved.get("mixed_precision")
     changed = config_changes(saved, now)
     if changed:
         before, after = flat(saved), flat(now)

@@ -74,3 +74,27 @@ def test_toy_mlp_teacher_folder_loads_in_stock_diffusers(tmp_path):
                         batch_size=16, max_steps=2), log=lambda m: None)
     pipe = DDPMPipeline.from_pretrained(folder, local_files_only=True)
     assert type(pipe.unet).__name__ == "ToyMLP" and pipe.unet.config.dim == 2
+
+
+def test_teacher_run_takes_the_launchers_precision_and_trackers(tmp_path):
+    """The teacher config is a run of the main trainer: mixed_precision left null takes accelerate launch's
+    --mixed_precision (it was pinned to 'no'), and log_with sends the scalars to accelerate's trackers."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import yaml
+    from distill_helpers import ROOT, subprocess_env
+
+    if importlib.util.find_spec("tensorboard") is None:
+        pytest.skip("tensorboard is not installed")
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision", "bf16",
+           "--main_process_port", "29599", str(ROOT / "scripts" / "train_teacher.py"), "--config",
+           str(ROOT / "configs" / "teachers" / "ring8_mlp.yaml"), "--output-dir", str(out), "--max-steps", "4",
+           "--set", "model.hidden=16", "model.layers=1", "batch_size=16", "checkpoint_every=2", "log_every=2",
+           "log_with=[tensorboard]"]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "bf16"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")) and (out / "teacher" / "model_index.json").is_file()
