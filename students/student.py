@@ -146,7 +146,7 @@ class Student(NetDenoiser):
             raise ValueError(f"this student samples with {', '.join(map(str, self.sampling_steps))} steps (the step counts "
                              f"its file records), not {steps}; pass timesteps= to sample at other times")
         ts = self.sampling_timesteps(steps) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float64)
-        x = noise * float(self.schedule.init_noise_scale(ts[0]))
+        x = noise * float(self.schedule.init_noise_scale(ts[0]))  # as first_step
         if self.sampler == "meanflow":
             return self._mean_flow_sample(x, ts, cond, callback, **extra)
         if self.sampler == "ode":
@@ -163,6 +163,19 @@ class Student(NetDenoiser):
                 callback({"i": i, "t": float(t), "x": x})
             x = self(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device), cond, **extra)
         return x
+
+    def first_step(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x, t [B], extra network inputs) of a one-step sample of standard-normal ``noise``: ``self(x, t, cond, **extra)``
+        is then that sample, with gradients (the generator of an adversarial head; ``sample`` makes it without). Every
+        sampler's one step is one call: f(x, t_1); an ode sampler's Euler step to clean data is D(x, t_1); MeanFlow's
+        z_0 = z_1 - (tau_1 - 0) u is D(x, t_1) with the interval input tau_1."""
+        ts = self.sampling_timesteps(1)
+        x = noise * float(self.schedule.init_noise_scale(ts[0]))
+        t = torch.full((noise.shape[0],), float(ts[0]), dtype=torch.float64, device=noise.device)
+        if self.sampler != "meanflow":
+            return x, t, {}
+        tau = flow_time(self.schedule, explicit_grid(self.schedule, ts, final="clean"))
+        return x, t, {"interval": torch.full_like(t, float(tau[0] - tau[1]))}
 
     def _mean_flow_sample(self, x: torch.Tensor, ts: torch.Tensor, cond, callback, **extra) -> torch.Tensor:
         """MeanFlow's k-step sampler (module doc): a DDIM step is the Euler step z_r = z_t - (t - r) u of the flow chart."""

@@ -90,6 +90,7 @@ class RunConfig:
     objective: dict = field(default_factory=lambda: {"name": "consistency"})  # name + that objective's options
     student: StudentConfig = field(default_factory=StudentConfig)
     lora: LoraSettings | None = None  # train a LoRA adapter on the student instead of all its weights
+    adversarial: dict | None = None  # a GAN head on any objective (distill.objectives.adversarial.AdversarialOptions)
     dataset: str | None = None  # distill.data name, for objectives that need real data
     dataset_options: dict = field(default_factory=dict)  # split; hf: datasets: name, image_column, label_column, resolution, channels
     trajectories: str | None = None  # a trajectory cache folder, for objectives that need one
@@ -131,6 +132,8 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
     raw = merge(base, overrides)
     cfg = from_dict(RunConfig, raw)
     cfg.objective = objective_options_dict(cfg.objective)
+    if cfg.adversarial is not None:
+        cfg.adversarial = dataclasses.asdict(adversarial_options(cfg.adversarial))
     cfg.networks = {name: from_dict(NetworkOptim, value, f"networks.{name}.") if isinstance(value, dict) else value
                     for name, value in cfg.networks.items()}
     for name, net in cfg.networks.items():
@@ -154,6 +157,13 @@ def objective_options(objective: dict):
     cls = OBJECTIVES[objective["name"]]
     options = {k: v for k, v in objective.items() if k != "name"}
     return cls, from_dict(cls.Options, options, "objective.")
+
+
+def adversarial_options(adversarial: dict):
+    """The validated ``AdversarialOptions`` of config ``adversarial``."""
+    from distill.objectives.adversarial import AdversarialOptions
+
+    return from_dict(AdversarialOptions, adversarial, "adversarial.")
 
 
 def objective_options_dict(objective: dict) -> dict:

@@ -28,7 +28,7 @@ from distill.engine.checkpoint import complete_checkpoints
 from distill.engine.config import ConfigError, LaunchError
 from distill.engine.launch import launch_warning
 from distill.engine.paths import file_sha256
-from distill.engine.run_config import NetworkOptim, RunConfig, objective_options
+from distill.engine.run_config import NetworkOptim, RunConfig, adversarial_options, objective_options
 from distill.objectives.base import Context, Network, Objective, unwrap
 
 NETWORKS_FILE = "networks.safetensors"  # the trained networks other than the student, and the objective's helpers
@@ -175,8 +175,11 @@ check_tensorboard = check_trackers  # its former name, for callers from before l
 
 
 def build_objective(cfg: RunConfig, ctx: Context) -> Objective:
+    from distill.objectives.adversarial import with_adversarial
+
     cls, options = objective_options(cfg.objective)
     objective = cls(options, ctx)
+    objective = with_adversarial(objective, None if cfg.adversarial is None else adversarial_options(cfg.adversarial), ctx)
     if "data" in objective.needs and not cfg.dataset:
         raise ConfigError(f"objective {cls.name!r} needs real data: set config key 'dataset' (a distill.data name)")
     if "trajectories" in objective.needs and ctx.cache is None:

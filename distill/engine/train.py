@@ -290,7 +290,7 @@ def start(cfg: RunConfig, load_teacher, build_student, resume: str | None, log) 
     try:
         ckpt = resolve_resume(Path(cfg.output_dir), resume, log)
         cls, _ = objective_options(cfg.objective)
-        accelerator = make_accelerator(cfg, cls.find_unused_parameters)
+        accelerator = make_accelerator(cfg, cls.find_unused_parameters or cfg.adversarial is not None)
         check_resume_config(cfg, ckpt)
         run = setup(cfg, accelerator, load_teacher, build_student, resuming=ckpt is not None)
         step = restore(run, ckpt, log)

@@ -2,6 +2,7 @@
 
 # imported for their side effect: each module registers its objectives
 from distill.objectives import (  # noqa: F401
+    adversarial,
     consistency,
     diffusion,
     distribution_matching,
