@@ -1,7 +1,9 @@
-"""Peak memory of training (issue #34, item 5): from trajectory caches of growing size, and of a two-network objective.
+"""Peak memory of training (issue #34, item 5): from trajectory caches of growing size, of a two-network objective, and
+from an HF image dataset on disk of growing size (issue #33, ``--parts dataset``).
 
     python scripts/engine_memory.py [--sizes 10000 30000 100000] [--steps 50] [--sid-steps 5] [--out results/engine]
-        [--tmp /tmp] [--parts caches sid] [--previous OLD/memory.json]
+        [--tmp /tmp] [--parts caches sid dataset] [--previous OLD/memory.json]
+        [--dataset-sizes 10000 100000] [--dataset-steps 30]
 
 The benchmark is ``distill.eval.engine_bench.memory`` (its --help says more); this front end gives it the teacher loader
 and the student builder.

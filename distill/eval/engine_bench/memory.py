@@ -1,7 +1,9 @@
-"""Peak memory of training (issue #34, item 5): from trajectory caches of growing size, and of a two-network objective.
+"""Peak memory of training (issue #34, item 5): from trajectory caches of growing size, of a two-network objective, and
+from an HF image dataset on disk of growing size (issue #33).
 
     python scripts/engine_memory.py [--sizes 10000 30000 100000] [--steps 50] [--sid-steps 5] [--out results/engine]
-        [--tmp /tmp] [--parts caches sid] [--previous OLD/memory.json]
+        [--tmp /tmp] [--parts caches sid dataset] [--previous OLD/memory.json]
+        [--dataset-sizes 10000 100000] [--dataset-steps 30]
 
 1. Caches. For each size, a cache shaped like the mnist16 pairs (``configs/distill/reflow_mnist16.yaml``: 1x16x16,
    DPM-Solver++(2M) at 16 NFE on a uniform grid ending on clean data, class labels, 1,024 rows a shard) is
@@ -15,8 +17,20 @@
    whose UNet is wider, against the sum of its networks: per trained network its parameters, gradients and Adam
    states (as held by the optimizer), plus the frozen networks' parameters (teacher UNet, text encoder, VAE) and
    the EMA copies.
+3. An HF image dataset (``--parts dataset``, not run by default). For each of ``--dataset-sizes``, a ``datasets``
+   image dataset is synthesized in ``--tmp`` (``Dataset.from_dict``: an ``image`` column of random 16x16 grayscale
+   uint8 arrays typed ``datasets.Image()`` (PNG bytes in the Arrow table), a ``label`` ClassLabel column 0..9; a fixed
+   seed; written in chunks of 10,000 rows, each chunk saved and memory-mapped back, then concatenated and written with
+   ``save_to_disk``, so the writer never holds the set). A child process trains the ``diffusion`` objective on it
+   (``dataset: hf:<folder>``, read by ``distill.data``: ``load_from_disk``, rows decoded by a ``with_transform``;
+   the mnist16 teacher's network copied as the student, batch 64, one thread) and reports its memory as above, the
+   resident bytes of its mappings of the dataset's files and the number of images it decoded. On the largest size,
+   exact resume: one child trains 2 x ``--dataset-steps`` steps; another stops at ``--dataset-steps`` (``stop_at``,
+   after its checkpoint) and a third resumes that folder (``resume="latest"``); the final student files of the two
+   runs are compared tensor by tensor (``bit_identical``). The datasets and runs are deleted after.
 
-Writes ``memory.json`` and ``memory.md`` in ``--out``.
+Writes ``memory.json`` and ``memory.md`` in ``--out``. Parts not run this time are kept from the ``memory.json``
+already there (with their own command and date), so ``--parts dataset`` adds its section without erasing the others.
 """
 
 from __future__ import annotations
@@ -244,6 +258,122 @@ def measure_sid(steps: int, tmp: Path, log) -> list[dict]:
     return rows
 
 
+# -- the HF image dataset runs ---------------------------------------------------------------------------
+DATASET_CONFIG = "cd_mnist16.yaml"  # the mnist16 teacher; the objective replaced by ``diffusion`` (its options cleared)
+DATASET_CHUNK = 10_000  # rows a chunk of the writer
+
+
+def synthesize_dataset(folder: Path, num_rows: int, seed: int = 0, chunk: int = DATASET_CHUNK) -> Path:
+    """A ``save_to_disk`` image dataset (module doc): random 16x16 grayscale images, labels 0..9, written in chunks."""
+    import datasets
+    import numpy as np
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    rng, parts_dir, parts = np.random.default_rng(seed), folder.parent / f"{folder.name}_parts", []
+    try:
+        for k, first in enumerate(range(0, num_rows, chunk)):
+            m = min(chunk, num_rows - first)
+            part = datasets.Dataset.from_dict({"image": list(rng.integers(0, 256, (m, 16, 16), dtype=np.uint8)),
+                                               "label": ((first + np.arange(m)) % 10).tolist()}, features=features)
+            part.save_to_disk(str(parts_dir / f"{k:05d}"))
+            del part
+            parts.append(datasets.load_from_disk(str(parts_dir / f"{k:05d}")))  # memory-mapped
+        datasets.concatenate_datasets(parts).save_to_disk(str(folder))
+    finally:
+        del parts
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return folder
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def dataset_child(spec: dict) -> dict:
+    """In the child: the ``diffusion`` objective on the dataset (``stop_at`` / ``resume`` when given), then report memory
+    and the images decoded (``distill.data.image_tensor`` calls)."""
+    import distill.data
+    from distill.engine.config import parse_overrides
+    from distill.engine.run_config import load_run_config
+    from distill.engine.train import run_steps, start
+    from distill.eval.engine_bench import build_student, load_teacher
+
+    decoded, real = [0], distill.data.image_tensor
+
+    def counted(*args, **kwargs):
+        decoded[0] += 1
+        return real(*args, **kwargs)
+
+    distill.data.image_tensor = counted
+    before = proc_status()
+    cfg = load_run_config(ROOT / "configs" / "distill" / DATASET_CONFIG, parse_overrides([
+        f"dataset=hf:{spec['dataset']}", "objective.name=diffusion", "student.parameterization=denoiser",
+        "batch_size=64", f"max_steps={spec['steps']}", f"checkpoint_every={spec['checkpoint_every']}",
+        f"log_every={spec['checkpoint_every']}", f"output_dir={spec['out']}"]))
+    run, step = start(cfg, load_teacher, build_student, spec.get("resume"), lambda m: None)
+    set_up, t0 = proc_status(), time.time()
+    with run.lock:
+        run_steps(run, step, spec.get("stop_at"), lambda m: None)
+    return {"after_imports": before, "after_setup": set_up, "end": proc_status(), "start_step": step,
+            "train_seconds": time.time() - t0, "dataset_mapped_rss": mapped_rss(Path(spec["dataset"])),
+            "rows_decoded": decoded[0], "arrow_table": type(run.data.data.ds.data).__name__}
+
+
+def student_files_identical(a: Path, b: Path) -> dict[str, bool]:
+    """Per final student file (``*.safetensors`` at the top of the run folders): the same keys and equal tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(p.name for p in a.glob("*.safetensors")):
+        x, y = load_file(str(a / f)), load_file(str(b / f)) if (b / f).is_file() else {}
+        out[f] = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return out
+
+
+def measure_dataset(sizes: list[int], steps: int, tmp: Path, log) -> dict:
+    rows, resume = [], {}
+    for n in sizes:
+        folder = tmp / f"dataset_{n}"
+        try:
+            t0 = time.time()
+            synthesize_dataset(folder, n)
+            size = folder_bytes(folder)
+            log(f"dataset of {n} rows: {size / MB:.1f} MiB on disk in {time.time() - t0:.0f} s")
+            r = run_child({"kind": "dataset", "dataset": str(folder), "steps": steps, "checkpoint_every": steps,
+                           "out": str(tmp / f"run_dataset_{n}")})
+            rows.append({"num_rows": n, "dataset_bytes": size, "steps": steps, "batch_size": 64, **r})
+            log(f"  diffusion: peak RSS {r['ru_maxrss'] / MB:.0f} MiB, dataset pages resident "
+                f"{r['dataset_mapped_rss'] / MB:.1f} MiB, {r['rows_decoded']:,} images decoded")
+            if n == sizes[-1]:
+                resume = check_resume(folder, steps, tmp, log)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(tmp / f"run_dataset_{n}", ignore_errors=True)
+    return {"rows": rows, "resume": resume}
+
+
+def check_resume(folder: Path, steps: int, tmp: Path, log) -> dict:
+    """On ``folder``: 2 x ``steps`` steps in one child against ``steps`` in one, resumed in another (module doc)."""
+    full, split = tmp / "run_resume_full", tmp / "run_resume_split"
+    spec = {"kind": "dataset", "dataset": str(folder), "steps": 2 * steps, "checkpoint_every": steps}
+    try:
+        children = {"full": run_child({**spec, "out": str(full)}),
+                    "stopped": run_child({**spec, "out": str(split), "stop_at": steps}),
+                    "resumed": run_child({**spec, "out": str(split), "resume": "latest"})}
+        files = student_files_identical(full, split)
+        out = {"num_rows": int(folder.name.rsplit("_", 1)[1]), "steps": 2 * steps, "stop_at": steps,
+               "resumed_from_step": children["resumed"]["start_step"], "files": files,
+               "bit_identical": bool(files) and all(files.values()),
+               "peak_rss": {k: v["ru_maxrss"] for k, v in children.items()}}
+        log(f"resume on {out['num_rows']} rows: {2 * steps} steps against {steps} + resumed from step "
+            f"{out['resumed_from_step']}: bit_identical {out['bit_identical']} ({', '.join(f'{k} {v}' for k, v in files.items())})")
+        return out
+    finally:
+        shutil.rmtree(full, ignore_errors=True)
+        shutil.rmtree(split, ignore_errors=True)
+
+
 # -- the report ------------------------------------------------------------------------------------------
 def hardware() -> str:
     return f"{platform.system()} {platform.release()} {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPUs"
@@ -265,33 +395,86 @@ def cache_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def dataset_table(rows: list[dict]) -> list[str]:
+    lines = ["| rows | on disk MiB | steps | images decoded | dataset resident MiB | after setup MiB | peak RSS MiB "
+             "| delta MiB | anon MiB | file MiB | Arrow table |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['num_rows']:,} | {mib(r['dataset_bytes'])} | {r['steps']} | {r['rows_decoded']:,} | "
+                     f"{mib(r['dataset_mapped_rss'])} | {mib(r['after_setup']['VmRSS'])} | {mib(r['ru_maxrss'])} | "
+                     f"{mib(r['ru_maxrss'] - rows[0]['ru_maxrss'])} | {mib(r['end']['RssAnon'])} | {mib(r['end']['RssFile'])} "
+                     f"| {r['arrow_table']} |")
+    return lines
+
+
+def kept_note(result: dict, part: str) -> list[str]:
+    kept = result.get("kept", {}).get(part)
+    return [f"Kept from an earlier run ({kept['date']}): `{kept['command']}`.", ""] if kept else []
+
+
 def markdown(result: dict) -> str:
-    lines = ["# Training memory (issue #34, item 5)", "", f"Command: `{result['command']}`  ",
-             f"Hardware: {result['hardware']}; torch {result['torch']}; {result['date']}.", "",
-             "## Trajectory caches (mnist16-shaped, synthesized; batch 64, one thread)", "",
-             "Peak RSS: `ru_maxrss` of the child (`wait4`). Anon / file: RssAnon / RssFile at the end of the run. Cache "
-             "resident: bytes of the cache's files mapped into the process (/proc/self/smaps). Read: batch x steps x row "
-             "bytes of the keys read. Delta: peak RSS minus that of the same objective on the smallest cache.", "",
-             *cache_table(result["caches"])]
-    if result.get("previous"):
+    lines = ["# Training memory (issue #34, item 5)", ""]
+    if result.get("caches") or result.get("sid"):
+        lines += [f"Command: `{result['command']}`  ",
+                  f"Hardware: {result['hardware']}; torch {result['torch']}; {result['date']}.", ""]
+    if result.get("caches"):
+        lines += ["## Trajectory caches (mnist16-shaped, synthesized; batch 64, one thread)", "", *kept_note(result, "caches"),
+                  "Peak RSS: `ru_maxrss` of the child (`wait4`). Anon / file: RssAnon / RssFile at the end of the run. Cache "
+                  "resident: bytes of the cache's files mapped into the process (/proc/self/smaps). Read: batch x steps x "
+                  "row bytes of the keys read. Delta: peak RSS minus that of the same objective on the smallest cache.", "",
+                  *cache_table(result["caches"])]
+    if result.get("caches") and result.get("previous"):
         prev = result["previous"]
         lines += ["", f"The same runs with the previous reader ({prev['reader']}; {prev['command']}, {prev['date']}):", "",
                   *cache_table(prev["caches"])]
-    lines += ["", "## A two-network objective: SiD on the tiny text-to-image pipeline (tests/conftest.py)", "",
-              "Networks: per trained network (generator, fake score) parameters + gradients + Adam states (as held by the "
-              "optimizer), the frozen networks' tensors (teacher UNet, text encoder, VAE) and the EMA copies. Growth: peak "
-              "RSS minus the RSS after the trainer's imports (torch) of the same process; peak - setup: minus the RSS once "
-              "the networks, optimizers and accelerator are built (the rest is the steps' activations and temporaries).", "",
-              "| pipeline | trained params | params MiB | grads MiB | Adam MiB | frozen MiB | EMA MiB | networks MiB "
-              "| after imports MiB | after setup MiB | peak RSS MiB | growth MiB | peak - setup MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["sid"]:
-        n = r["networks"]
-        lines.append(f"| {r['pipeline']} | {sum(n['trained_networks'].values()):,} | {mib(n['trained_params'])} | "
-                     f"{mib(n['gradients'])} | {mib(n['adam_states'])} | {mib(n['frozen_params'])} | {mib(n['ema_copies'])} | "
-                     f"{mib(r['network_bytes_total'])} | {mib(r['after_imports']['VmRSS'])} | {mib(r['after_setup']['VmRSS'])} | "
-                     f"{mib(r['ru_maxrss'])} | {mib(r['ru_maxrss'] - r['after_imports']['VmRSS'])} | "
-                     f"{mib(r['ru_maxrss'] - r['after_setup']['VmRSS'])} |")
+    if result.get("sid"):
+        lines += ["", "## A two-network objective: SiD on the tiny text-to-image pipeline (tests/conftest.py)", "",
+                  *kept_note(result, "sid"),
+                  "Networks: per trained network (generator, fake score) parameters + gradients + Adam states (as held by "
+                  "the optimizer), the frozen networks' tensors (teacher UNet, text encoder, VAE) and the EMA copies. Growth: "
+                  "peak RSS minus the RSS after the trainer's imports (torch) of the same process; peak - setup: minus the "
+                  "RSS once the networks, optimizers and accelerator are built (the rest is the steps' activations and "
+                  "temporaries).", "",
+                  "| pipeline | trained params | params MiB | grads MiB | Adam MiB | frozen MiB | EMA MiB | networks MiB "
+                  "| after imports MiB | after setup MiB | peak RSS MiB | growth MiB | peak - setup MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["sid"]:
+            n = r["networks"]
+            lines.append(f"| {r['pipeline']} | {sum(n['trained_networks'].values()):,} | {mib(n['trained_params'])} | "
+                         f"{mib(n['gradients'])} | {mib(n['adam_states'])} | {mib(n['frozen_params'])} | "
+                         f"{mib(n['ema_copies'])} | {mib(r['network_bytes_total'])} | {mib(r['after_imports']['VmRSS'])} | "
+                         f"{mib(r['after_setup']['VmRSS'])} | {mib(r['ru_maxrss'])} | "
+                         f"{mib(r['ru_maxrss'] - r['after_imports']['VmRSS'])} | {mib(r['ru_maxrss'] - r['after_setup']['VmRSS'])} |")
+    ds = result.get("dataset")
+    if ds and ds.get("rows"):
+        lines += ["", "## An HF image dataset on disk (save_to_disk)", "", f"Command: `{ds['command']}`  ",
+                  f"Hardware: {ds['hardware']}; torch {ds['torch']}; datasets {ds['datasets']}; {ds['date']}.", "",
+                  "Synthesized with `datasets` (`Dataset.from_dict`: random 16x16 grayscale images typed `datasets.Image()`, "
+                  "stored as PNG bytes, labels 0..9; fixed seed; written in chunks of 10,000 rows, then `save_to_disk`) and "
+                  "trained on as `dataset: hf:<folder>` (`distill.data`: `load_from_disk`, rows decoded by `with_transform`): "
+                  "the `diffusion` objective, the mnist16 teacher's network copied as the student, batch 64, one thread, in "
+                  "a child process. Peak RSS: `ru_maxrss` of the child (`wait4`); delta: minus that on the smallest dataset. "
+                  "Images decoded: calls of `distill.data.image_tensor` in the child (steps x batch when only the batches' "
+                  "rows are decoded). Dataset resident: bytes of the dataset's files mapped into the process "
+                  "(/proc/self/smaps) at the end. After setup: RSS once the data, networks and optimizer are built. Anon / "
+                  "file: RssAnon / RssFile at the end.", "", *dataset_table(ds["rows"])]
+        first, last = ds["rows"][0], ds["rows"][-1]
+        if last is not first:
+            grow = {k: mib(last["end"][k] - first["end"][k]) for k in ("RssAnon", "RssFile")}
+            lines += ["", f"From {first['num_rows']:,} to {last['num_rows']:,} rows: RssAnon {grow['RssAnon']} MiB, RssFile "
+                      f"{grow['RssFile']} MiB, peak RSS {mib(last['ru_maxrss'] - first['ru_maxrss'])} MiB. The dataset's "
+                      "pages are resident from the start (after setup) because opening the table reads the whole file: "
+                      "`datasets` memory-maps it and reads it with pyarrow's IPC stream reader (`read_all`), which visits "
+                      "every record batch's header (image columns are written 100 rows a batch), and the kernel's readahead "
+                      "fills the rest; these are shared, file-backed pages the kernel can drop, not anonymous memory. The "
+                      "rows are decoded only when a batch asks for them (images decoded = steps x batch)."]
+        res = ds.get("resume")
+        if res:
+            files = ", ".join(f"{k}: {'identical' if v else 'DIFFERENT'}" for k, v in res["files"].items())
+            lines += ["", f"Exact resume on the {res['num_rows']:,}-row dataset: {res['steps']} steps in one process against "
+                      f"{res['stop_at']} steps (`stop_at`) in one and the rest resumed (`resume=\"latest\"`, from step "
+                      f"{res['resumed_from_step']}) in another; final student files compared tensor by tensor: "
+                      f"**bit_identical: {str(res['bit_identical']).lower()}** ({files}). Peak RSS of the three children: "
+                      + ", ".join(f"{k} {mib(v)} MiB" for k, v in res["peak_rss"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -302,14 +485,18 @@ def main(argv=None) -> int:
     p.add_argument("--sid-steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "engine")
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
-    p.add_argument("--parts", nargs="+", choices=("caches", "sid"), default=["caches", "sid"])
+    p.add_argument("--parts", nargs="+", choices=("caches", "sid", "dataset"), default=["caches", "sid"],
+                   help="what to measure (dataset: an HF image dataset, not run by default); parts not run are kept from "
+                   "the memory.json already in --out")
+    p.add_argument("--dataset-sizes", type=int, nargs="+", default=[10_000, 100_000], help="rows of the HF image datasets")
+    p.add_argument("--dataset-steps", type=int, default=30, help="training steps on each dataset (the resume check: 2x)")
     p.add_argument("--previous", type=Path, default=None, help="a memory.json of an earlier reader, shown beside")
     p.add_argument("--previous-reader", default="memory-mapped: safetensors safe_open + get_slice, rows concatenated")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
-        report = {"cache": cache_child, "sid": sid_child}[spec["kind"]](spec)
+        report = {"cache": cache_child, "sid": sid_child, "dataset": dataset_child}[spec["kind"]](spec)
         Path(spec["report"]).write_text(json.dumps(report))
         return 0
     import torch
@@ -321,17 +508,46 @@ def main(argv=None) -> int:
     try:
         caches = measure_caches(sorted(args.sizes), args.steps, tmp, log) if "caches" in args.parts else []
         sid = measure_sid(args.sid_steps, tmp, log) if "sid" in args.parts else []
+        dataset = measure_dataset(sorted(args.dataset_sizes), args.dataset_steps, tmp, log) if "dataset" in args.parts else {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"command": "python scripts/engine_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "hardware": hardware(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "caches": caches, "sid": sid}
+    command = "python scripts/engine_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    here = {"command": command, "hardware": hardware(), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    result = {**here, "caches": caches, "sid": sid}
+    if dataset:
+        import datasets
+
+        result["dataset"] = {**here, "datasets": datasets.__version__, **dataset}
     if args.previous:
         result["previous"] = {**json.loads(args.previous.read_text()), "reader": args.previous_reader}
-        result["previous"].pop("previous", None)
+        for key in ("previous", "dataset", "kept"):
+            result["previous"].pop(key, None)
+    result = merge_earlier(result, args.out / "memory.json", args.parts)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "memory.json", json.dumps(result, indent=1))
     write_text(args.out / "memory.md", markdown(result))
     log(f"wrote {args.out / 'memory.json'} and {args.out / 'memory.md'}")
     return 0
 
+
+def merge_earlier(result: dict, path: Path, parts) -> dict:
+    """``result`` with the parts not run this time taken from the earlier ``memory.json`` at ``path`` (if any): the
+    dataset part carries its own command and date; caches and sid share the top-level ones, so when only one of them
+    (or neither) ran, the other's earlier command and date are kept beside it (``kept``)."""
+    if not path.is_file():
+        return result
+    earlier = json.loads(path.read_text())
+    if "dataset" not in parts and earlier.get("dataset"):
+        result["dataset"] = earlier["dataset"]
+    ran = [p for p in ("caches", "sid") if p in parts]
+    if not ran:  # neither: the earlier top level stands as it was
+        return {**result, **{k: v for k, v in earlier.items() if k != "dataset"}, **({"dataset": result["dataset"]}
+                                                                                    if result.get("dataset") else {})}
+    for part in ("caches", "sid"):
+        if part not in ran and earlier.get(part):
+            result[part] = earlier[part]
+            result.setdefault("kept", {})[part] = earlier.get("kept", {}).get(part) or {
+                "command": earlier["command"], "date": earlier["date"]}
+    if "caches" not in ran and "previous" not in result and earlier.get("previous"):
+        result["previous"] = earlier["previous"]
+    return result
