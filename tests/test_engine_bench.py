@@ -47,3 +47,12 @@ def test_engine_threads_measures_each_setting(tmp_path):
     assert [(r["load_threads"], r["setting"]) for r in rows] == [(0, "new"), (0, "old")]
     assert all(r["step_seconds"] > 0 and r["steps_logged"] == 3 for r in rows)
     assert "| load (busy threads) | setting |" in (tmp_path / "threads.md").read_text()
+
+
+def test_every_engine_benchmark_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("kept\n")
+    for name in ("engine_overhead", "engine_startup", "engine_threads"):
+        assert script(name).main(["--out", str(target)]) == 1
+        assert f"--out '{target}' is a file, but a folder is expected there" in capsys.readouterr().err
+    assert target.read_text() == "kept\n"

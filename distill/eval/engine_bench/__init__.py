@@ -116,3 +116,29 @@ def median_after(values: list[float], skip: int) -> float | None:
     """The median of ``values`` after the first ``skip`` (warm-up), or of all when there are no more."""
     kept = values[skip:] or values
     return statistics.median(kept) if kept else None
+
+
+def start(out: Path, script: str, argv) -> str | None:
+    """The benchmark's command line (``python scripts/<script> ...``), or None after printing why ``out`` cannot be
+    written (the front end then exits 1)."""
+    import shlex
+
+    from distill.engine.paths import check_output_dir
+
+    try:
+        check_output_dir(out, "--out")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    return f"python scripts/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+
+def write_results(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """``<out>/<stem>.json`` and ``<stem>.md``, each written whole or not at all."""
+    from distill.core.atomic import write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / f"{stem}.md", markdown)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,14 +32,12 @@ from pathlib import Path
 
 import torch
 
-from distill.core.atomic import write_text
 from distill.core.cores import configure_threads
 from distill.engine import train as engine
 from distill.engine.checkpoint import batch_indices, step_generator
 from distill.engine.config import parse_overrides
-from distill.engine.paths import check_output_dir
 from distill.engine.run_config import load_run_config
-from distill.eval.engine_bench import ROOT, build_student, load_teacher, machine, machine_line
+from distill.eval.engine_bench import ROOT, build_student, load_teacher, machine, machine_line, start, write_results
 from distill.objectives.base import Batch, unwrap
 
 PHASES = ("data", "teacher", "forward_backward", "optimizer", "ema_target", "logging", "other")
@@ -243,20 +239,18 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    command = start(args.out, "engine_overhead.py", argv)
+    if command is None:
+        return 1
     try:
-        check_output_dir(args.out, "--out")
         configure_threads(args.threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    command = "python scripts/engine_overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine(), "threads": args.threads, "command": command, "configs": []}
     with tempfile.TemporaryDirectory(prefix="engine_overhead_") as tmp:
         for config in args.configs:
             result["configs"].append(measure_config(config, args, Path(tmp), log=lambda m: print(m, flush=True)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "overhead.json", json.dumps(result, indent=1) + "\n")
-    write_text(args.out / "overhead.md", markdown(result))
-    print(f"wrote {args.out / 'overhead.json'} and {args.out / 'overhead.md'}")
+    write_results(args.out, "overhead", result, markdown(result))
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -149,20 +148,12 @@ def main(argv=None) -> int:
     if args.worker:
         worker(*args.worker)
         return 0
-    from distill.core.atomic import write_text
-    from distill.engine.paths import check_output_dir
-    from distill.eval.engine_bench import machine
+    from distill.eval.engine_bench import machine, start, write_results
 
-    try:
-        check_output_dir(args.out, "--out")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    command = start(args.out, "engine_startup.py", argv)
+    if command is None:
         return 1
-    command = "python scripts/engine_startup.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine(), "command": command, "rows": measure(args)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "startup.json", json.dumps(result, indent=1) + "\n")
-    write_text(args.out / "startup.md", markdown(result))
-    print(f"wrote {args.out / 'startup.json'} and {args.out / 'startup.md'}")
+    write_results(args.out, "startup", result, markdown(result))
     return 0
 

@@ -22,7 +22,6 @@ t_loaded <= 1.5 x t_idle x C / (C - L) for a load of L < C busy threads on C usa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -31,10 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from distill.core.atomic import write_text
 from distill.core.cores import DEFAULTS_ENV, WORKERS_ENV, usable_cores
-from distill.engine.paths import check_output_dir
-from distill.eval.engine_bench import ROOT, competing_load, machine, machine_line, median_after, train_steps
+from distill.eval.engine_bench import ROOT, competing_load, machine, machine_line, median_after, start, train_steps, write_results
 
 SETTINGS = {  # environment changes of each setting, and extra command-line arguments of the training run and bench
     "old": ({DEFAULTS_ENV: "off", WORKERS_ENV: "4"}, []),
@@ -125,18 +122,12 @@ def markdown(result: dict, command: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        check_output_dir(args.out, "--out")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    command = start(args.out, "engine_threads.py", argv)
+    if command is None:
         return 1
-    command = "python scripts/engine_threads.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     result = {"machine": machine(), "config": args.config, "batch_size": args.batch_size, "steps": args.steps,
               "bench_samples": args.bench_samples, "command": command}
     result.update(measure(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "threads.json", json.dumps(result, indent=1) + "\n")
-    write_text(args.out / "threads.md", markdown(result, command))
-    print(f"wrote {args.out / 'threads.json'} and {args.out / 'threads.md'}")
+    write_results(args.out, "threads", result, markdown(result, command))
     return 0
 
