@@ -73,3 +73,25 @@ def test_every_committed_student_has_its_selection_recorded_on_tune_data():
         record = read_selection(f)
         assert record is not None, f"{f.name} has no selection record"
         assert record["split"] == "tune" and min(record["seeds"]) >= REPORTING_SEEDS, f.name
+
+
+def test_selection_curve_plots_the_recorded_tune_fids_per_checkpoint(tmp_path):
+    """scripts/selection_curve.py reads the candidates' tune FIDs back from the record: one curve per weight kind, steps
+    from the export names, the chosen one named; a file without such a record is refused."""
+    from distill.eval.select import write_record_beside
+
+    spec = importlib.util.spec_from_file_location("selection_curve", ROOT / "scripts" / "selection_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    student = tmp_path / "s.safetensors"
+    student.write_bytes(A.read_bytes())
+    fids = {"x/s_raw_500.safetensors": 30.0, "x/s_ema_500.safetensors": 28.0, "x/s_raw_250.safetensors": 35.5,
+            "x/s_ema_250.safetensors": 33.0, "x/other.safetensors": 1.0}
+    write_record_beside(student, {"candidates": fids, "chosen": "x/s_ema_500.safetensors", "split": "tune", "steps": 2,
+                                  "seeds": [900000, 900999]})
+    assert mod.curve_points({"candidates": fids}) == {"ema": [(250, 33.0), (500, 28.0)], "raw": [(250, 35.5), (500, 30.0)]}
+    assert mod.main([str(student), "--out", str(tmp_path / "curve")]) == 0
+    table = (tmp_path / "curve.md").read_text()
+    assert "| 250 | 33.00 | 35.50 |" in table and "Chosen: `x/s_ema_500.safetensors`" in table
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert mod.main([str(A), "--out", str(tmp_path / "none")]) == 1
