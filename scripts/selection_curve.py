@@ -41,7 +41,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("students", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output stem: <out>.png and <out>.md")
+    p.add_argument("--line", nargs="*", default=[], metavar="LABEL=FID",
+                   help="horizontal reference lines, tune FIDs at the same N (e.g. 'unipc 4 NFE=31.3')")
     args = p.parse_args(argv)
+    try:
+        refs = [(label, float(value)) for label, _, value in (item.rpartition("=") for item in args.line)]
+    except ValueError:
+        print(f"error: --line takes LABEL=FID items, got {args.line}", file=_sys.stderr)
+        return 1
     curves = {}
     for path in args.students:
         record = read_selection(path) if path.is_file() else None
@@ -57,8 +64,10 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    import shlex
+
     lines = ["# FID against training steps (tune split)", "",
-             "`python scripts/selection_curve.py " + " ".join(map(str, args.students)) + f" --out {args.out}`", ""]
+             "`python scripts/selection_curve.py " + shlex.join(argv if argv is not None else _sys.argv[1:]) + "`", ""]
     for ax, (name, (record, points)) in zip(axes[0], curves.items()):
         chosen = NAME.search(record["chosen"])
         for kind, pts in points.items():
@@ -66,6 +75,8 @@ def main(argv=None) -> int:
         if chosen:
             fid = record["candidates"][record["chosen"]]
             ax.plot([int(chosen.group(2))], [fid], marker="*", markersize=14, color="k", linestyle="", label="chosen")
+        for i, (label, value) in enumerate(refs):
+            ax.axhline(value, linestyle="--", color=f"C{i + 3}", linewidth=1, label=label)
         ax.set(title=f"{name}, {record['steps']} step(s)", xlabel="training step", ylabel=f"tune FID ({record['split']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -77,7 +88,7 @@ def main(argv=None) -> int:
         for step in steps:
             cells = [next((f"{f:.2f}" for s, f in pts if s == step), "") for pts in points.values()]
             lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
-        lines += ["", f"Chosen: `{record['chosen']}`.", ""]
+        lines += ["", f"Chosen: `{record['chosen']}`." + "".join(f" {label}: {value:.2f}." for label, value in refs), ""]
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=110)
