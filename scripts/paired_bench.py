@@ -104,8 +104,9 @@ def main(argv=None) -> int:
     ref = teacher_features(teacher, cfg, metric, teacher_entry.method, teacher_entry.n, args.ref_seed, args.num_samples,
                            args.cache)
     labels = pb.labels_of(teacher, cfg, args.seed, args.num_samples)
+    boot = {}
     out = pb.measure(features, entries, metric.ref_features, ref, labels, resamples=args.resamples, seed=args.seed,
-                  bench_n=int(settings["num_samples"]))
+                     bench_n=int(settings["num_samples"]), bootstraps=boot)
     for r in out:
         r.update(seed=args.seed, ref_seed=args.ref_seed, guidance_scale=settings["guidance_scale"], labels=settings["labels"],
                  reference_id=settings["reference_id"], command=command)
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
               "within classes), 95%."
               + (f" Left out (over {args.max_nfe} NFE): {', '.join(left_out)}." if left_out else "") + "\n\n")
     pairs = pb.goal_pairs(entries)
-    goal = pb.goal_verdicts(features, pairs, metric.ref_features, labels, resamples=args.resamples, seed=args.seed) if pairs else []
+    goal = pb.goal_verdicts(features, pairs, metric.ref_features, labels, resamples=args.resamples, seed=args.seed,
+                            bootstraps=boot) if pairs else []
     goal_text = (f"\n## The few-step goal\n\nEach student against the best solver at every NFE up to {pb.GOAL_NFE} and against "
                  "its own next smaller step count: FID difference with its 95% paired interval ('below': lower FID).\n\n"
                  + pb.goal_markdown(goal)) if goal else ""

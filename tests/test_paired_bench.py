@@ -134,6 +134,15 @@ def test_shared_bootstrap_reproduces_the_pairwise_intervals():
     d = paired_fid_delta(other, teacher, data, resamples=40, seed=7, strata=labels)
     assert rows["s"]["delta_teacher"] == pytest.approx(d["delta"]) and rows["s"]["delta_teacher_low"] == pytest.approx(d["low"])
     assert rows["s"]["delta_teacher_high"] == pytest.approx(d["high"]) and rows["s"]["verdict_teacher"].startswith(d["verdict"])
+    # the goal verdicts reuse those vectors: the same intervals as computing each pair afresh
+    from distill.eval.paired_bench import goal_verdicts
+
+    boot = {}
+    measure({"t": teacher, "s": other}, entries, data, ref, labels, resamples=40, seed=7, bootstraps=boot)
+    feats = {"t": teacher, "s": other}
+    fresh = goal_verdicts(feats, [(entries[1], entries[0])], data, labels, resamples=40, seed=7)[0]
+    reused = goal_verdicts(feats, [(entries[1], entries[0])], data, labels, resamples=40, seed=7, bootstraps=boot)[0]
+    assert {k: pytest.approx(v) if isinstance(v, float) else v for k, v in fresh.items()} == reused
 
 
 def test_goal_pairs_and_verdicts_judge_a_student_against_the_solvers_and_its_fewer_steps():

@@ -144,7 +144,8 @@ def _strata(labels: torch.Tensor | None) -> torch.Tensor | None:
 
 def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_ref: torch.Tensor,
             teacher_ref: torch.Tensor, labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0,
-            sample_counts=SAMPLE_COUNTS, bench_n: int | None = None, prc_samples: int = 5000) -> list[dict]:
+            sample_counts=SAMPLE_COUNTS, bench_n: int | None = None, prc_samples: int = 5000,
+            bootstraps: dict | None = None) -> list[dict]:
     """The paired bench's rows, ranked by FID at N: ``features`` (label -> [N, D], row i from noise seed i, the same
     seeds for every entry), ``data_ref`` the data reference's features, ``teacher_ref`` the teacher's samples on
     disjoint seeds. ``bench_n``: also report FID of the first ``bench_n`` rows (the bench's own cells).
@@ -153,7 +154,8 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
     teacher, to the entry above) is a difference of two such vectors: the intervals of ``paired_fid_delta`` with the
     same seed, at one bootstrap per entry instead of one per pair. ``fid_std`` is the spread of that vector. Precision
     and recall against the teacher's samples use the first ``prc_samples`` of each (k-NN over 20,000 x 20,000 is
-    costly and they settle well before)."""
+    costly and they settle well before). ``bootstraps``, when given, receives {label: (FID, its bootstrap vector)} for
+    ``goal_verdicts`` to reuse."""
     teacher = next((e for e in entries if e.teacher), None)
     if teacher is None:
         raise ValueError("no teacher converged among the entries: the paired deltas are against it")
@@ -190,6 +192,8 @@ def measure(features: dict[str, torch.Tensor], entries: list[BoardEntry], data_r
             d = normal_interval(row["fid"] - rows[teacher.label]["fid"], boot[label] - boot[teacher.label])
             row.update(delta_teacher=d["delta"], delta_teacher_low=d["low"], delta_teacher_high=d["high"],
                        verdict_teacher=f"{d['verdict']} the teacher")
+    if bootstraps is not None:
+        bootstraps.update({label: (rows[label]["fid"], vector) for label, vector in boot.items()})
     ranked = sorted(rows.values(), key=lambda r: r["fid"])
     for above, row in zip(ranked, ranked[1:]):
         d = normal_interval(row["fid"] - above["fid"], boot[row["entry"]] - boot[above["entry"]])
@@ -220,13 +224,20 @@ def goal_pairs(entries: list[BoardEntry], max_nfe: int = GOAL_NFE) -> list[tuple
 
 
 def goal_verdicts(features: dict[str, torch.Tensor], pairs: list[tuple[BoardEntry, BoardEntry]], data_ref: torch.Tensor,
-                  labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0) -> list[dict]:
+                  labels: torch.Tensor | None, *, resamples: int = 200, seed: int = 0,
+                  bootstraps: dict | None = None) -> list[dict]:
     """FID(a) - FID(b) with its 95% paired interval (``paired_fid_delta``, the same seeds and strata as ``measure``)
-    for each pair: 'below' is a lower FID than b at 95%."""
+    for each pair: 'below' is a lower FID than b at 95%. With ``measure``'s ``bootstraps`` (made with the same
+    ``resamples`` and ``seed``) each interval is the difference of the two entries' vectors, as ``measure``'s own."""
     ref = feature_statistics(data_ref)
     out = []
     for a, b in pairs:
-        d = paired_fid_delta(features[a.label], features[b.label], ref, resamples=resamples, seed=seed, strata=_strata(labels))
+        if bootstraps is not None and a.label in bootstraps and b.label in bootstraps:
+            (fa, va), (fb, vb) = bootstraps[a.label], bootstraps[b.label]
+            d = normal_interval(fa - fb, va - vb)
+        else:
+            d = paired_fid_delta(features[a.label], features[b.label], ref, resamples=resamples, seed=seed,
+                                 strata=_strata(labels))
         out.append({"entry": a.label, "against": b.label, "delta": d["delta"], "low": d["low"], "high": d["high"],
                     "verdict": d["verdict"]})
     return out
