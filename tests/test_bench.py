@@ -372,3 +372,26 @@ def test_paired_cli_compares_two_entries_on_the_same_seeds(tmp_path, digit_teach
     assert (other["fid_a"], other["fid_b"]) == (pytest.approx(fids["2"], rel=1e-4), pytest.approx(fids["3"], rel=1e-4))
     with pytest.raises(SystemExit, match="is not solver:NAME@NFE or student:FILE@STEPS"):
         paired([*base, "--a", "solver:euler", "--b", "solver:euler@2"])
+
+
+def test_a_cost_written_after_the_first_bench_reaches_the_skipped_rows(tmp_path, digit_teacher):
+    """A student benched before its cost sidecar existed: rerunning the bench skips its cells (same settings) but
+    brings their path and cost columns up to date, and leaves every measured value as it was."""
+    from distill.eval.bench import read_bench_rows
+
+    teacher = load_teacher(digit_teacher)
+    cells = plan_cells([], [], ["euler-student"], [1, 2])
+    students = {"euler-student": _EulerStudent(teacher)}
+    cfg = BenchConfig(num_samples=6, seed=0, batch_size=6)
+    run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path, students=students,
+              student_columns={"euler-student": {"student_path": "s.safetensors"}})
+    before = read_bench_rows(tmp_path / "fid_vs_nfe.csv")
+    assert all(r["cost_steps"] == "" for r in before if r["kind"] == "student")
+    columns = {"euler-student": {"student_path": "s.safetensors", **{f"cost_{k}": v for k, v in COST.items()}}}
+    run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path, students=students, student_columns=columns)
+    after = read_bench_rows(tmp_path / "fid_vs_nfe.csv")
+    assert len(after) == len(before)
+    for b, a in zip(before, after):
+        if b["kind"] == "student":
+            assert a["cost_teacher_nfe"] == "512000" and a["cost_hardware"] == str(COST["hardware"])
+        assert all(a[k] == b[k] for k in b if not k.startswith("cost_"))

@@ -57,6 +57,8 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
     todo = [c for c in cells if not has_row(rows, config, c.kind, c.method, c.nfe)]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {csv_path}; skipped")
+        if refresh_student_columns(rows, config, student_columns):  # e.g. a cost sidecar written after the first bench
+            write_rows(csv_path, rows, FIELDS)
     reference = getattr(metric, "reference", None)
     if cfg.save_images and reference is not None and not (out / "images" / "reference").is_dir():
         save_png_folder(reference, out / "images" / "reference")  # what torch-fidelity's CLI compares a cell's folder with
@@ -69,6 +71,22 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
             rows.append({**metric.data_row(kind, cfg.num_samples), "kind": kind, "teacher": teacher.name, **config})
             write_rows(csv_path, rows, FIELDS)
     return rows
+
+
+def refresh_student_columns(rows: list[dict], config: dict[str, str], student_columns: dict) -> int:
+    """Bring the student columns (file path, training cost) of rows already in the CSV up to date with the files now:
+    they are not settings, so a cell with the same settings is skipped, but a cost sidecar written after its first bench
+    belongs in its row. Returns how many rows changed."""
+    changed = 0
+    for r in rows:
+        columns = student_columns.get(r["method"]) if r["kind"] == "student" else None
+        if not columns or not all(r.get(k) == v for k, v in config.items()):
+            continue
+        fresh = {k: "" if v is None else str(v) for k, v in columns.items()}
+        if any(r.get(k, "") != v for k, v in fresh.items()):
+            r.update(fresh)
+            changed += 1
+    return changed
 
 
 def run_cell(teacher, cell: Cell, cfg: BenchConfig, metric, out: Path, student, log: Callable[[str], None]) -> dict:
