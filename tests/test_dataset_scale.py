@@ -12,7 +12,7 @@ import distill.data
 from distill.data import IndexedData, dataset_for
 from distill.engine.config import parse_overrides
 from distill.engine.run_config import load_run_config
-from distill.eval.engine_bench.memory import student_files_identical, synthesize_dataset
+from distill.eval.engine_bench.memory_dataset import student_files_identical, synthesize_dataset
 
 ROWS = 2000
 UNET = ("{block_out_channels: [8, 16], down_block_types: [DownBlock2D, DownBlock2D], up_block_types: [UpBlock2D, UpBlock2D], "
