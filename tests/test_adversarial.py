@@ -166,3 +166,16 @@ def test_an_objective_on_a_trajectory_cache_is_refused(tmp_path):
     teacher, student, _ = _head(tmp_path)
     with pytest.raises(ConfigError, match=r"objective 'on_cache' reads a trajectory cache whose labels the data's would replace"):
         Adversarial(OnCache(None, Context(teacher, student)), AdversarialOptions(), Context(teacher, student))
+
+
+def test_two_processes_train_with_the_head(tmp_path):
+    """Under DDP (two CPU ranks, gloo) the student is called twice a step (the objective's loss and L_G) and the
+    discriminator is its own prepared network: the run ends with the student and the discriminator saved."""
+    from test_engine import _launch2
+
+    teacher = _toy_teacher(tmp_path)
+    done = _launch2(tmp_path / "two", f"teacher={teacher}", "adversarial={g_weight: 0.1, features: fake_score}",
+                    "max_steps=4", port=29563)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "student.safetensors").is_file()
+    assert any(k.startswith("discriminator.") for k in tensors(tmp_path / "two" / "networks.safetensors"))
