@@ -100,8 +100,8 @@ class AdversarialHead:
         else:
             self.module = Discriminator(ctx.discriminator_head(net, hidden=o.head_hidden), teacher_net=net)
 
-    def network(self, betas=GAN_BETAS) -> Network:
-        return Network("discriminator", self.module, betas=betas, weight_decay=0.0)
+    def network(self) -> Network:
+        return Network("discriminator", self.module, betas=GAN_BETAS, weight_decay=0.0)
 
     def on(self, step: int) -> bool:
         return self.o.g_weight > 0 and step >= self.o.start_step
@@ -118,9 +118,9 @@ class AdversarialHead:
         t = times_of_u(self.schedule, u, o.time_sampling, o.rho, (o.lognormal_mean, o.lognormal_std)).to(x.device)
         return add_noise(self.schedule, x, batch.randn(x.shape, x.dtype), t), t
 
-    def generator_term(self, nets, batch: Batch, cond, x: torch.Tensor | None = None) -> torch.Tensor:
-        """L_G [B] of the student's sample ``x`` (made here when None), through the frozen discriminator."""
-        x = self.generate(nets["student"], batch, cond) if x is None else x
+    def generator_term(self, nets, batch: Batch, cond) -> torch.Tensor:
+        """L_G [B] of the student's one-step sample of fresh noise, through the frozen discriminator."""
+        x = self.generate(nets["student"], batch, cond)
         fake_t, t = self.noised(x, batch)
         return F.softplus(-nets["discriminator"](fake_t, t, cond)[1])
 
