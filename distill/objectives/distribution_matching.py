@@ -185,6 +185,8 @@ class DistributionMatching(Objective):
         if not self.gan_on(batch.step, getattr(self.o, "gan_d_weight", 0.0)):
             fake = self.fake_weight(t, x) * denoising_loss(nets["fake_score"], x, t, eps, cond, space=self.o.fake_loss_space)
             return {"loss": fake, "fake_score": fake.mean()}
+        if getattr(self.o, "gan_form", "dmd2") == "sida":
+            return self._critic_sida(nets, batch, x, t, eps, cond)
         return self._critic_with_gan(nets, batch, x, t, eps, cond)
 
     def fake_weight(self, t, x) -> torch.Tensor:
@@ -209,10 +211,31 @@ class DistributionMatching(Objective):
         fake = self.fake_weight(t, x) * self._denoising_error(d[:batch.size], x, x_t, t, eps)
         l_real, l_fake = logit[batch.size:2 * batch.size], logit[2 * batch.size:]
         gan_d = discriminator_bce(l_real, l_fake)
-        per_side = 2 * torch.cat([F.softplus(-l_real), F.softplus(l_fake)])  # each side's share of the BCE, times 2
-        bands = by_band(self.schedule, torch.cat([t_r, t_f]), per_side, "gan_d")
-        return {"loss": fake + self.o.gan_d_weight * gan_d, "fake_score": fake.mean(), "gan_d": gan_d.mean(),
-                "real_logit": l_real.mean(), "fake_logit": l_fake.mean(), **bands}
+        return {"loss": fake + self.o.gan_d_weight * gan_d, **self._critic_terms(fake, gan_d, l_real, l_fake, t_r, t_f)}
+
+    def _critic_sida(self, nets, batch, x, t, eps, cond):
+        """SiDA's critic (official ``sida_loss.py``, ``fakescore_discriminator_share_encoder_loss``): real samples noised
+        with the denoising row's own time and noise, one call on [x_t; real_t]; with lambda(sigma) the fake score's weight
+        and n the dimensions per sample (the reference sums the denoising loss over them, the BCE per sample):
+        L = lambda(sigma) mean_d |D_fake(x_t) - x|^2 + w_D mean_B[lambda] (softplus(-l_real) + softplus(l_fake)) / (2 n),
+        the BCE weighted by the batch's mean lambda as the reference's (its BCEWithLogitsLoss averages over the batch
+        before lambda multiplies it)."""
+        x_t, real_t = add_noise(self.schedule, x, eps, t), add_noise(self.schedule, self.real_samples(batch, cond), eps, t)
+        cc = None if cond is None else cat_cond([cond, cond])
+        d, logit = nets["fake_score"](torch.cat([x_t, real_t]), torch.cat([t, t]), cc, logits=True)
+        lam = self.fake_weight(t, x)
+        fake = lam * self._denoising_error(d[:batch.size], x, x_t, t, eps)
+        l_fake, l_real = logit[:batch.size], logit[batch.size:]
+        gan_d = discriminator_bce(l_real, l_fake)
+        loss = fake + self.o.gan_d_weight * lam.mean() * gan_d / (2 * x[0].numel())
+        return {"loss": loss, **self._critic_terms(fake, gan_d, l_real, l_fake, t, t)}
+
+    def _critic_terms(self, fake, gan_d, l_real, l_fake, t_r, t_f) -> dict:
+        """What a GAN critic logs: the BCE per band of sigma/alpha (``gan_d@<band>``, 2 log 2 = 1.386 where the head
+        cannot separate), each side's share times 2."""
+        per_side = 2 * torch.cat([F.softplus(-l_real), F.softplus(l_fake)])
+        return {"fake_score": fake.mean(), "gan_d": gan_d.mean(), "real_logit": l_real.mean(), "fake_logit": l_fake.mean(),
+                **by_band(self.schedule, torch.cat([t_r, t_f]), per_side, "gan_d")}
 
     def _denoising_error(self, d, x, x_t, t, eps):
         """The denoising loss of ``distill.objectives.losses.denoising_loss`` from a data prediction ``d`` already computed."""
@@ -235,10 +258,12 @@ class DistributionMatching(Objective):
         if x_reg is not None:
             reg = (x_reg - extra[3]).pow(2).flatten(1).mean(1)
             total, terms["regression"] = total + self.o.regression_weight * reg, reg
+        shared = terms.pop("shared_gan_g", None)  # SiDA: L_G from the matching loss's own fake-score call
         if self.gan_on(batch.step, getattr(self.o, "gan_g_weight", 0.0)):
-            fake_t, t_f = self.noised(x, batch, self.o.gan_t_range, self.o.gan_time_sampling)
-            gan_g = F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1])  # non-saturating (DMD2, Eq. 5)
-            total, terms["gan_g"] = total + self.o.gan_g_weight * gan_g, gan_g
+            if shared is None:
+                fake_t, t_f = self.noised(x, batch, self.o.gan_t_range, self.o.gan_time_sampling)
+                shared = F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1])  # non-saturating (DMD2, Eq. 5)
+            total, terms["gan_g"] = total + self.o.gan_g_weight * shared, shared
         return {"loss": total, **{k: v.detach().mean() for k, v in terms.items()}}
 
     def regression_rows(self, batch: Batch):
@@ -325,7 +350,8 @@ class DMD2(DistributionMatching):
 
 @register_objective
 class SiD(DistributionMatching):
-    """SiD: score identity distillation's generator loss with its alpha, optionally with a GAN term (SiDA-like)."""
+    """SiD: score identity distillation's generator loss with its alpha, optionally with a GAN term: DMD2's form, or
+    SiDA's (Zhou et al. 2024b, ``gan_form: sida``) on the fake score's encoder at the generator loss's own x_t."""
 
     name = "sid"
     Options = SiDOptions
@@ -333,9 +359,16 @@ class SiD(DistributionMatching):
     reference_betas = (0.0, 0.999)  # Adam betas of both optimizers in the released sid_train.py (g_beta1 default 0)
 
     def matching_loss(self, x, x_t, t, cond, nets):
-        d_real, d_fake = self.real(x_t, t, cond), nets["fake_score"](x_t, t, cond)  # gradients through x_t
+        sida = self.o.gan_form == "sida" and self.o.gan_g_weight > 0
+        d_real = self.real(x_t, t, cond)
+        d_fake = nets["fake_score"](x_t, t, cond, logits=sida)  # gradients through x_t
+        d_fake, logit = d_fake if sida else (d_fake, None)
         per, w = sid_loss(x, d_real, d_fake, self.o.alpha)
-        return {"dm": per, "normaliser": w.flatten()}
+        out = {"dm": per, "normaliser": w.flatten()}
+        if sida:  # SiDA (official sida_loss.py, generator_share_encoder_loss): the head at the same x_t, times the
+            # batch's mean 1/w (the reference's BCE averages over the batch before dividing by each sample's w)
+            out["shared_gan_g"] = F.softplus(-logit.clamp(-10.0, 10.0)) * (1.0 / w.flatten()).mean()
+        return out
 
 
 def sid_loss(x, d_real, d_fake, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ FAKE_SCORES = ("auto", "teacher_copy", "mlp")
 MULTISTEP_INPUTS = ("backward", "data")
 GAN_FEATURES = ("fake_score", "teacher")
 VSD_WEIGHTINGS = ("uniform", "snr", "eps")
+GAN_FORMS = ("dmd2", "sida")
 FAKE_WEIGHTINGS = ("none", "edm")
 
 
@@ -95,6 +96,14 @@ class SiDOptions(GanOptions):
     fake_loss_space: str = choice("x0", LOSS_SPACES)  # SID_EDMLoss: lambda(sigma) ||D_fake - x||^2
     fake_loss_weighting: str = choice("edm", FAKE_WEIGHTINGS)
     gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # SiDA / Uni-Instruct: the fake score's sigma
+    # dmd2: the GAN on fresh noise draws (DMD2, Sec. 4.3); sida: SiDA's shared-encoder GAN (SiD.matching_loss, critic)
+    gan_form: str = choice("dmd2", GAN_FORMS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gan_form == "sida" and self.gan_features != "fake_score":
+            raise ConfigError(f"config key 'objective.gan_form' is 'sida', whose discriminator is the fake score's own "
+                              f"encoder, but 'objective.gan_features' is {self.gan_features!r}; allowed: gan_features fake_score")
 
 
 def check_unit_range(value, key: str) -> None:
