@@ -90,3 +90,29 @@ def test_sida_trains_through_the_trainer_and_logs_both_gan_terms(tmp_path):
     critic = [r for r in rows if r.get("network") == "fake_score"]
     assert "gan_g" in student[-1] and {"gan_d", "real_logit", "fake_logit"} <= set(critic[-1])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in student + critic)
+
+
+def test_channel_mean_head_is_sidas_parameter_free_logit_per_location(ring):
+    from distill.objectives.critic import ChannelMeanHead, discriminator_bce
+
+    feats = torch.randn(3, 5, 4, 2)
+    logit = ChannelMeanHead()(feats)
+    assert logit.shape == (3, 8) and torch.allclose(logit, feats.mean(1).reshape(3, 8))
+    assert not list(ChannelMeanHead().parameters())
+    other = torch.randn(3, 8)
+    want = F.softplus(-logit).mean(1) + F.softplus(other).mean(1)  # the reference's BCE: a mean over locations too
+    assert torch.allclose(discriminator_bce(logit, other), want)
+    torch.manual_seed(0)
+    obj = objective("sid", ring, **SIDA, gan_head="channel_mean")
+    nets = {"student": obj.student, "fake_score": obj.fake}
+    out = obj.generator_loss(nets, _batch(3))
+    batch = _batch(3)
+    x = obj.generate(nets, batch, None)[0]
+    x_t, t = obj.noised(x, batch, obj.o.t_range)
+    d_real = obj.real(x_t, t, None)
+    feats = obj.fake.score.features(x_t, t, None)[1]
+    gan = F.softplus(-feats.mean(1).clamp(-10, 10)) * (1 / dmd_normaliser(x, d_real).flatten()).mean()
+    assert float(out["gan_g"]) == pytest.approx(float(gan.mean().detach()), rel=1e-5)
+    with pytest.raises(ConfigError, match=r"'objective.gan_head' is 'channel_mean', the mean of the fake score's own "
+                                          r"features, but 'objective.gan_features' is 'teacher'"):
+        objective("sid", ring, gan_head="channel_mean", gan_features="teacher")

@@ -51,7 +51,21 @@ class Critic(nn.Module):
         return d, self.head(feats)
 
 
+class ChannelMeanHead(nn.Module):
+    """SiDA's discriminator output (``sida_networks.py``, the encoder's ``return_flag='encoder'``): the mean over channels
+    of the bottleneck features, one logit per location [B, H*W] ([B, 1] for flat features); no parameters."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.float().mean(1)
+        return f.flatten(1) if f.ndim > 1 else f[:, None]
+
+
+def per_sample(v: torch.Tensor) -> torch.Tensor:
+    """[B] as it is; a per-location [B, ...] (``ChannelMeanHead``) averaged over locations, as SiDA's BCE averages them."""
+    return v.flatten(1).mean(1) if v.ndim > 1 else v
+
+
 def discriminator_bce(l_real: torch.Tensor, l_fake: torch.Tensor) -> torch.Tensor:
     """Per-sample non-saturating BCE softplus(-l_real) + softplus(l_fake) (Goodfellow et al. 2014; DMD2, Eq. 4): at its
     optimum the logit is log p_t / q_t, the density ratio f-distill and Uni-Instruct read."""
-    return F.softplus(-l_real) + F.softplus(l_fake)
+    return per_sample(F.softplus(-l_real)) + per_sample(F.softplus(l_fake))

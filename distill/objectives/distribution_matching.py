@@ -30,7 +30,7 @@ from distill.core.conditioning import cat_cond, takes_prompts
 from distill.core.denoisers import NetDenoiser, classifier_free_guidance
 from distill.engine.config import ConfigError
 from distill.objectives.base import Batch, Network, Objective, register_objective, unwrap
-from distill.objectives.critic import Critic, discriminator_bce, mlp_fake_score
+from distill.objectives.critic import ChannelMeanHead, Critic, discriminator_bce, mlp_fake_score, per_sample
 from distill.objectives.distribution_matching_options import DMD2Options, DMDOptions, DMOptions, SiDOptions, VSDOptions
 from distill.objectives.losses import add_noise, alpha_sigma, denoising_loss
 from distill.objectives.noise_levels import by_band, sample_u, time_of_sigma_tilde, times_of_u  # noqa: F401 (re-exported)
@@ -80,6 +80,8 @@ class DistributionMatching(Objective):
         """(head,) on the fake score's bottleneck, (head, teacher network) on the frozen teacher's, () without a GAN."""
         if not self.has_gan:
             return ()
+        if getattr(o, "gan_head", "mlp") == "channel_mean":  # SiDA's parameter-free output (fake-score features only)
+            return (ChannelMeanHead(),)
         if o.gan_features == "fake_score":
             return (self.ctx.discriminator_head(score, hidden=o.head_hidden),)
         net = getattr(self.teacher, "model", None)
@@ -233,7 +235,7 @@ class DistributionMatching(Objective):
     def _critic_terms(self, fake, gan_d, l_real, l_fake, t_r, t_f) -> dict:
         """What a GAN critic logs: the BCE per band of sigma/alpha (``gan_d@<band>``, 2 log 2 = 1.386 where the head
         cannot separate), each side's share times 2."""
-        per_side = 2 * torch.cat([F.softplus(-l_real), F.softplus(l_fake)])
+        per_side = 2 * torch.cat([per_sample(F.softplus(-l_real)), per_sample(F.softplus(l_fake))])
         return {"fake_score": fake.mean(), "gan_d": gan_d.mean(), "real_logit": l_real.mean(), "fake_logit": l_fake.mean(),
                 **by_band(self.schedule, torch.cat([t_r, t_f]), per_side, "gan_d")}
 
@@ -262,7 +264,7 @@ class DistributionMatching(Objective):
         if self.gan_on(batch.step, getattr(self.o, "gan_g_weight", 0.0)):
             if shared is None:
                 fake_t, t_f = self.noised(x, batch, self.o.gan_t_range, self.o.gan_time_sampling)
-                shared = F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1])  # non-saturating (DMD2, Eq. 5)
+                shared = per_sample(F.softplus(-nets["fake_score"](fake_t, t_f, cond, logits=True)[1]))  # DMD2, Eq. 5
             total, terms["gan_g"] = total + self.o.gan_g_weight * shared, shared
         return {"loss": total, **{k: v.detach().mean() for k, v in terms.items()}}
 
@@ -367,7 +369,7 @@ class SiD(DistributionMatching):
         out = {"dm": per, "normaliser": w.flatten()}
         if sida:  # SiDA (official sida_loss.py, generator_share_encoder_loss): the head at the same x_t, times the
             # batch's mean 1/w (the reference's BCE averages over the batch before dividing by each sample's w)
-            out["shared_gan_g"] = F.softplus(-logit.clamp(-10.0, 10.0)) * (1.0 / w.flatten()).mean()
+            out["shared_gan_g"] = per_sample(F.softplus(-logit.clamp(-10.0, 10.0))) * (1.0 / w.flatten()).mean()
         return out
 
 

@@ -14,6 +14,7 @@ MULTISTEP_INPUTS = ("backward", "data")
 GAN_FEATURES = ("fake_score", "teacher")
 VSD_WEIGHTINGS = ("uniform", "snr", "eps")
 GAN_FORMS = ("dmd2", "sida")
+GAN_HEADS = ("mlp", "channel_mean")
 FAKE_WEIGHTINGS = ("none", "edm")
 
 
@@ -98,12 +99,16 @@ class SiDOptions(GanOptions):
     gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # SiDA / Uni-Instruct: the fake score's sigma
     # dmd2: the GAN on fresh noise draws (DMD2, Sec. 4.3); sida: SiDA's shared-encoder GAN (SiD.matching_loss, critic)
     gan_form: str = choice("dmd2", GAN_FORMS)
+    gan_head: str = choice("mlp", GAN_HEADS)  # mlp: a learned head on the bottleneck; channel_mean: SiDA's (no parameters)
 
     def __post_init__(self):
         super().__post_init__()
         if self.gan_form == "sida" and self.gan_features != "fake_score":
             raise ConfigError(f"config key 'objective.gan_form' is 'sida', whose discriminator is the fake score's own "
                               f"encoder, but 'objective.gan_features' is {self.gan_features!r}; allowed: gan_features fake_score")
+        if self.gan_head == "channel_mean" and self.gan_features != "fake_score":
+            raise ConfigError(f"config key 'objective.gan_head' is 'channel_mean', the mean of the fake score's own features, "
+                              f"but 'objective.gan_features' is {self.gan_features!r}; allowed: gan_features fake_score")
 
 
 def check_unit_range(value, key: str) -> None:
