@@ -116,3 +116,12 @@ def test_channel_mean_head_is_sidas_parameter_free_logit_per_location(ring):
     with pytest.raises(ConfigError, match=r"'objective.gan_head' is 'channel_mean', the mean of the fake score's own "
                                           r"features, but 'objective.gan_features' is 'teacher'"):
         objective("sid", ring, gan_head="channel_mean", gan_features="teacher")
+
+
+def test_the_discriminator_may_start_before_the_generators_gan_term(ring):
+    """SiDA trains the discriminator from the first iteration and adds L_G later (sida_training_loop.py)."""
+    obj = objective("sid", ring, **SIDA, gan_start_step=10, gan_d_start_step=0)
+    nets = {"student": obj.student, "fake_score": obj.fake}
+    assert "gan_d" in obj.critic_loss(nets, _batch(4)) and "gan_g" not in obj.generator_loss(nets, _batch(4))
+    late = objective("sid", ring, **SIDA, gan_start_step=10)  # null: both from gan_start_step
+    assert "gan_d" not in late.critic_loss({"student": late.student, "fake_score": late.fake}, _batch(4))

@@ -117,8 +117,8 @@ class DistributionMatching(Objective):
         names = super().updates(step)
         return [n for n in names if n != "student" or step >= self.o.generator_start_step]
 
-    def gan_on(self, step: int, weight: float) -> bool:
-        return self.has_gan and weight > 0 and step >= self.o.gan_start_step
+    def gan_on(self, step: int, weight: float, start: int | None = None) -> bool:
+        return self.has_gan and weight > 0 and step >= (self.o.gan_start_step if start is None else start)
 
     def loss(self, name, nets, batch):
         return self.generator_loss(nets, batch) if name == "student" else self.critic_loss(nets, batch)
@@ -184,7 +184,7 @@ class DistributionMatching(Objective):
             x = self.generate(nets, batch, cond)[0]
         t = self.times(batch, self.o.fake_t_range, self.o.fake_time_sampling)
         eps = batch.randn(x.shape)
-        if not self.gan_on(batch.step, getattr(self.o, "gan_d_weight", 0.0)):
+        if not self.gan_on(batch.step, getattr(self.o, "gan_d_weight", 0.0), getattr(self.o, "gan_d_start_step", None)):
             fake = self.fake_weight(t, x) * denoising_loss(nets["fake_score"], x, t, eps, cond, space=self.o.fake_loss_space)
             return {"loss": fake, "fake_score": fake.mean()}
         if getattr(self.o, "gan_form", "dmd2") == "sida":

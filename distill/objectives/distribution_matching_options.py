@@ -99,6 +99,7 @@ class SiDOptions(GanOptions):
     gan_time_sampling: str = choice("lognormal", TIME_SAMPLINGS)  # SiDA / Uni-Instruct: the fake score's sigma
     # dmd2: the GAN on fresh noise draws (DMD2, Sec. 4.3); sida: SiDA's shared-encoder GAN (SiD.matching_loss, critic)
     gan_form: str = choice("dmd2", GAN_FORMS)
+    gan_d_start_step: int | None = at_least(None, 0)  # the discriminator's BCE from this step on (SiDA: 0); null: gan_start_step
     gan_head: str = choice("mlp", GAN_HEADS)  # mlp: a learned head on the bottleneck; channel_mean: SiDA's (no parameters)
 
     def __post_init__(self):
