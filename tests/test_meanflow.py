@@ -204,3 +204,18 @@ def test_a_teacher_copy_starts_as_the_teachers_velocity_and_its_jvp_is_forward_m
             _, dudt = jvp(lambda z_, t_: average_velocity(student, z_, t_, r, cond, teacher.schedule), (z, t),
                           (v, torch.ones_like(t)), method="forward")
     assert torch.isfinite(dudt).all() and dudt.shape == z.shape
+
+
+def test_interval_scale_reaches_the_students_embedding_and_changes_nothing_at_initialisation():
+    """``interval_scale`` (1000: every frequency of the sinusoidal features varies over h in [0, 1]) is the embedding's,
+    recorded with the student; the zero-initialised embedding leaves the network's output unchanged."""
+    teacher = load_teacher(RING)
+    torch.manual_seed(0)
+    student = flow_student(teacher)
+    z, t = torch.randn(8, 2), torch.full((8,), 0.7, dtype=torch.float64)
+    before = student(z, t, None).detach()
+    MeanFlow(MeanFlowOptions(interval_scale=1000.0), Context(teacher=teacher, student=student))
+    assert student.conditions["interval"].config["scale"] == 1000.0
+    assert torch.equal(student(z, t, None, interval=torch.full((8,), 0.5, dtype=torch.float64)).detach(), before)
+    with pytest.raises(ConfigError, match="'objective.interval_scale'"):
+        tiny_cfg(ROOT / "unused", "objective.interval_scale=0")

@@ -45,6 +45,9 @@ class MeanFlowOptions:
     norm_p: float = at_least(1.0, 0.0)  # p of the adaptive weight 1 / (||Delta||^2 + c)^p; 0: plain squared L2
     norm_eps: float = at_least(1e-3, 1e-12)  # c of the same (the paper's 1e-3; official JAX config 0.01)
     jvp: str = choice("auto", METHODS)  # forward mode (torch.func.jvp), central differences, or auto: forward, else differences
+    # the interval's sinusoidal embedding scale: 1 embeds h in [0, 1] unscaled (as the official code embeds t and t - r);
+    # 1000 as a diffusers UNet embeds its own time (0..999), so every frequency of the zero-initialised embedding varies
+    interval_scale: float = at_least(1.0, 1e-6)
 
 
 def average_velocity(net, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond, schedule) -> torch.Tensor:
@@ -81,7 +84,7 @@ class MeanFlow(Objective):
         self.jvp_method = options.jvp
         ends = flow_time(self.schedule, torch.tensor([self.schedule.t_min, self.schedule.t_max], dtype=torch.float64))
         self.t_lo, self.t_hi = float(ends[0]), float(ends[1])  # the teacher's trained times, in flow time
-        s.add_condition(INTERVAL, scale=1.0)  # h in [0, 1] embedded unscaled, as the official code embeds t and t - r
+        s.add_condition(INTERVAL, scale=options.interval_scale)  # h in [0, 1], times interval_scale
         # k-step sampling times, uniform in flow time from the teacher's t_max (Alg. 2 and its k-step form z_r = z_t - (t - r) u)
         s.info["sampling_timesteps"] = {str(k): self.flow_uniform_times(k) for k in s.sampling_steps}
         s.info["meanflow"] = {"velocity": options.velocity, "time_mean": options.time_mean, "time_std": options.time_std,
