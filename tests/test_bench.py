@@ -395,3 +395,37 @@ def test_a_cost_written_after_the_first_bench_reaches_the_skipped_rows(tmp_path,
         if b["kind"] == "student":
             assert a["cost_teacher_nfe"] == "512000" and a["cost_hardware"] == str(COST["hardware"])
         assert all(a[k] == b[k] for k in b if not k.startswith("cost_"))
+
+
+def test_a_student_file_written_over_is_measured_again_not_skipped(tmp_path, digit_teacher):
+    """A retrained student saved under the same name: its cells are measured again (one row per cell, the new file's
+    hash), where before the old FID stayed and only the cost columns moved to the new file's. Rows without the hash
+    column (older CSVs) are kept as they are."""
+    from distill.eval.bench import FIELDS, read_bench_rows
+    from distill.eval.solver_error import write_rows
+
+    teacher = load_teacher(digit_teacher)
+    cells = plan_cells([], [], ["euler-student"], [1])
+    cfg = BenchConfig(num_samples=6, seed=0, batch_size=6)
+
+    def bench(sha, student):
+        run_bench(teacher, cells, cfg, _MeanMetric(), tmp_path, students={"euler-student": student},
+                  student_columns={"euler-student": {"student_path": "s.safetensors", "student_sha256": sha}})
+        return [r for r in read_bench_rows(tmp_path / "fid_vs_nfe.csv") if r["kind"] == "student"]
+
+    first = bench("aaa", _EulerStudent(teacher))
+    assert len(first) == 1 and first[0]["student_sha256"] == "aaa"
+    assert bench("aaa", _ShiftedStudent(teacher)) == first  # the same file: skipped, nothing measured
+    again = bench("bbb", _ShiftedStudent(teacher))
+    assert len(again) == 1 and again[0]["student_sha256"] == "bbb" and again[0]["fid"] != first[0]["fid"]
+    rows = read_bench_rows(tmp_path / "fid_vs_nfe.csv")
+    for r in rows:
+        r["student_sha256"] = ""  # as a CSV from before the column
+    write_rows(tmp_path / "fid_vs_nfe.csv", rows, FIELDS)
+    legacy = bench("ccc", _EulerStudent(teacher))
+    assert len(legacy) == 1 and legacy[0]["fid"] == again[0]["fid"] and legacy[0]["student_sha256"] == ""
+
+
+class _ShiftedStudent(_EulerStudent):
+    def sample(self, noise, steps=1, cond=None):
+        return super().sample(noise, steps=steps, cond=cond) + 1.0

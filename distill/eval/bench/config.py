@@ -25,7 +25,7 @@ COST_KEYS = ("steps", "batch_size", "wall_seconds", "hardware", "teacher_nfe", "
 FIELDS = ["method", "kind", "nfe", "steps", "fid", "fid_std", "kid", "precision", "recall", "copy_rate", "closer_to_train",
           "ode_rmse", "swd", "nll", "num_samples", "seed", "seconds_per_sample", "guidance_scale", "grid", "final", "labels",
           "teacher", "teacher_hash", "reference_id", "protocol", "student_path", "student_teacher_hash",
-          *(f"cost_{k}" for k in COST_KEYS)]
+          *(f"cost_{k}" for k in COST_KEYS), "student_sha256"]
 # settings shared by every row of one benchmark; a cell is done when a row has its kind, method, NFE and these
 CONFIG_FIELDS = ("num_samples", "seed", "guidance_scale", "grid", "final", "labels", "teacher_hash", "reference_id", "protocol")
 DATA_KINDS = ("floor", "training")  # rows of real data, measured like a cell at the cells' sample count

@@ -54,6 +54,11 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
     metric.check(cfg.num_samples)
     rows = read_bench_rows(csv_path)
     config = run_config(teacher, cfg, metric.reference_id)
+    stale = stale_student_rows(rows, config, student_columns)
+    if stale:
+        log(f"{len(stale)} rows of {csv_path} were measured on another file of the same student name "
+            f"({', '.join(sorted({r['method'] for r in stale}))}); measured again")
+        rows = [r for r in rows if not any(r is x for x in stale)]
     todo = [c for c in cells if not has_row(rows, config, c.kind, c.method, c.nfe)]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {csv_path}; skipped")
@@ -73,6 +78,17 @@ def run_bench(teacher, cells: list[Cell], cfg: BenchConfig, metric, out: str | P
     return rows
 
 
+def stale_student_rows(rows: list[dict], config: dict[str, str], student_columns: dict) -> list[dict]:
+    """Student rows of these settings whose recorded file hash is not the hash of the file benched now under their name
+    (a retrained or reselected student written over the old file). Rows from before the hash column have it empty:
+    unknown, kept."""
+    def stale(r) -> bool:
+        now = (student_columns.get(r["method"]) or {}).get("student_sha256")
+        return (r["kind"] == "student" and bool(now) and r.get("student_sha256", "") not in ("", now)
+                and all(r.get(k) == v for k, v in config.items()))
+    return [r for r in rows if stale(r)]
+
+
 def refresh_student_columns(rows: list[dict], config: dict[str, str], student_columns: dict) -> int:
     """Bring the student columns (file path, training cost) of rows already in the CSV up to date with the files now:
     they are not settings, so a cell with the same settings is skipped, but a cost sidecar written after its first bench
@@ -82,7 +98,7 @@ def refresh_student_columns(rows: list[dict], config: dict[str, str], student_co
         columns = student_columns.get(r["method"]) if r["kind"] == "student" else None
         if not columns or not all(r.get(k) == v for k, v in config.items()):
             continue
-        fresh = {k: "" if v is None else str(v) for k, v in columns.items()}
+        fresh = {k: "" if v is None else str(v) for k, v in columns.items() if k != "student_sha256" or r.get(k)}
         if any(r.get(k, "") != v for k, v in fresh.items()):
             r.update(fresh)
             changed += 1

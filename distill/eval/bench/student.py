@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from distill.core.safe_files import parse_json, read_json
+from distill.engine.paths import file_sha256
 from distill.eval.bench.config import COST_KEYS
 
 
@@ -120,5 +121,6 @@ def load_students(paths: list[str], teacher, load: Callable[[str], object], cost
     for (name, student), path in zip(loaded.items(), paths):
         check_student(teacher, name, student, allow_other_teacher, near=Path(path).parent)
     costs = [student_cost(p, c) for p, c in zip(paths, cost_files or [None] * len(paths))]
-    columns = {name: {"student_path": p, **{f"cost_{k}": v for k, v in cost.items()}} for name, p, cost in zip(names, paths, costs)}
+    columns = {name: {"student_path": p, "student_sha256": file_sha256(p), **{f"cost_{k}": v for k, v in cost.items()}}
+               for name, p, cost in zip(names, paths, costs)}
     return loaded, columns
