@@ -88,7 +88,8 @@ class MeanFlow(Objective):
         # k-step sampling times, uniform in flow time from the teacher's t_max (Alg. 2 and its k-step form z_r = z_t - (t - r) u)
         s.info["sampling_timesteps"] = {str(k): self.flow_uniform_times(k) for k in s.sampling_steps}
         s.info["meanflow"] = {"velocity": options.velocity, "time_mean": options.time_mean, "time_std": options.time_std,
-                              "equal_share": options.equal_share, "norm_p": options.norm_p, "norm_eps": options.norm_eps}
+                              "equal_share": options.equal_share, "norm_p": options.norm_p, "norm_eps": options.norm_eps,
+                              "interval_scale": options.interval_scale}
 
     def flow_uniform_times(self, steps: int) -> list[float]:
         """``steps`` process times, uniform in flow time from the teacher's t_max (exactly t_max first)."""
