@@ -72,7 +72,7 @@ def test_critic_noises_real_samples_with_the_denoising_rows_own_time_and_noise(r
     bce = F.softplus(-l_real) + F.softplus(l_fake)
     want = lam * (d - x).pow(2).mean(1) + 3.0 * lam.mean() * bce / (2 * x.shape[1])
     assert torch.allclose(out["loss"], want, rtol=1e-5, atol=1e-6)
-    assert float(out["real_logit"]) == pytest.approx(float(l_real.mean().detach()), rel=1e-5, abs=1e-7)
+    assert float(out["real_logit"].detach()) == pytest.approx(float(l_real.mean().detach()), rel=1e-5, abs=1e-7)
 
 
 def test_sida_needs_the_fake_scores_encoder(ring):
