@@ -137,7 +137,8 @@ def test_adversarial_on_consistency_distillation_resumes_bit_identically(tmp_pat
 
 
 @pytest.mark.parametrize("sets,message", [
-    (["objective={name: dmd2}", "adversarial={features: fake_score}"], r"objective 'dmd2' trains its own fake score"),
+    (["objective={name: dmd2}", "adversarial={features: fake_score}"], r"objective 'dmd2' trains its own fake score.*"
+                                                                       r"or features fake_score with fake_score_weight 0"),
     (["adversarial={time_sampling: cosine}"], r"'adversarial.time_sampling' is 'cosine'; allowed: uniform, karras, lognormal"),
     (["adversarial={g_weigth: 1}"], r"unknown config key\(s\) adversarial.g_weigth"),
     (["adversarial={t_range: [0.5, 0.1]}"], r"'adversarial.t_range' is \[0.5, 0.1\]"),
@@ -179,3 +180,16 @@ def test_two_processes_train_with_the_head(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "two" / "student.safetensors").is_file()
     assert any(k.startswith("discriminator.") for k in tensors(tmp_path / "two" / "networks.safetensors"))
+
+
+def test_a_distribution_matching_objective_takes_a_separate_discriminator_network(tmp_path):
+    """``features: fake_score`` with ``fake_score_weight: 0`` beside an objective that trains its own fake score: a
+    second network (a trainable teacher copy trained by the BCE alone), not a second fake score; both are saved."""
+    teacher = _toy_teacher(tmp_path)
+    sets = [f"teacher={teacher}", "objective={name: dmd2, critic_steps: 1, gan_g_weight: 0.0, gan_d_weight: 0.0}",
+            "adversarial={g_weight: 0.1, features: fake_score, fake_score_weight: 0.0}", "max_steps=4"]
+    run(tiny_cfg(tmp_path / "r", *sets))
+    saved = tensors(tmp_path / "r" / "networks.safetensors")
+    assert any(k.startswith("discriminator.") for k in saved) and any(k.startswith("fake_score.") for k in saved)
+    rows = _metrics(tmp_path / "r")
+    assert any("gan_d" in r for r in rows if r["network"] == "discriminator")

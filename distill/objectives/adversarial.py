@@ -166,9 +166,10 @@ class Adversarial(Objective):
         names = [n.name for n in inner.networks()]
         if "discriminator" in names:
             raise ConfigError(f"objective {inner.name!r} already trains a network named 'discriminator'; remove config key 'adversarial'")
-        if "fake_score" in names and options.features == "fake_score":
+        if "fake_score" in names and options.features == "fake_score" and options.fake_score_weight > 0:
             raise ConfigError(f"objective {inner.name!r} trains its own fake score: its GAN is objective.gan_g_weight / "
-                              f"gan_d_weight (dmd2, sid, fdistill, uni_instruct); with 'adversarial' allowed: features teacher")
+                              f"gan_d_weight (dmd2, sid, fdistill, uni_instruct); with 'adversarial' allowed: features "
+                              f"teacher, or features fake_score with fake_score_weight 0 (a separate discriminator network)")
         if "trajectories" in inner.needs and "data" not in inner.needs:
             raise ConfigError(f"adversarial needs real samples beside the objective's batches, but objective {inner.name!r} "
                               f"reads a trajectory cache whose labels the data's would replace; allowed: objectives that read "
