@@ -363,8 +363,8 @@ class SiD(DistributionMatching):
     def matching_loss(self, x, x_t, t, cond, nets):
         sida = self.o.gan_form == "sida" and self.o.gan_g_weight > 0
         d_real = self.real(x_t, t, cond)
-        d_fake = nets["fake_score"](x_t, t, cond, logits=sida)  # gradients through x_t
-        d_fake, logit = d_fake if sida else (d_fake, None)
+        called = nets["fake_score"](x_t, t, cond, logits=sida)  # gradients through x_t
+        d_fake, logit = called if sida else (called, None)
         per, w = sid_loss(x, d_real, d_fake, self.o.alpha)
         out = {"dm": per, "normaliser": w.flatten()}
         if sida:  # SiDA (official sida_loss.py, generator_share_encoder_loss): the head at the same x_t, times the
