@@ -4,6 +4,7 @@
                               [--max-steps N] [--resume latest|CHECKPOINT] [--threads N] [--interop-threads N]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/distill.py --config ...
 
+A config with ``teacher: untrained`` trains a teacher (configs/teachers/*.yaml) and saves <output-dir>/teacher.
 Nested keys are set with dots: --set objective.solver=euler student.sigma_data=1.0. Without --resume a
 run folder that already has checkpoints is refused; --resume latest ignores incomplete checkpoints. A run folder
 another process is writing is refused with exit status 2, changing nothing (distill.engine.lock).
@@ -29,6 +30,8 @@ from distill.engine.run_config import load_run_config  # noqa: E402
 from distill.engine.train import NonFiniteError, train  # noqa: E402
 from students import build_student  # noqa: E402
 from teachers import load_teacher  # noqa: E402
+from teachers.training import is_teacher_run  # noqa: E402
+from teachers.training import train as train_teacher  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,8 +63,11 @@ def main(argv=None) -> int:
         plan = configure_threads(cfg.threads, cfg.interop_threads)  # before any work (distill.core.cores)
         if launched_rank() == 0:
             print(describe(plan), flush=True)
-        train(cfg, load_teacher=load_teacher, build_student=build_student, resume=args.resume,
-              log=lambda m: print(m, flush=True))
+        if is_teacher_run(cfg):  # teacher: untrained trains a teacher folder (teachers/training.py)
+            train_teacher(cfg, resume=args.resume, log=lambda m: print(m, flush=True))
+        else:
+            train(cfg, load_teacher=load_teacher, build_student=build_student, resume=args.resume,
+                  log=lambda m: print(m, flush=True))
     except FolderInUse as e:  # another process writes this run folder: nothing was changed
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -25,6 +25,8 @@ def _both_outputs(cfg: StudentConfig, teacher) -> dict:
     """A ``both`` network outputs x0 and eps: twice the channels (the first dimension of the data shape)."""
     if cfg.prediction_type != "both":
         return {}
+    if cfg.arch == "toy_mlp":
+        raise ValueError("student.prediction_type 'both' needs student.arch 'mlp' or 'unet' (toy_mlp has one output)")
     return {"out_dim": 2 * teacher.data_shape[0]} if cfg.arch == "mlp" else {"out_channels": 2 * teacher.data_shape[0]}
 
 

@@ -40,6 +40,15 @@ def _unet(data_shape, num_class_embeds, **kwargs):
     return UNet2DModel(num_class_embeds=num_class_embeds, **{**base, **kwargs})
 
 
+def _toy_mlp(data_shape, num_class_embeds, **kwargs):
+    from teachers.toy_mlp import ToyMLP  # the mlp with diffusers' save_pretrained: a toy teacher's network
+
+    if len(data_shape) != 1:
+        raise ValueError(f"student arch 'toy_mlp' is for vector data; the teacher's data shape is {list(data_shape)} (use 'unet')")
+    check_model_keys("toy_mlp", ToyMLP, kwargs, fixed=("dim", "num_class_embeds"))
+    return ToyMLP(dim=data_shape[0], num_class_embeds=num_class_embeds, **kwargs)
+
+
 def _unet_from_config(config: dict):
     from diffusers import UNet2DModel
 
@@ -58,7 +67,7 @@ def _toy_mlp_from_config(config: dict):
     return ToyMLP.from_config(config)
 
 
-NETWORKS = {"mlp": _mlp, "unet": _unet}
+NETWORKS = {"mlp": _mlp, "unet": _unet, "toy_mlp": _toy_mlp}
 # class name -> rebuild from the ``config`` stored in a student file
 FROM_CONFIG = {"TimeMLP": lambda c: TimeMLP(**c), "UNet2DModel": _unet_from_config,
                "UNet2DConditionModel": _cond_unet_from_config, "ToyMLP": _toy_mlp_from_config}

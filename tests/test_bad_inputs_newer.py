@@ -383,19 +383,21 @@ def test_class_label_with_a_text_to_image_teacher_is_refused(tmp_path, capsys):
     assert "Traceback" not in message and not out.exists()
 
 
-def test_train_teacher_resume_refusal_names_its_own_keys(tmp_path, capsys):
-    """A resume with another lr is refused in train_teacher's terms (lr, --output-dir), not the trainer's (optim.lr,
-    init_from, --resume latest), and the run folder is left as it was."""
+def test_train_teacher_resume_refusal_names_the_config_keys(tmp_path, capsys):
+    """A resume with another lr is refused naming the teacher config's key (a run config's: optim.lr), and the run
+    folder is left as it was."""
     script = load_script("train_teacher").main
     out = tmp_path / "teacher"
     base = ["--config", str(RING8.parents[1] / "teachers" / "ring8_mlp.yaml"), "--output-dir", str(out), "--max-steps", "2"]
-    small = ["model.hidden=16", "model.layers=1", "batch_size=16", "checkpoint_every=1", "log_every=1"]
+    small = ["student.model.hidden=16", "student.model.layers=1", "batch_size=16", "checkpoint_every=1", "log_every=1"]
     assert script([*base, "--set", *small]) == 0
     before = tree(out)
-    message = refused(script, [*base, "--set", *small, "lr=0.01"], capsys)
-    assert "the teacher config differs from the one checkpoint" in message and "in lr (" in message
-    assert "optim.lr" not in message and "init_from" not in message and "--resume latest" not in message
+    message = refused(script, [*base, "--set", *small, "optim.lr=0.01"], capsys)
+    assert "the config differs from the one checkpoint" in message and "in optim.lr (0.001 -> 0.01)" in message
     assert tree(out) == before
+    message = refused(script, ["--config", str(RING8), "--output-dir", str(tmp_path / "cd")], capsys)
+    assert "train_teacher.py trains a teacher from scratch (config key teacher: untrained)" in message
+    assert "run scripts/distill.py --config" in message and not (tmp_path / "cd").exists()
 
 
 # -- truncated resume states of the prepared-file commands ------------------------------------------------------

@@ -95,8 +95,8 @@ def test_grey_imagefolder_trains_a_16x16x1_teacher_and_is_distilled(tmp_path):
            "layers_per_block: 1, norm_num_groups: 4}"
     teacher_main = load_script("train_teacher").main
     assert teacher_main(["--config", str(ROOT / "configs" / "teachers" / "mnist16.yaml"), "--output-dir", str(tmp_path / "t"),
-                         "--set", f"dataset=hf:{folder}", "dataset_options={resolution: 16, channels: 1}", f"model={unet}",
-                         "batch_size=4", "max_steps=2", "checkpoint_every=2", "warmup_steps=1"]) == 0
+                         "--set", f"dataset=hf:{folder}", "dataset_options={resolution: 16, channels: 1}", f"student.model={unet}",
+                         "batch_size=4", "max_steps=2", "checkpoint_every=2", "optim.warmup_steps=1"]) == 0
     teacher = tmp_path / "t" / "teacher"
     from teachers import load_teacher
 

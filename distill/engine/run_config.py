@@ -14,12 +14,13 @@ from distill.core.grids import GRIDS
 from distill.core.param import PREDICTION_TYPES
 from distill.engine.config import ConfigError, at_least, choice, from_dict, merge, read_yaml
 
-STUDENT_ARCHS = ("teacher", "mlp", "unet")  # teacher: a copy of the teacher's network (diffusers teachers)
+# teacher: a copy of the teacher's network (diffusers teachers); toy_mlp: the mlp as a diffusers model (toy teachers)
+STUDENT_ARCHS = ("teacher", "mlp", "unet", "toy_mlp")
 
 
 @dataclass
 class StudentConfig:
-    arch: str = choice("teacher", STUDENT_ARCHS)  # teacher (copy of its network) | mlp | unet
+    arch: str = choice("teacher", STUDENT_ARCHS)  # teacher (copy of its network) | mlp | unet | toy_mlp
     model: dict = field(default_factory=dict)  # keyword arguments of the mlp / unet network
     prediction_type: str = choice("sample", PREDICTION_TYPES)  # output of a fresh network (a copy keeps the teacher's)
     # boundary (student.py) or D; consistency_edm by default since 0.3: ``consistency`` (c_skip + c_out up to 1.25) is
@@ -86,7 +87,7 @@ class DDPSettings:
 
 @dataclass
 class RunConfig:
-    teacher: str = ""  # teachers.load_teacher spec: gmm:ring8, mnist16, a diffusers folder
+    teacher: str = ""  # teachers.load_teacher spec: gmm:ring8, mnist16, a diffusers folder; untrained: train one (teachers.training)
     objective: dict = field(default_factory=lambda: {"name": "consistency"})  # name + that objective's options
     student: StudentConfig = field(default_factory=StudentConfig)
     lora: LoraSettings | None = None  # train a LoRA adapter on the student instead of all its weights

@@ -5,8 +5,9 @@
 
 (DDPM, Ho et al. 2020, Eq. 14, in each parameterization; v: Salimans & Ho 2022, Sec. 4). Class labels are
 replaced by the null class with probability ``label_dropout`` (Ho & Salimans 2022), so one network also
-serves unconditional sampling and classifier-free guidance. ``scripts/train_teacher.py`` runs this objective
-through the main trainer (``teachers.training``); ``space: x0`` trains on data-prediction error instead.
+serves unconditional sampling and classifier-free guidance. A run config with ``teacher: untrained`` trains a
+teacher from scratch with it (``teachers.training``; ``beta_schedule`` / ``num_train_timesteps`` give that teacher's
+schedule); ``space: x0`` trains on data-prediction error instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from distill.core.conditioning import PromptCond
 from distill.core.denoisers import UNCOND
+from distill.core.schedules import BETA_SCHEDULES
 from distill.engine.config import at_least, choice
 from distill.objectives.base import Batch, Network, Objective, register_objective
 from distill.objectives.losses import LOSS_SPACES, denoising_loss
@@ -26,6 +28,9 @@ from distill.objectives.losses import LOSS_SPACES, denoising_loss
 class DiffusionOptions:
     label_dropout: float = at_least(0.1, 0.0, 1.0)  # probability of training a sample as unconditional
     space: str = choice("raw", LOSS_SPACES)  # error of the raw output (its own target) or of the data prediction
+    # the discrete VP schedule of a teacher trained from scratch (teacher: untrained); null: squaredcos_cap_v2, 1000
+    beta_schedule: str | None = choice(None, (None, *BETA_SCHEDULES))
+    num_train_timesteps: int | None = at_least(None, 1)
 
 
 def sample_times(schedule, n: int, g: torch.Generator) -> torch.Tensor:
@@ -50,6 +55,12 @@ class Diffusion(Objective):
     name = "diffusion"
     needs = frozenset({"data"})
     Options = DiffusionOptions
+
+    def __init__(self, options, ctx):
+        super().__init__(options, ctx)
+        if not getattr(ctx.teacher, "untrained", False) and (options.beta_schedule or options.num_train_timesteps):
+            raise ValueError(f"objective.beta_schedule and objective.num_train_timesteps set the schedule of a teacher "
+                             f"trained from scratch (teacher: untrained); teacher {ctx.teacher.name!r} has its own: drop them")
 
     def networks(self) -> list[Network]:
         return [Network("student", self.ctx.student)]
