@@ -59,12 +59,24 @@ def build_student(cfg: StudentConfig, teacher, lora: LoraSettings | None = None,
     return student
 
 
+def _check_same_function(student: Student, meta: dict, path: Path) -> None:
+    """Refuse weights whose output the new student would read otherwise: another parameterization, prediction type
+    or (for the consistency forms) sigma_data turns the same network into another function."""
+    keys = ["parameterization", "prediction_type"] + (["sigma_data"] if student.parameterization != "denoiser" else [])
+    for key in keys:
+        theirs, ours = meta.get(key), str(getattr(student, key))
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"init_from {str(path)!r} was trained with student.{key} {theirs!r} and this run's is {ours!r}: "
+                             f"the same weights would compute another function; set student.{key}={theirs}")
+
+
 def _load_parent(student: Student, path: Path) -> None:
     """Copy the weights (and extra-condition embeddings) of the student file ``path`` into ``student``."""
     state, meta = read_student_file(path)
     if json.loads(meta.get("lora", "null")):
         raise ValueError(f"init_from {str(path)!r} holds an unmerged LoRA adapter; export it merged (scripts/export.py "
                          f"without --keep-lora) and start from that file")
+    _check_same_function(student, meta, path)
     extra = {k[len(CONDITION_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(CONDITION_PREFIX)]}
     for name, config in json.loads(meta.get("extra_conditions", "{}")).items():
         if name not in student.conditions:

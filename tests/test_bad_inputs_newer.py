@@ -631,3 +631,20 @@ def test_deepspeed_launch_of_several_cpu_processes_is_refused_once(tmp_path):
     assert done.returncode != 0 and done.stderr.count(sentence) == 1, done.stderr[-3000:]
     assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr  # no rank's traceback
     assert not run.exists()
+
+
+# -- init_from weights that would compute another function ------------------------------------------------------
+@pytest.mark.parametrize("change, sentence", [
+    ({"parameterization": "denoiser"}, "was trained with student.parameterization 'consistency_edm' and this run's is 'denoiser'"),
+    ({"sigma_data": 1.0}, "was trained with student.sigma_data '0.5' and this run's is '1.0'"),
+    ({"prediction_type": "epsilon"}, "was trained with student.prediction_type 'sample' and this run's is 'epsilon'"),
+])
+def test_init_from_another_parameterization_is_refused(aniso_student, change, sentence):
+    """A consistency_edm student's weights read as a denoiser (or at another sigma_data or prediction type) are another
+    function: a run that starts from them is refused, naming the key and the value to set; the same settings load."""
+    teacher = load_teacher("gmm:aniso2d")
+    base = {"arch": "mlp", "model": {"hidden": 16, "layers": 1}}
+    with pytest.raises(ValueError, match=f"{sentence}: the same weights would compute another function; set student."):
+        build_student(StudentConfig(**base, **change), teacher, init_from=aniso_student)
+    same = build_student(StudentConfig(**base), teacher, init_from=aniso_student)
+    assert same.parameterization == "consistency_edm"
