@@ -29,10 +29,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from distill.core.safe_files import read_json
 from distill.engine.paths import check_output_file
 from distill.eval.bench import CSV, read_bench_rows
-from distill.eval.leaderboard import check_students_listed, leaderboard_markdown, leaderboard_table, read_paired_rows, replace_block
+from distill.eval.leaderboard import (
+    check_students_listed,
+    leaderboard_markdown,
+    leaderboard_table,
+    read_paired_rows,
+    read_prepared,
+    replace_block,
+)
 
 
 def parse_args(argv=None):
@@ -70,12 +76,7 @@ def main(argv=None) -> int:
         if not (args.results / CSV).is_file():
             raise FileNotFoundError(f"no {CSV} in {args.results}; run scripts/bench.py --out {args.results} first")
         rows = read_bench_rows(args.results / CSV)
-        prepared = []
-        for folder in args.prepared:
-            for name in (CSV, "prepared.json"):
-                if not (folder / name).is_file():
-                    raise FileNotFoundError(f"no {name} in {folder}; a --prepared folder needs both")
-            prepared.append((str(folder), read_bench_rows(folder / CSV), read_json(folder / "prepared.json", "--prepared file")))
+        prepared = [read_prepared(folder) for folder in args.prepared]
         guided = []
         for folder in args.guided:
             if not (folder / CSV).is_file():

@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--shard", default=None, help="K/M: only sample every M-th entry from the K-th into the cache")
     p.add_argument("--max-nfe", type=int, default=None,
                    help="leave out entries that spend more NFE (the leaderboard marks them 'not run'); the teacher stays")
+    p.add_argument("--prepared", type=Path, action="append", default=[],
+                   help="a bench folder of prepared samplers with its prepared.json, as scripts/leaderboard.py takes (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="the output folder (required without --shard)")
     args = p.parse_args(argv)
     command = "python scripts/paired_bench.py " + shlex.join(argv if argv is not None else _sys.argv[1:])
@@ -76,6 +78,9 @@ def main(argv=None) -> int:
         if args.max_nfe is not None and args.max_nfe < 1:
             raise ValueError(f"--max-nfe must be a positive NFE, got {args.max_nfe}")
         entries, settings = pb.board_entries(rows)
+        from distill.eval.leaderboard import read_prepared
+
+        entries += pb.prepared_board_entries(rows, [read_prepared(folder) for folder in args.prepared])
         left_out = [e.label for e in entries if args.max_nfe is not None and e.n > args.max_nfe and not e.teacher]
         entries = [e for e in entries if e.label not in left_out]
         teacher = load_teacher(settings["teacher"])

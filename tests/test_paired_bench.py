@@ -167,3 +167,48 @@ def test_goal_pairs_and_verdicts_judge_a_student_against_the_solvers_and_its_few
     assert by[("s1", "s2")]["verdict"] == "above"
     assert by[("s1", "u4")]["verdict"] == "tied with"
     assert "| s2 | s1 |" in goal_markdown(list(by.values()))
+
+
+def test_prepared_samplers_get_paired_rows_sampled_with_their_variant(tmp_path):
+    """A --prepared folder's best sampler per NFE is an entry of the paired bench, sampled with its variant's options
+    (here unipc on the karras grid: other samples than plain unipc), cached under a key that holds the variant, and
+    left out of the few-step goal (it is not a training-free solver)."""
+    import json
+
+    import distill.eval.paired_bench as pb
+
+    teacher = _make_digit_teacher(tmp_path)
+    bench, prep = tmp_path / "bench", tmp_path / "prep"
+    common = ["--teacher", str(teacher), "--num-samples", "24", "--batch-size", "24", "--bootstrap", "10"]
+    load_script("bench").main([*common, "--solvers", "euler,unipc", "--nfe", "1,2,4", "--out", str(bench)])
+    load_script("bench").main([*common, "--solvers", "", "--variant", "uk=unipc:grid=karras", "--nfe", "2", "--out", str(prep)])
+    (prep / "prepared.json").write_text(json.dumps({"uk": {"variant": "unipc:grid=karras", "prepare": "", "minutes": 0,
+                                                           "hardware": "test"}}))
+    out = tmp_path / "out"
+    assert load_script("paired_bench").main(["--bench", str(bench), "--prepared", str(prep), "--num-samples", "64",
+                                             "--batch-size", "32", "--resamples", "20", "--cache", str(tmp_path / "c"),
+                                             "--out", str(out)]) == 0
+    rows = {(r["method"], int(r["n"])): r for r in csv.DictReader(open(out / "paired.csv"))}
+    plain = next(r for (m, n), r in rows.items() if n == 2 and m != "uk")  # the best plain solver at 2 NFE
+    assert ("uk", 2) in rows and rows[("uk", 2)]["verdict_teacher"] and rows[("uk", 2)]["fid"] != plain["fid"]
+    board = [pb.BoardEntry("t", "solver", "unipc", 8, teacher=True), pb.BoardEntry("s2", "solver", "unipc", 2),
+             pb.BoardEntry("p2", "solver", "uk", 2, variant="unipc:grid=karras"), pb.BoardEntry("st", "student", "x", 1, "x.st")]
+    assert [(a.label, b.label) for a, b in pb.goal_pairs(board)] == [("st", "s2")]  # not against the prepared sampler
+    from distill.eval.bench import read_bench_rows
+    from distill.eval.leaderboard import read_prepared
+
+    entry = pb.prepared_board_entries(read_bench_rows(bench / "fid_vs_nfe.csv"), [read_prepared(prep)])[0]
+    assert (entry.method, entry.n, entry.variant) == ("uk", 2, "unipc:grid=karras")
+    keys = {pb.entry_key(load_teacher_(teacher), pb.config_of(read_bench_rows(bench / "fid_vs_nfe.csv")[-1], 64, 0, 32),
+                         _Metric(), e, 0, 64) for e in (entry, pb.replace(entry, variant="unipc:grid=logsnr"))}
+    assert len(keys) == 2  # another variant under the same label is another cache entry
+
+
+class _Metric:
+    extractor, weights_path = "m", "w"
+
+
+def load_teacher_(path):
+    from teachers import load_teacher
+
+    return load_teacher(path)

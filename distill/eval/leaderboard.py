@@ -22,7 +22,7 @@ import json
 import shlex
 from pathlib import Path
 
-from distill.eval.bench import _value, converged, current_rows, with_spread
+from distill.eval.bench import CSV, _value, converged, current_rows, read_bench_rows, with_spread
 
 LEADERBOARD_NFE = (1, 2, 4, 8)
 PREPARED_NFE = (2, 3, 4, 8)
@@ -106,6 +106,19 @@ def _check_same(folder: str, folder_cells: list[dict], cells: list[dict], keys: 
         if differ:
             raise ValueError(f"{folder} was benched with other settings than the leaderboard's cells ({', '.join(differ)}); "
                              "rerun it with the same --num-samples, --seed, reference and teacher")
+
+
+def read_prepared(folder) -> tuple[str, list[dict], dict]:
+    """(folder, its bench rows, its prepared.json) of a ``--prepared`` folder, refused in one sentence without both."""
+    from pathlib import Path
+
+    from distill.core.safe_files import read_json
+
+    folder = Path(folder)
+    for name in (CSV, "prepared.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no {name} in {folder}; a --prepared folder needs both")
+    return str(folder), read_bench_rows(folder / CSV), read_json(folder / "prepared.json", "--prepared file")
 
 
 def prepared_entries(rows: list[dict], prepared: list[tuple[str, list[dict], dict]]) -> list[tuple[str, dict, str, str]]:

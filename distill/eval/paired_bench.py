@@ -59,6 +59,7 @@ class BoardEntry:
     n: int  # NFE (solver) or steps (student)
     path: str = ""  # the student file
     teacher: bool = False  # the teacher converged: every delta is against it
+    variant: str = ""  # a prepared sampler: its bench variant 'SOLVER:key=value,...' (prepared.json)
 
     def cell(self) -> Cell:
         return Cell(self.method, self.kind, self.n, self.n)
@@ -90,6 +91,24 @@ def board_entries(rows: list[dict]) -> tuple[list[BoardEntry], dict]:
     return out, cells[-1]
 
 
+def prepared_board_entries(rows: list[dict], prepared: list[tuple[str, list[dict], dict]]) -> list[BoardEntry]:
+    """The leaderboard's prepared-sampler entries (``leaderboard.prepared_entries``: the best of each ``--prepared``
+    folder at each NFE) as entries sampled with their bench variant."""
+    from distill.eval.leaderboard import prepared_entries
+
+    metas = {m: meta[m] for _, _, meta in prepared for m in meta}
+    return [BoardEntry(label, "solver", r["method"], int(r["nfe"]), variant=metas[r["method"]]["variant"])
+            for label, r, _, _ in prepared_entries(rows, prepared)]
+
+
+def variant_files(variant: str) -> dict:
+    """sha256 of each existing file a variant's options name (its prepared statistics, grid or predictor)."""
+    from distill.eval.bench.config import parse_variant
+
+    _, _, options = parse_variant(f"v={variant}")
+    return {k: file_sha256(v) for k, v in options.items() if isinstance(v, str) and Path(v).is_file()}
+
+
 def config_of(row: dict, num_samples: int, seed: int, batch_size: int) -> BenchConfig:
     """The BenchConfig of a bench folder's cells (guidance, labels, grid, final), at another sample count and seed."""
     g = row.get("guidance_scale", "")
@@ -101,6 +120,9 @@ def entry_key(teacher, cfg: BenchConfig, metric, entry: BoardEntry, seed: int, n
     """The cache key of an entry's features. A solver entry's key is ``reference_key``'s, so the teacher converged
     shares its cache with ``scripts/teacher_fd.py``; a student's adds its file's content hash and step count."""
     key = reference_key(teacher, cfg, metric, entry.method, entry.n, seed, num_samples)
+    if entry.variant:  # a prepared sampler: its options and the content of the files they name
+        spec = {"base": key, "variant": entry.variant, "files": variant_files(entry.variant)}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     if entry.kind == "solver":
         return key
     spec = {"base": key, "student": file_sha256(entry.path), "steps": entry.n}
@@ -115,13 +137,18 @@ def entry_features(teacher, cfg: BenchConfig, metric, entry: BoardEntry, seed: i
     key = entry_key(teacher, cfg, metric, entry, seed, num_samples)
 
     def make():
-        student = None
+        student, run_cfg = None, replace(cfg, seed=seed, num_samples=num_samples)
+        if entry.variant:
+            from distill.eval.bench.config import parse_variant
+
+            label, solver, options = parse_variant(f"{entry.method}={entry.variant}")
+            run_cfg = replace(run_cfg, variants={label: (solver, options)})
         if entry.kind == "student":
             from distill.eval.bench import check_student
 
             student = load_student(entry.path)
             check_student(teacher, entry.method, student, near=Path(entry.path).parent)
-        return metric.features(generate(teacher, entry.cell(), replace(cfg, seed=seed, num_samples=num_samples), student)[0])
+        return metric.features(generate(teacher, entry.cell(), run_cfg, student)[0])
 
     meta = {"entry": entry.label, "seed": seed, "num_samples": num_samples}
     return cached_features(cache_dir, prefix, key, meta, entry.label, make, log)
@@ -211,7 +238,8 @@ def goal_pairs(entries: list[BoardEntry], max_nfe: int = GOAL_NFE) -> list[tuple
     """The comparisons a few-step student is judged by: each student entry against the best solver at every NFE up to
     ``max_nfe`` (the leaderboard's best per NFE, so the others are worse there), and against the same student file at
     its next smaller step count."""
-    solvers = sorted((e for e in entries if e.kind == "solver" and not e.teacher and e.n <= max_nfe), key=lambda e: e.n)
+    solvers = sorted((e for e in entries if e.kind == "solver" and not e.teacher and not e.variant and e.n <= max_nfe),
+                     key=lambda e: e.n)  # training-free solvers: prepared samplers are not in the goal
     pairs = []
     for e in entries:
         if e.kind != "student":
