@@ -52,7 +52,7 @@ def test_cli_reports_config_errors_in_one_line(capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main(["--config", str(RING8), "--set", "student.arch=gan"]) == 1
-    assert capsys.readouterr().err.strip() == "error: config key 'student.arch' is 'gan'; allowed: teacher, mlp, unet"
+    assert capsys.readouterr().err.strip() == "error: config key 'student.arch' is 'gan'; allowed: teacher, mlp, unet, toy_mlp"
 
 
 def test_deepspeed_zero2_accelerate_config_is_valid():
