@@ -199,16 +199,12 @@ def test_prepared_samplers_get_paired_rows_sampled_with_their_variant(tmp_path):
 
     entry = pb.prepared_board_entries(read_bench_rows(bench / "fid_vs_nfe.csv"), [read_prepared(prep)])[0]
     assert (entry.method, entry.n, entry.variant) == ("uk", 2, "unipc:grid=karras")
-    keys = {pb.entry_key(load_teacher_(teacher), pb.config_of(read_bench_rows(bench / "fid_vs_nfe.csv")[-1], 64, 0, 32),
+    from teachers import load_teacher
+
+    keys = {pb.entry_key(load_teacher(teacher), pb.config_of(read_bench_rows(bench / "fid_vs_nfe.csv")[-1], 64, 0, 32),
                          _Metric(), e, 0, 64) for e in (entry, pb.replace(entry, variant="unipc:grid=logsnr"))}
     assert len(keys) == 2  # another variant under the same label is another cache entry
 
 
 class _Metric:
     extractor, weights_path = "m", "w"
-
-
-def load_teacher_(path):
-    from teachers import load_teacher
-
-    return load_teacher(path)
